@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minialign",
+    version="0.1.0",
+    description="From-scratch, pure-PyTorch alignment of small language models: SFT, reward models, DPO, PPO, GRPO.",
+    packages=find_packages(include=["minialign", "minialign.*"]),
+    python_requires=">=3.9",
+    # torch is pinned loosely on purpose: install the CPU wheel first (see .ci/run) and pip keeps it.
+    install_requires=["torch>=2.1", "numpy", "sentencepiece", "tqdm"],
+    extras_require={
+        "dev": ["pytest"],
+        "plots": ["matplotlib"],
+        "bench": ["transformers", "trl"],
+    },
+)
