@@ -1,0 +1,120 @@
+"""Batched sampling with a KV cache, for PPO/GRPO rollouts and evaluation.
+
+One prefill over the left-padded prompts fills the cache; then each new token costs one forward of a
+single position. Sequences stop individually at `eos_id` (the end-of-turn token); the loop ends when
+all have stopped or `max_new_tokens` is reached.
+
+The log-probs returned are those of the sampled tokens under softmax(logits / temperature), the same
+distribution the trainer recomputes (`token_logps(logits / temperature, ...)`), so the PPO/GRPO ratio
+is exactly 1 before the first update. top-k / top-p truncate the distribution actually sampled from;
+the returned log-probs stay those of the untruncated tempered softmax (as in TRL), so with truncation
+the rollout is slightly off-policy: leave top_k=0, top_p=1 for RL. Greedy decoding is temperature=0;
+its log-probs are reported under temperature 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import KVCache
+
+
+@dataclass
+class Generation:
+    response_ids: torch.Tensor  # (B, N) sampled tokens, pad_id after each row's stop token
+    response_mask: torch.Tensor  # (B, N) bool, True up to and including the first eos_id
+    logps: torch.Tensor  # (B, N) float32 log-prob of each sampled token (0 where the mask is False)
+    finished: torch.Tensor  # (B,) bool, True where the row emitted eos_id
+
+
+def _filter_logits(logits, top_k: int, top_p: float):
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Sample continuations of left-padded prompts.
+
+    prompt_ids (B, P) long, left-padded; prompt_mask (B, P) bool, True = real token.
+    `model` is a CausalLM (unwrap DDP first). Deterministic for a given `generator` state.
+    """
+    if prompt_mask.dtype != torch.bool:
+        raise TypeError("prompt_mask must be torch.bool (True = real token)")
+    if bool((~prompt_mask[:, -1]).any()):
+        raise ValueError("prompts must be left-padded: the last column must be real tokens")
+    was_training = model.training
+    model.eval()
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    param = next(model.parameters())
+    cache = KVCache(model.cfg, B, P + max_new_tokens, device, param.dtype)
+    logits = model(prompt_ids, prompt_mask, kv_cache=cache, logits_to_keep=1)[:, -1].float()  # (B, V)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        t = n - 1
+        if temperature > 0:
+            scaled = logits / temperature
+            probs = F.softmax(_filter_logits(scaled, top_k, top_p), dim=-1)
+            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        else:
+            scaled = logits
+            next_tok = logits.argmax(-1)
+        tok_logp = scaled.log_softmax(-1).gather(-1, next_tok[:, None]).squeeze(-1)
+        alive = ~done
+        tokens[:, t] = torch.where(alive, next_tok, pad_id)
+        logps[:, t] = torch.where(alive, tok_logp, 0.0)
+        mask[:, t] = alive
+        done = done | (alive & (next_tok == eos_id))
+        if bool(done.all()) or n == max_new_tokens:
+            break
+        logits = model(tokens[:, t : t + 1], ones, kv_cache=cache)[:, -1].float()
+    model.train(was_training)
+    return Generation(tokens[:, :n], mask[:, :n], logps[:, :n], done)
+
+
+def response_logps(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0):
+    """Log-probs (B, N) of given responses after left-padded prompts, under softmax(logits / temperature).
+
+    The training-side twin of `generate`: for a rollout it reproduces `Generation.logps` (same
+    temperature) up to float error. Gradients flow unless called under no_grad. Only the N response
+    positions go through the output head and the log-softmax.
+    prompt_ids, prompt_mask (B, P); response_ids, response_mask (B, N); masks bool. Returns float32,
+    0 where response_mask is False.
+    """
+    from .losses import token_logps
+
+    P, N = prompt_ids.shape[1], response_ids.shape[1]
+    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + N)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    # logits at position P-1+t predict response token t; the head only needs those N positions
+    logits = model(ids[:, :-1], mask[:, :-1], logits_to_keep=N)  # (B, N, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logps(logits, response_ids).masked_fill(~response_mask, 0.0)
