@@ -89,9 +89,14 @@ def main(argv=None):
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "learning_rate": lr}, bar)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+        if engine.should_save(step + 1, start_step, cfg):
             engine.save_checkpoint(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                                    tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)
+        if engine.should_stop(step + 1, start_step, cfg):
+            engine.print0(rt, f"stopping after {cfg.stop_after_steps} steps as asked; continue with --resume")
+            engine.cleanup(rt)
+            return
+    bar.close()
 
     # ---- evaluate with the gold rule
     if cfg.eval_data and rt.is_main:

@@ -77,6 +77,7 @@ class TrainConfig:
     eval_every: int = knob(0, "evaluate every N steps (0 = only at the end)")
     save_every: int = knob(100, "write a checkpoint every N steps (and at the end)")
     skip_nonfinite: bool = knob(False, "skip (and count) steps with a non-finite loss or gradient instead of stopping")
+    stop_after_steps: int = knob(0, "exit after this many steps of THIS invocation, checkpointing first (time-sliced jobs; continue with --resume); 0 = run to max_steps")
 
 
 def _arg_type(tp):
@@ -119,6 +120,9 @@ def validate_config(cfg):
         ("min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         ("max_grad_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
         ("max_len", lambda v: v >= 8, "must be >= 8"),
+        ("stop_after_steps", lambda v: v >= 0, "must be >= 0"),
+        ("save_every", lambda v: v >= 1, "must be >= 1"),
+        ("log_every", lambda v: v >= 1, "must be >= 1"),
         ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "must be auto, cpu or cuda"),
         ("dtype", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "must be auto, fp32, bf16 or fp16"),
     ]
@@ -481,6 +485,16 @@ def resume_from_checkpoint(cfg, model, optimizer, scaler) -> int:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
+
+
+def should_save(step_done: int, start_step: int, cfg) -> bool:
+    """Checkpoint every save_every steps, at the end, and before a --stop_after_steps exit."""
+    return (step_done % cfg.save_every == 0 or step_done == cfg.max_steps
+            or (cfg.stop_after_steps and step_done - start_step >= cfg.stop_after_steps))
+
+
+def should_stop(step_done: int, start_step: int, cfg) -> bool:
+    return bool(cfg.stop_after_steps) and step_done - start_step >= cfg.stop_after_steps and step_done < cfg.max_steps
 
 
 def tokenizer_path_for(cfg) -> str:
