@@ -51,7 +51,8 @@ def tokenize_pretrain(texts: list[str], tok: Tokenizer, max_len: int, stats: dic
     out = []
     for text in texts:
         ids = tok.encode(text) + [tok.im_end_id]  # <|im_end|> doubles as end-of-document
-        for i in range(0, len(ids) - 1, max_len):
+        # windows overlap by one token, so every token but the document's first is a prediction target
+        for i in range(0, len(ids) - 1, max_len - 1):
             chunk = ids[i : i + max_len]
             if len(chunk) >= 2:
                 out.append((chunk, [True] * len(chunk)))
@@ -63,6 +64,8 @@ def tokenize_preferences(pairs: list[PreferencePair], tok: Tokenizer, max_len: i
                          stats: dict | None = None):
     """-> list of dicts {prompt, chosen, rejected} of token ids (responses end with <|im_end|>)."""
     max_prompt_len = max_prompt_len or max_len // 2
+    if not 0 < max_prompt_len < max_len:  # else budget <= 0 below: empty, or end-cut, responses
+        raise ValueError(f"max_prompt_len ({max_prompt_len}) must be in [1, max_len={max_len}) so every response keeps a token")
     out = []
     for pair in pairs:
         prompt = tok.render_prompt(pair.prompt)
@@ -84,8 +87,8 @@ def _response_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
     ids, _ = tok.render_chat(messages)
     # render_chat starts with the assistant header, which render_prompt already ends with: drop it,
     # and drop the trailing newline after the final <|im_end|> (generation stops at <|im_end|>).
-    header = len(tok.render_prompt([])) if not messages else len(tok._role_header[messages[0]["role"]])
-    return ids[header:-len(tok._newline)] if tok._newline else ids[header:]
+    header = len(tok._role_header[messages[0]["role"]])
+    return ids[header : len(ids) - len(tok._newline)]
 
 
 def tokenize_prompts(records: list[PromptRecord], tok: Tokenizer, max_prompt_len: int, stats: dict | None = None):

@@ -393,18 +393,26 @@ def atomic_save(obj, path: str | os.PathLike):
     """torch.save to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # don't leave a partial checkpoint filling the disk (e.g. after ENOSPC)
+        raise
 
 
 def write_json(obj, path: str | os.PathLike):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state() -> dict:
@@ -428,6 +436,7 @@ def save_checkpoint(out_dir, *, model, optimizer, scaler, step: int, cfg, tokeni
     if rt is not None and not rt.is_main:
         return
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     base = unwrap(model)
     state = {
         "model": base.state_dict(),

@@ -104,8 +104,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalize in float32 whatever the autocast dtype, then cast back
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        # normalize in at least float32 whatever the autocast dtype (float64 stays float64), then cast back
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
@@ -188,9 +189,11 @@ class MoE(nn.Module):
     """Top-k mixture of SwiGLU experts (Shazeer et al. 2017; load balancing as in Switch, Fedus et al. 2021).
 
     Each token's output is sum over its top-k experts of p_e * expert_e(x), with p renormalized over the
-    top-k. Because p multiplies the expert output, the router gets gradient from the task loss, not only
-    from the auxiliary loss. aux_loss = E * sum_e f_e * P_e, where f_e is the fraction of routed slots sent
-    to expert e and P_e the mean router probability of e; it is 1 at perfect balance.
+    top-k when k > 1 (with k = 1 the renormalized p would be the constant 1, so top-1 keeps the raw
+    probability, as in Switch, Eq. 2). Because p multiplies the expert output, the router gets gradient
+    from the task loss, not only from the auxiliary loss. aux_loss = E * sum_e f_e * P_e, where f_e is
+    the fraction of routed slots sent to expert e and P_e the mean router probability of e; it is 1 at
+    perfect balance.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -205,7 +208,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, C)  # (N, C)
         probs = F.softmax(self.router(flat).float(), dim=-1)  # (N, E)
         top_p, top_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
+        if self.top_k > 1:
+            top_p = top_p / top_p.sum(-1, keepdim=True)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token_idx, slot = (top_idx == e).nonzero(as_tuple=True)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny tokenizer trained once per session, and tiny model configs.
+
+Everything here is sized so the whole suite runs in seconds on a 2-core CPU.
+"""
+
+import random
+
+import pytest
+import torch
+
+from minialign.model import CausalLM, model_config
+from minialign.tokenizer import train_tokenizer
+
+# One intra-op thread: these models are far too small to gain from two, and on a shared 2-core machine
+# a second OpenMP thread that has to wait for a core made every tiny forward ~500x slower (0.25 s vs 0.5 ms).
+torch.set_num_threads(1)
+
+TOKENIZER_VOCAB = 400  # requested size; the corpus below supports all of it
+
+_WORDS = ("the cat sat on a mat and the dog ran to help you with that please compute what is "
+          "answer work it out happy thanks sure here how can I not able assist since could hurt "
+          "someone anything else fun fact about penguins drink salt water").split()
+
+
+def tiny_corpus(n: int = 300, seed: int = 0) -> list[str]:
+    """A few hundred short English strings with numbers and punctuation (deterministic)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
+        texts.append(f"{words.capitalize()} {rng.randint(0, 999)} + {rng.randint(0, 99)}.")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    return train_tokenizer(tiny_corpus(), tmp_path_factory.mktemp("tokenizer"), vocab_size=TOKENIZER_VOCAB)
+
+
+def tiny_config(vocab_size: int = 96, **overrides):
+    """The "cpu" preset shrunk: 2 layers, dim 64, 4 query heads sharing 2 KV heads (GQA)."""
+    return model_config("cpu", **{"vocab_size": vocab_size, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, **overrides})
+
+
+# the three architectures every model-level invariant is checked on
+ARCHS = {
+    "dense": {},
+    "qk_norm": {"qk_norm": True},
+    "moe": {"n_experts": 4, "n_experts_per_tok": 2},
+}
+
+
+def tiny_model(seed: int = 0, vocab_size: int = 96, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    return CausalLM(tiny_config(vocab_size, **overrides)).eval()
+
+
+@pytest.fixture
+def model_cfg(tok):
+    """A tiny model config whose vocabulary matches the session tokenizer."""
+    return tiny_config(tok.vocab_size)
