@@ -32,11 +32,11 @@ class Config(TrainConfig):
 
 def lm_loss(model, batch):
     """Summed NLL over real tokens (engine.train_step divides by the step's token count)."""
-    logits = model(batch["inputs"])  # (B, T, V)
-    logps = token_logps(logits, batch["labels"])  # (B, T) float32
-    mask = batch["label_mask"]
+    mask = batch["label_mask"]  # (B, T) bool: real (non-pad) tokens
+    logits = model(batch["inputs"], logits_mask=mask)  # (M, V): the head skips pad positions
+    logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
     base = engine.unwrap(model)
-    return -(logps * mask).sum() + base.cfg.moe_aux_coef * base.backbone.moe_aux_loss() * mask.sum(), {}
+    return -logps.sum() + base.cfg.moe_aux_coef * base.backbone.moe_aux_loss() * mask.sum(), {}
 
 
 def main(argv=None):
@@ -53,6 +53,7 @@ def main(argv=None):
     engine.print0(rt, f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
 
     windows = tokenize_pretrain(load_pretrain(cfg.data), tok, cfg.max_len)
+    lengths = [len(w) for w, _ in windows]
     global_batch = cfg.micro_batch_size * cfg.grad_accum * rt.world_size
     engine.print0(rt, f"data: {len(windows)} windows of <= {cfg.max_len} tokens, {sum(len(w) for w, _ in windows)} tokens; "
                       f"{cfg.max_steps} steps x {global_batch} sequences = {cfg.max_steps * global_batch / len(windows):.2f} epochs")
@@ -69,8 +70,7 @@ def main(argv=None):
     for step in bar:
         lr = engine.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         engine.set_lr(optimizer, lr)
-        batches = [collate_lm([windows[i] for i in engine.micro_batch_indices(len(windows), step, m, cfg, rt)], tok.pad_id)
-                   for m in range(cfg.grad_accum)]
+        batches = [collate_lm([windows[i] for i in idx], tok.pad_id) for idx in engine.step_batches(len(windows), step, cfg, rt, lengths)]
         batches = [{k: v.to(rt.device) for k, v in b.items()} for b in batches]
         metrics = engine.train_step(model, optimizer, scaler, batches, lm_loss, lambda b: b["label_mask"].sum(), rt, cfg)
         engine.check_finite(metrics["loss"], metrics["grad_norm"], step, cfg, stats)

@@ -27,6 +27,9 @@ from minialign.tokenizer import Tokenizer
 @dataclass
 class Config(TrainConfig):
     data: str = knob("data/sft_train.jsonl", "SFT conversations (JSONL or JSONL.gz)")
+    max_steps: int = knob(600, "optimizer steps (600 x 128 sequences = 7 epochs of the default task)")
+    lr: float = knob(3e-3, "peak learning rate")
+    grad_accum: int = knob(4, "micro-batches per optimizer step (per rank); 4 x 32 = 128 sequences a step")
     eval_data: str = knob("data/rl_eval.jsonl", "held-out prompts scored by the default task's gold rule ('' = no eval)")
     eval_prompts: int = knob(600, "how many held-out prompts to evaluate at the end")
     max_new_tokens: int = knob(48, "generation length for the evaluation")
@@ -34,10 +37,11 @@ class Config(TrainConfig):
 
 def sft_loss(model, batch):
     """Summed NLL over trained tokens (normalized by the step's token count in engine.train_step)."""
-    logits = model(batch["inputs"])  # (B, T, V); right padding needs no attention mask (see minialign.data)
-    logps = token_logps(logits, batch["labels"])  # (B, T) float32
-    mask = batch["label_mask"]
-    nll_sum = -(logps * mask).sum()
+    mask = batch["label_mask"]  # (B, T) bool: assistant tokens
+    # right padding needs no attention mask (see minialign.data); the head runs on trained positions only
+    logits = model(batch["inputs"], logits_mask=mask)  # (M, V), M = mask.sum()
+    logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
+    nll_sum = -logps.sum()
     moe = engine.unwrap(model).backbone.moe_aux_loss()
     moe_coef = engine.unwrap(model).cfg.moe_aux_coef
     # the MoE balance loss is per micro-batch; scale it by the token count so it is a mean after normalization
@@ -62,6 +66,7 @@ def main(argv=None):
     stats = {}
     examples = tokenize_sft(load_sft(cfg.data), tok, cfg.max_len, stats)
     n_tokens = sum(sum(m) for _, m in examples)
+    lengths = [len(ids) for ids, _ in examples]
     global_batch = cfg.micro_batch_size * cfg.grad_accum * rt.world_size
     engine.print0(rt, f"data: {len(examples)} conversations, {n_tokens} trained tokens; truncated {stats.get('truncated', 0)}, "
                       f"dropped {stats.get('dropped_no_response_tokens', 0)} (no assistant token within max_len={cfg.max_len})")
@@ -81,8 +86,7 @@ def main(argv=None):
     for step in bar:
         lr = engine.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         engine.set_lr(optimizer, lr)
-        batches = [collate_lm([examples[i] for i in engine.micro_batch_indices(len(examples), step, m, cfg, rt)], tok.pad_id)
-                   for m in range(cfg.grad_accum)]
+        batches = [collate_lm([examples[i] for i in idx], tok.pad_id) for idx in engine.step_batches(len(examples), step, cfg, rt, lengths)]
         batches = [{k: v.to(rt.device) for k, v in b.items()} for b in batches]
         metrics = engine.train_step(model, optimizer, scaler, batches, sft_loss, lambda b: b["label_mask"].sum(), rt, cfg)
         engine.check_finite(metrics["loss"], metrics["grad_norm"], step, cfg, stats)

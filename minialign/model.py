@@ -321,15 +321,22 @@ class CausalLM(nn.Module):
         self.backbone = Backbone(cfg)
         _init_weights(self, cfg.n_layers)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep: int = 0):
-        """input_ids (B, T) -> logits (B, T, V), or (B, logits_to_keep, V) for only the last positions.
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep: int = 0,
+                logits_mask=None):
+        """input_ids (B, T) -> logits (B, T, V).
 
-        The output head is the transposed embedding (tied weights).
+        The output head is the transposed embedding (tied weights). Two ways to skip positions whose
+        logits nobody needs (the head and the log-softmax are a large share of a small model's work):
+          logits_to_keep=N  -> (B, N, V): only the last N positions (generation, response log-probs);
+          logits_mask (B, T) bool -> (M, V): only the M True positions, in row-major order (SFT: the
+          trained tokens). Going through forward (not the backbone directly) keeps DDP's hooks.
         """
         h = self.backbone(input_ids, attention_mask, position_ids, kv_cache)  # (B, T, dim)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return F.linear(h, self.backbone.embed.weight)  # (B, T, V)
+        if logits_mask is not None:
+            h = h[logits_mask]  # (M, dim)
+        return F.linear(h, self.backbone.embed.weight)  # (B, T, V) or (M, V)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -343,3 +343,15 @@ def test_load_causal_checkpoint_as_scalar_model(tmp_path):
     engine.save_checkpoint(tmp_path / "rm", model=scalar, optimizer=None, scaler=None, step=0, cfg=Cfg(), tokenizer_path=None)
     with pytest.raises(ValueError, match="does not fit a causal model"):
         engine.load_model(tmp_path / "rm", kind="causal")
+
+
+def test_logits_mask_and_logits_to_keep_select_the_full_logits():
+    """The head-skipping paths return exactly the full forward's logits at the kept positions."""
+    torch.manual_seed(0)
+    model = CausalLM(model_config("cpu", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)).eval()
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.rand(3, 9) > 0.5
+    full = model(ids)  # (3, 9, 97)
+    torch.testing.assert_close(model(ids, logits_mask=mask), full[mask])
+    torch.testing.assert_close(model(ids, logits_to_keep=4), full[:, -4:])
+    assert model(ids, logits_mask=mask).shape == (int(mask.sum()), 97)
