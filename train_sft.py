@@ -92,7 +92,8 @@ def main(argv=None):
         engine.check_finite(metrics["loss"], metrics["grad_norm"], step, cfg, stats)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "learning_rate": lr}, bar)
+            log.log(step + 1, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "learning_rate": lr,
+                               "nonfinite_steps_skipped": stats.get("nonfinite_steps_skipped", 0)}, bar)
         if engine.should_save(step + 1, start_step, cfg):
             engine.save_checkpoint(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                                    tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)
