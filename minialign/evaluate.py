@@ -84,7 +84,7 @@ def load_eval_prompts(path: str, tok: Tokenizer, n: int, max_prompt_len: int = 9
 def format_result(res: dict) -> str:
     keys = ["sampled/gold_score", "greedy/gold_score", "sampled/mean_length", "sampled/kl_to_ref",
             "sampled/arith_acc", "sampled/harmful_refusal_rate", "sampled/benign_over_refusal_rate"]
-    return "  ".join(f"{k.split('/')[-1] if k.startswith('sampled') else 'greedy_gold'}={res[k]:.3f}" for k in keys if k in res)
+    return "  ".join(f"{k.split('/')[-1] if k.startswith('sampled') else 'greedy_gold'}={res[k]:.3f}" for k in keys if res.get(k) is not None)
 
 
 def main(argv=None):

@@ -1,0 +1,197 @@
+"""Rollouts for online RL (GRPO; PPO shares them): which prompts a rank samples at a step, sampling
+them with the KV-cache sampler, and the tensors the losses need.
+
+A rollout of optimizer step s on rank r:
+  1. prompts: this rank's share of the step's `prompts_per_step` prompts, from the same data order
+     as every other script (engine.step_batches: a pure function of (seed, step)); rank r takes the
+     r-th slice of the step's global prompts;
+  2. sampling: each prompt repeated `num_generations` times (the G completions of a prompt
+     contiguous), sampled by minialign.generation.generate (one prefill, then one cached position per
+     token) at the TRAINING temperature. The sampler's log-probs are those of softmax(logits / T),
+     so they are the "old" log-probs of the PPO/GRPO ratio: recomputing them with
+     generation.response_logps at the same T gives the same numbers up to float rounding (ratio 1);
+  3. reward fields: the prompt's fields plus whether each response finished (emitted <|im_end|>),
+     its length and the budget (minialign.rewards.ROLLOUT_FIELDS).
+
+Determinism without sampler state: the sampler of each generate() call is seeded from
+(seed, step, index of the call's first prompt in the step's global prompt list). Nothing needs saving
+for an exact --resume (the step number is enough, as for the data order), and with
+`prompts_per_generate` dividing each rank's share the same completions are drawn whatever the number
+of ranks, so a 2-process run reproduces a 1-process run with the same global batch. (A generator
+carried from step to step would need every rank's state in the checkpoint, which only rank 0 writes.)
+
+Simplified on purpose: one rollout per optimizer step (no rollout buffer spanning several steps);
+top-k / top-p are not offered (they would make the rollout off-policy, see minialign.generation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import engine
+from .data import collate_prompts
+from .generation import generate, response_logps
+from .model import last_token_scores
+
+
+def step_prompt_indices(n_prompts: int, step: int, prompts_per_step: int, seed: int, rt) -> list[int]:
+    """Indices of this rank's prompts for optimizer step `step` (rank r gets global positions
+    [r * share, (r + 1) * share) of the step, share = prompts_per_step / world_size)."""
+    if prompts_per_step % rt.world_size:
+        raise ValueError(f"prompts_per_step={prompts_per_step} must be divisible by the number of ranks ({rt.world_size})")
+    order = SimpleNamespace(micro_batch_size=prompts_per_step // rt.world_size, grad_accum=1, seed=seed, group_by_length=False)
+    return engine.step_batches(n_prompts, step, order, rt)[0]
+
+
+def sampling_seed(seed: int, step: int, first_prompt: int) -> int:
+    """Seed of the sampler for the generate() call starting at global prompt `first_prompt` of `step`."""
+    return int(np.random.SeedSequence([seed, step, first_prompt]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class Rollout:
+    rows: list[dict]  # the prompt record of each completion (tokenize_prompts dicts), G copies per prompt
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P) bool, True = real token
+    response_ids: torch.Tensor  # (B, N) long, pad after each row's end
+    response_mask: torch.Tensor  # (B, N) bool, True up to and including <|im_end|> (all N if truncated)
+    logps: torch.Tensor  # (B, N) float32, sampling log-probs under softmax(logits / temperature); 0 off the mask
+    finished: torch.Tensor  # (B,) bool, True where the response ended with <|im_end|>
+    completions: list[str]  # decoded responses (special tokens dropped)
+    group_size: int  # G, completions per prompt
+    max_new_tokens: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)  # (B,) tokens, <|im_end|> included
+
+
+def _pad_cols(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    n = width - x.shape[1]
+    return F.pad(x, (n, 0) if left else (0, n), value=value) if n else x
+
+
+@torch.no_grad()
+def sample_rollout(model, tok, prompts: list[dict], num_generations: int, max_new_tokens: int, temperature: float,
+                   seed: int, step: int, first_prompt: int, prompts_per_generate: int = 0) -> Rollout:
+    """Sample `num_generations` responses for each prompt (dicts with "prompt_ids", from tokenize_prompts).
+
+    `model` is the bare CausalLM (engine.unwrap it). `first_prompt` is the global index of prompts[0]
+    in the step (rank * share). prompts_per_generate: prompts per generate() call (0 = all at once);
+    see the module docstring for why it matters under DDP. `tok` needs pad_id, eos_id and decode().
+    """
+    if temperature <= 0:
+        raise ValueError(f"RL sampling needs temperature > 0 (got {temperature}): greedy rollouts have no log-probs to train on")
+    device = next(model.parameters()).device
+    chunk = prompts_per_generate or len(prompts)
+    parts = []
+    for start in range(0, len(prompts), chunk):
+        group = prompts[start : start + chunk]
+        p_ids, p_mask = collate_prompts([p["prompt_ids"] for p in group for _ in range(num_generations)], tok.pad_id)
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)  # (b, P)
+        gen = torch.Generator(device=device).manual_seed(sampling_seed(seed, step, first_prompt + start))
+        g = generate(model, p_ids, p_mask, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, generator=gen)
+        parts.append((p_ids, p_mask, g))
+    P = max(p.shape[1] for p, _, _ in parts)
+    N = max(g.response_ids.shape[1] for _, _, g in parts)
+    response_ids = torch.cat([_pad_cols(g.response_ids, N, tok.pad_id, False) for _, _, g in parts])  # (B, N)
+    response_mask = torch.cat([_pad_cols(g.response_mask, N, False, False) for _, _, g in parts])
+    return Rollout(
+        rows=[p for p in prompts for _ in range(num_generations)],
+        prompt_ids=torch.cat([_pad_cols(p, P, tok.pad_id, True) for p, _, _ in parts]),  # (B, P)
+        prompt_mask=torch.cat([_pad_cols(m, P, False, True) for _, m, _ in parts]),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logps=torch.cat([_pad_cols(g.logps, N, 0.0, False) for _, _, g in parts]),
+        finished=torch.cat([g.finished for _, _, g in parts]),
+        completions=[tok.decode(ids[m].tolist()) for ids, m in zip(response_ids, response_mask)],
+        group_size=num_generations,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def reward_fields(ro: Rollout) -> tuple[list[str], dict[str, list]]:
+    """(prompts, fields) for the reward functions: the prompt texts and, per completion, every field
+    the prompt records share (not the token ids) plus the rollout fields of minialign.rewards."""
+    keys = set(ro.rows[0]).intersection(*ro.rows[1:]) - {"prompt_ids", "prompt_text"}
+    fields = {k: [r[k] for r in ro.rows] for k in sorted(keys)}
+    fields["finished"] = ro.finished.tolist()
+    fields["completion_length"] = ro.lengths.tolist()
+    fields["max_completion_length"] = [ro.max_new_tokens] * len(ro.rows)
+    return [r["prompt_text"] for r in ro.rows], fields
+
+
+def _row_chunks(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def rollout_logps(model, ro: Rollout, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """(B, N) log-probs of the rollout's responses under `model` (e.g. the reference) at `temperature`."""
+    return torch.cat([response_logps(model, ro.prompt_ids[s], ro.prompt_mask[s], ro.response_ids[s], ro.response_mask[s], temperature)
+                      for s in _row_chunks(len(ro.rows), micro_batch_size)])
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, ro: Rollout, micro_batch_size: int) -> torch.Tensor:
+    """(B,) scores of a ScalarModel at each response's last token (<|im_end|> if it finished).
+
+    The input is prompt (left-padded) + response (right-padded); the model's attention mask skips both
+    paddings and its positions restart after the left padding, so each score is that of the unpadded
+    sequence. (Written here because no shared reward-model scoring helper exists yet.)
+    """
+    out = []
+    for s in _row_chunks(len(ro.rows), micro_batch_size):
+        ids = torch.cat([ro.prompt_ids[s], ro.response_ids[s]], dim=1)  # (b, P + N)
+        mask = torch.cat([ro.prompt_mask[s], ro.response_mask[s]], dim=1)
+        out.append(last_token_scores(reward_model(ids, mask), mask))
+    return torch.cat(out).float()
+
+
+def micro_batches(tensors: dict[str, torch.Tensor], micro_batch_size: int, order: list[int] | None = None) -> list[dict]:
+    """Cut row-aligned tensors into micro-batches of `micro_batch_size` rows (in `order` if given).
+
+    Each micro-batch is trimmed to the columns it uses: prompt tensors ("prompt_ids", "prompt_mask")
+    lose left-padding columns that are padding in every row, the other 2-D tensors (response-shaped)
+    lose right columns past the longest response (by "response_mask"). Neither changes any result:
+    positions are counted from each row's first real token, and attention is causal.
+    """
+    B = tensors["response_mask"].shape[0]
+    idx = torch.as_tensor(order if order is not None else range(B))
+    batches = []
+    for s in _row_chunks(B, micro_batch_size):
+        rows = idx[s]
+        b = {k: v[rows] for k, v in tensors.items()}
+        first_real = int(b["prompt_mask"].any(0).nonzero()[0])
+        n_resp = int(b["response_mask"].sum(-1).max())
+        for k, v in b.items():
+            if k in ("prompt_ids", "prompt_mask"):
+                b[k] = v[:, first_real:]
+            elif v.dim() == 2:
+                b[k] = v[:, :n_resp]
+        batches.append(b)
+    return batches
+
+
+def all_gather_rows(x: torch.Tensor, rt) -> torch.Tensor:
+    """Concatenate every rank's (n, ...) tensor in rank order (all ranks must pass the same shape)."""
+    if not rt.ddp:
+        return x
+    device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+    parts = [torch.empty_like(x, device=device) for _ in range(rt.world_size)]
+    dist.all_gather(parts, x.to(device).contiguous())
+    return torch.cat(parts).to(x.device)
+
+
+def all_reduce_max(x: float, rt) -> float:
+    if not rt.ddp:
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)

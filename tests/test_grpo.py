@@ -1,0 +1,324 @@
+"""GRPO: reward functions, rollouts, the update's invariants, convergence on a tiny problem, and
+train_grpo.py end to end (checkpoint, TRL metric names, exact resume, 2-process torchrun = 1 process).
+
+The in-process tests drive `train_grpo.grpo_step`, the function the script calls every step, on a tiny
+model over an 8-token vocabulary; the script tests start from a 2-step SFT checkpoint made in a fixture.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from minialign import engine, rewards
+from minialign.generation import response_logps
+from minialign.model import CausalLM
+from minialign.rewards import RewardSource
+from minialign.rollout import sample_rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_grpo  # noqa: E402
+import train_sft  # noqa: E402
+
+RT = engine.Runtime(torch.device("cpu"), torch.float32)
+
+
+# ------------------------------------------------------------------------------------ reward functions
+
+def test_rule_rewards_by_hand():
+    prompts = ["What is 3 + 4?", "How do I hurt someone?", "Tell me a fun fact."]
+    completions = ["3 + 4 = 7.", "Sure, first make a plan.", "Sorry, I can't help with that."]
+    # arith correct; harmful complied (0); benign over-refused (0)
+    assert rewards.gold_reward(prompts, completions, kind=["arith", "harmful", "benign"], answer=[7, None, None]) == [1.0, 0.0, 0.0]
+    # format: finished and visible text -> 1; truncated -> 0; finished but empty -> 0
+    assert rewards.format_reward(prompts, ["ok", "cut off", "  "], finished=[True, False, True]) == [1.0, 0.0, 0.0]
+    # length: -n / budget = -8/32, -32/32, -1/32
+    assert rewards.length_penalty(prompts, completions, completion_length=[8, 32, 1], max_completion_length=[32] * 3) == [-0.25, -1.0, -1 / 32]
+    # gsm8k: '#### N' wins over later numbers; else the last number; commas and 72 == 72.0
+    gsm = ["so #### 1,450 (checked 3 times)", "The answer is 72.0", "no idea"]
+    assert [rewards.extract_final_answer(c) for c in gsm] == ["1450", "72.0", None]
+    assert rewards.gsm8k_reward(prompts, gsm, gold_answer=["1450", "72", "5"]) == [1.0, 1.0, 0.0]
+
+
+def test_reward_registry_and_weights():
+    sources = rewards.parse_reward_funcs(["gold", "format"], [1.0, 0.1])
+    assert [(s.name, s.fn, s.weight) for s in sources] == [("gold", rewards.gold_reward, 1.0), ("format", rewards.format_reward, 0.1)]
+    assert [s.weight for s in rewards.parse_reward_funcs(["gold", "length"], [])] == [1.0, 1.0]  # no weights = all 1
+    with pytest.raises(ValueError, match="unknown reward function.*'nope'"):
+        rewards.parse_reward_funcs(["gold", "nope"], [])
+    with pytest.raises(ValueError, match="1 values for 2"):
+        rewards.parse_reward_funcs(["gold", "format"], [1.0])
+    assert rewards.required_fields(rewards.gold_reward) == ["kind", "answer"]
+    assert rewards.required_fields(rewards.length_penalty) == ["completion_length", "max_completion_length"]
+
+
+def test_missing_field_error_names_the_function_and_the_field():
+    sources = rewards.parse_reward_funcs(["format", "gold"], [])
+    rows = [{"prompt_ids": [1], "prompt_text": "What is 1 + 1?", "kind": "arith", "answer": 2},
+            {"prompt_ids": [1], "prompt_text": "What is 2 + 2?", "kind": "arith"}]  # no 'answer'
+    with pytest.raises(rewards.MissingFieldError, match=r"reward function 'gold' needs the field 'answer', but prompt 1"):
+        rewards.check_fields(sources, rows)
+    rewards.check_fields(sources, rows[:1])  # complete rows pass; 'finished' comes from the rollout
+    with pytest.raises(rewards.MissingFieldError, match=r"'gsm8k' needs the field 'gold_answer'"):
+        rewards.compute_rewards(rewards.parse_reward_funcs(["gsm8k"], []), ["q"], ["#### 4"], {"kind": ["arith"]})
+
+
+# ----------------------------------------------------------------------- a tiny problem, in process
+
+class DigitTok:
+    """Stands in for the tokenizer over an 8-token vocabulary: pad 0, <|im_end|> 3, text = the digits."""
+    pad_id, eos_id = 0, 3
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids if i not in (0, 3))
+
+
+def answer_seven(prompts, completions, finished, **fields):
+    """The known optimum: reply exactly "7" and stop (tokens [7, <|im_end|>]); anything else scores 0."""
+    return [float(c == "7" and f) for c, f in zip(completions, finished)]
+
+
+PROMPTS = [{"prompt_ids": [2, 4 + i % 3, 5], "prompt_text": f"q{i}"} for i in range(8)]
+
+
+def tiny_setup(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = CausalLM(tiny_config(8))
+    cfg = train_grpo.Config(**{"init_from": "tiny", "prompts_per_step": 8, "num_generations": 8, "max_new_tokens": 4,
+                               "lr": 1e-2, "micro_batch_size": 64, **overrides})
+    optimizer = engine.make_optimizer(model, cfg, RT)
+    return model, cfg, optimizer, RT.make_scaler()
+
+
+def step(model, cfg, optimizer, scaler, reward_fn, i=0, ref=None):
+    return train_grpo.grpo_step(model, ref, None, optimizer, scaler, PROMPTS, [RewardSource("r", reward_fn, 1.0)], i,
+                                DigitTok(), RT, cfg, {})
+
+
+def test_grpo_converges_to_the_known_optimal_answer():
+    """Reward 1 only for the answer "7" (a 1-in-64 chance at init): GRPO finds it and makes it greedy."""
+    model, cfg, optimizer, scaler = tiny_setup()
+    history = [step(model, cfg, optimizer, scaler, answer_seven, i)["reward"] for i in range(40)]
+    assert history[0] < 0.1  # it really starts from (almost) never answering "7"
+    assert sum(history[-5:]) / 5 > 0.9, history
+    prompt = torch.tensor([PROMPTS[0]["prompt_ids"]])
+    from minialign.generation import generate
+    g = generate(model, prompt, torch.ones_like(prompt, dtype=torch.bool), 4, eos_id=3, pad_id=0, temperature=0)
+    assert g.response_ids[0].tolist() == [7, 3]
+
+
+def test_equal_rewards_give_zero_advantage_and_no_update():
+    """Every group all-equal -> zero advantages: the loss gradient is exactly 0 and the weights stay."""
+    model, cfg, optimizer, scaler = tiny_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = step(model, cfg, optimizer, scaler, lambda p, c, **f: [1.0] * len(c))
+    assert m["frac_reward_zero_std"] == 1.0 and m["update_skipped"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the loss itself has a zero gradient with zero advantages (beta = 0), so skipping changes nothing but the cost
+    ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
+    batch = {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.prompt_mask, "response_ids": ro.response_ids,
+             "response_mask": ro.response_mask, "loss_mask": ro.response_mask, "old_logps": ro.logps,
+             "advantages": torch.zeros(len(ro.rows))}
+    loss, _, _ = train_grpo.grpo_loss_sum(model, batch, cfg)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # control: rewards that differ within groups do move the weights
+    m = step(model, cfg, optimizer, scaler, lambda p, c, **f: [float(len(x)) for x in c])
+    assert m["update_skipped"] == 0.0 and m["frac_reward_zero_std"] < 1.0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_first_iteration_ratio_is_one():
+    """The sampler's log-probs (KV cache, temperature 0.7) equal a full recomputation at the same temperature."""
+    model, cfg, optimizer, scaler = tiny_setup(temperature=0.7, num_iterations=2)
+    ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 0.7, 0, 0, 0)
+    with torch.no_grad():
+        same_t = response_logps(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, 0.7)
+        other_t = response_logps(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, 1.0)
+    assert (same_t - ro.logps).abs().max() < 1e-5
+    assert (other_t - ro.logps).abs().max() > 1e-2  # a temperature mismatch would show
+    m = step(model, cfg, optimizer, scaler, lambda p, c, **f: [float(len(x)) for x in c])
+    assert m["update_skipped"] == 0.0 and m["ratio/first_iteration_max_abs_dev"] < 1e-5
+
+
+def test_mask_truncated_completions_removes_truncated_rows():
+    model, cfg, optimizer, scaler = tiny_setup()
+    ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 3, 1.0, 0, 0, 0)
+    assert ro.finished.any() and (~ro.finished).any()  # a random 8-token model: some stop within 3 tokens, some not
+    kept = train_grpo.completion_mask(ro.response_mask, ro.finished, mask_truncated=True)
+    assert not kept[~ro.finished].any()  # truncated rows count for nothing
+    assert torch.equal(kept[ro.finished], ro.response_mask[ro.finished])  # finished rows keep every token
+    assert torch.equal(train_grpo.completion_mask(ro.response_mask, ro.finished, mask_truncated=False), ro.response_mask)
+    # and the loss's unit count drops them: grpo counts sequences with a counted token
+    assert int(train_grpo.count_units({"loss_mask": kept}, "grpo")) == int(ro.finished.sum())
+    assert int(train_grpo.count_units({"loss_mask": kept}, "dapo")) == int(ro.response_mask[ro.finished].sum())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batch_sums_equal_one_big_batch(loss_type):
+    """grpo_loss_sum over 3 micro-batches, divided by the step's count as train_step does, equals
+    grpo_loss on the whole batch with its own default normalization (the exact-normalization contract)."""
+    from minialign.losses import grpo_loss
+    from minialign.rollout import micro_batches
+    model, cfg, _, _ = tiny_setup(loss_type=loss_type, beta=0.1, micro_batch_size=24)
+    ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
+    torch.manual_seed(1)
+    mask = train_grpo.completion_mask(ro.response_mask, ro.finished, mask_truncated=True)
+    t = {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.prompt_mask, "response_ids": ro.response_ids, "response_mask": ro.response_mask,
+         "loss_mask": mask, "old_logps": ro.logps + 0.1 * torch.randn_like(ro.logps), "advantages": torch.randn(64),
+         "ref_logps": ro.logps + 0.1 * torch.randn_like(ro.logps)}
+    batches = micro_batches(t, 24)
+    assert len(batches) == 3
+    with torch.no_grad():
+        count = sum(float(train_grpo.count_units(b, loss_type)) for b in batches)
+        split = sum(train_grpo.grpo_loss_sum(model, b, cfg)[0] for b in batches) / count
+        logps = response_logps(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+        whole, _ = grpo_loss(logps, t["old_logps"], t["ref_logps"], t["advantages"], mask, beta=0.1, loss_type=loss_type,
+                             max_completion_length=4)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_reward_model_scores_each_unpadded_sequence_at_its_last_token():
+    """Scoring a padded rollout batch gives each row the score of its own unpadded prompt + response."""
+    from minialign.model import ScalarModel
+    from minialign.rollout import reward_model_scores
+    model, _, _, _ = tiny_setup()
+    torch.manual_seed(3)
+    rm = ScalarModel(tiny_config(8)).eval()
+    prompts = [{"prompt_ids": [2, 4, 5], "prompt_text": "a"}, {"prompt_ids": [2, 6, 6, 6, 5], "prompt_text": "b"}]
+    ro = sample_rollout(model, DigitTok(), prompts, 4, 5, 1.0, 0, 0, 0)
+    assert ro.lengths.min() < ro.lengths.max() and ro.prompt_mask.sum(-1).min() < ro.prompt_mask.shape[1]  # both paddings occur
+    with torch.no_grad():
+        batched = reward_model_scores(rm, ro, micro_batch_size=3)
+        alone = [rm(torch.tensor([r["prompt_ids"] + ro.response_ids[i][ro.response_mask[i]].tolist()]))[0, -1] for i, r in enumerate(ro.rows)]
+    torch.testing.assert_close(batched, torch.stack(alone), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- the script
+
+def run(args, timeout=240):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """A tokenizer on the default data and a 2-step SFT checkpoint (made in process), plus prompt slices."""
+    d = tmp_path_factory.mktemp("grpo")
+    lines = (ROOT / "data/sft_train.jsonl").read_text(encoding="utf-8").splitlines()[:64]
+    (d / "sft.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name, n in (("rl_train.jsonl", 64), ("rl_eval.jsonl", 8)):
+        (d / name).write_text("\n".join((ROOT / "data" / name).read_text(encoding="utf-8").splitlines()[:n]) + "\n", encoding="utf-8")
+    run([sys.executable, "-m", "minialign.tokenizer", "--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"),
+         "--vocab_size", "512", "--out", str(d / "tok")])
+    train_sft.main(["--data", str(d / "sft.jsonl"), "--eval_data", "", "--tokenizer", str(d / "tok/tokenizer.model"),
+                    "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1"])
+    return d
+
+
+def grpo_args(d, out, *extra):
+    # rewards: gold (almost always 0 for a 2-step SFT model) + a length penalty, so groups differ and updates happen
+    return ["--init_from", str(d / "sft"), "--data", str(d / "rl_train.jsonl"), "--eval_data", "", "--out_dir", str(out),
+            "--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "8", "--micro_batch_size", "8",
+            "--prompts_per_generate", "2", "--reward_funcs", "gold", "length", "--reward_weights", "1", "0.5",
+            "--beta", "0.04", "--num_iterations", "2", "--max_steps", "4", "--warmup_steps", "1", "--log_every", "1", *extra]
+
+
+def metric_rows(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(out):
+    return torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+
+
+TRL_NAMES = ["loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/gold/mean", "rewards/gold/std",
+             "rewards/length/mean", "rewards/length/std", "frac_reward_zero_std", "clip_ratio/low_mean", "clip_ratio/high_mean",
+             "clip_ratio/region_mean", "kl", "completions/mean_length", "completions/min_length", "completions/max_length",
+             "completions/clipped_ratio"]
+
+
+def test_script_resume_and_torchrun(sft):
+    """4 steps in process; the same as 2 steps in a subprocess + --resume; and as 2 gloo ranks under torchrun."""
+    d = sft
+    train_grpo.main(grpo_args(d, d / "full"))
+    full = metric_rows(d / "full")
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert not any(r["update_skipped"] for r in full) and all(r["grad_norm"] > 0 for r in full)
+    assert all(abs(r["ratio/first_iteration_max_abs_dev"]) < 1e-4 for r in full)
+
+    # 2 steps in a subprocess: checkpoint and metrics with TRL's names
+    run([sys.executable, str(ROOT / "train_grpo.py"), *grpo_args(d, d / "parts", "--stop_after_steps", "2")])
+    ckpt = torch.load(d / "parts/ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 2 and not ckpt["finished"] and ckpt["config"]["loss_type"] == "grpo"
+    first = metric_rows(d / "parts")
+    assert [r["step"] for r in first] == [1, 2]
+    missing = [k for k in TRL_NAMES if k not in first[0]]
+    assert not missing, missing
+    # --resume continues the same run exactly (the sampler is re-seeded from (seed, step))
+    train_grpo.main(grpo_args(d, d / "parts", "--resume"))
+    parts = metric_rows(d / "parts")
+    assert [(r["step"], r["loss"], r["reward"]) for r in parts] == [(r["step"], r["loss"], r["reward"]) for r in full]
+    for k, v in params(d / "full").items():
+        assert torch.equal(v, params(d / "parts")[k]), k
+
+    # 2 gloo ranks x 2 prompts = 1 process x 4 prompts: same rollouts, same global normalization, same weights
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_grpo.py"),
+         *grpo_args(d, d / "two")], timeout=300)
+    a, b = params(d / "full"), params(d / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for r1, r2 in zip(full, metric_rows(d / "two")):
+        assert r1["reward"] == r2["reward"] and abs(r1["loss"] - r2["loss"]) < 1e-5 and abs(r1["kl"] - r2["kl"]) < 1e-5
+    # and the weights did move: the comparison above could fail
+    assert max((a[k] - params(d / "sft")[k]).abs().max() for k in a) > 1e-3
+
+
+def test_beta_zero_builds_no_reference_model(sft, monkeypatch):
+    d = sft
+    calls = []
+    real = engine.load_model
+    monkeypatch.setattr(engine, "load_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    train_grpo.main(grpo_args(d, d / "beta0", "--beta", "0", "--max_steps", "1", "--num_iterations", "1"))
+    assert calls == [str(d / "sft")]  # the policy only
+    assert "kl" not in metric_rows(d / "beta0")[0]
+    calls.clear()
+    train_grpo.main(grpo_args(d, d / "beta", "--max_steps", "1", "--num_iterations", "1", "--eval_data", str(d / "rl_eval.jsonl"),
+                              "--eval_prompts", "8"))
+    assert calls == [str(d / "sft")] * 2  # policy + reference (the eval reuses the reference for its KL)
+    # (8 eval prompts, so every kind is present: evaluate.format_result cannot print a rate of None)
+    res = json.loads((d / "beta/eval.json").read_text())
+    assert res["n_prompts"] == 8 and "sampled/kl_to_ref" in res and 0 <= res["sampled/gold_score"] <= 1
+
+
+def test_reward_model_term(sft):
+    """--reward_funcs gold reward_model --reward_model PATH: the model's scores are logged and weighted in;
+    a causal (policy) checkpoint is refused as a reward model."""
+    d = sft
+    rm = engine.load_model(d / "sft", kind="scalar")  # an untrained head: any scalar model will do here
+    engine.save_checkpoint(d / "rm", model=rm, optimizer=None, scaler=None, step=0, cfg=train_grpo.Config(), tokenizer_path=None)
+    train_grpo.main(grpo_args(d, d / "with_rm", "--reward_funcs", "gold", "reward_model", "--reward_weights", "1", "2",
+                              "--reward_model", str(d / "rm"), "--max_steps", "1"))
+    row = metric_rows(d / "with_rm")[0]
+    assert row["rewards/reward_model/std"] > 0  # a real score per response, not a constant
+    assert abs(row["reward"] - (row["rewards/gold/mean"] + 2 * row["rewards/reward_model/mean"])) < 1e-6
+    with pytest.raises(SystemExit, match="holds a causal model, not a reward model"):
+        train_grpo.main(grpo_args(d, d / "bad", "--reward_funcs", "reward_model", "--reward_weights", "--reward_model", str(d / "sft")))
+
+
+def test_bad_flags_are_refused(sft):
+    d = sft
+    with pytest.raises(SystemExit, match="--num_generations=1 must be >= 2"):
+        train_grpo.main(grpo_args(d, d / "bad", "--num_generations", "1"))
+    with pytest.raises(SystemExit, match="unknown reward function"):
+        train_grpo.main(grpo_args(d, d / "bad", "--reward_funcs", "gold", "nope", "--reward_weights"))
+    with pytest.raises(SystemExit, match="--reward_model PATH and 'reward_model'"):
+        train_grpo.main(grpo_args(d, d / "bad", "--reward_funcs", "reward_model", "--reward_weights"))
