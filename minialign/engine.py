@@ -188,7 +188,10 @@ def seed_everything(seed: int):
 
 
 def cleanup(rt: Runtime):
+    """Leave the process group together: a rank that tears gloo down while another is still in it
+    can abort at exit ("terminate called without an active exception")."""
     if rt.ddp and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
