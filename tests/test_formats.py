@@ -129,7 +129,7 @@ def test_prompts_string_messages_and_dropped_final_assistant():
 
 
 def test_prompts_gsm8k_gold_answer_without_thousands_separator():
-    assert load_prompts(FORMATS / "gsm8k.jsonl") == [
+    assert load_prompts(FORMATS / "question_answer.jsonl") == [
         PromptRecord([u("Tom has 3 apples and buys 4 more. How many?")],
                      {"answer": "3 + 4 = <<3+4=7>>7\n#### 7", "gold_answer": "7"}),
         PromptRecord([u("A car costs $1,200 and a bike $50. Total?")],
@@ -228,7 +228,7 @@ BAD_CASES = [
      r"or both message lists, got string and list"),
     ("label_not_bool.jsonl", load_unpaired, 3,
      r"field 'label' must be a JSON bool \(true/false\), got string 'true'"),
-    ("gsm8k_no_hash.jsonl", load_prompts, 3,
+    ("question_answer_no_hash.jsonl", load_prompts, 3,
      r"field 'answer' does not end with '#### <number>', so the gold answer cannot be extracted"),
     ("prompt_ends_with_assistant.jsonl", load_prompts, 2,
      r"'prompt' must end with a user turn, but its last message \(message 2\) is 'assistant'"),
