@@ -59,3 +59,17 @@ def tiny_model(seed: int = 0, vocab_size: int = 96, **overrides) -> CausalLM:
 def model_cfg(tok):
     """A tiny model config whose vocabulary matches the session tokenizer."""
     return tiny_config(tok.vocab_size)
+
+
+# The tiny RL problem with a known optimum, shared by the GRPO and PPO convergence tests.
+class DigitTok:
+    """Stands in for the tokenizer over an 8-token vocabulary: pad 0, <|im_end|> 3, text = the digits."""
+    pad_id, eos_id = 0, 3
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids if i not in (0, 3))
+
+
+def answer_seven(prompts, completions, finished, **fields):
+    """The known optimum: reply exactly "7" and stop (tokens [7, <|im_end|>]); anything else scores 0."""
+    return [float(c == "7" and f) for c, f in zip(completions, finished)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import DigitTok, answer_seven, tiny_config
 from minialign import engine, rewards
 from minialign.generation import response_logps
 from minialign.model import CausalLM
@@ -70,19 +70,6 @@ def test_missing_field_error_names_the_function_and_the_field():
 
 
 # ----------------------------------------------------------------------- a tiny problem, in process
-
-class DigitTok:
-    """Stands in for the tokenizer over an 8-token vocabulary: pad 0, <|im_end|> 3, text = the digits."""
-    pad_id, eos_id = 0, 3
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids if i not in (0, 3))
-
-
-def answer_seven(prompts, completions, finished, **fields):
-    """The known optimum: reply exactly "7" and stop (tokens [7, <|im_end|>]); anything else scores 0."""
-    return [float(c == "7" and f) for c, f in zip(completions, finished)]
-
 
 PROMPTS = [{"prompt_ids": [2, 4 + i % 3, 5], "prompt_text": f"q{i}"} for i in range(8)]
 

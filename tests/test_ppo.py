@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import DigitTok, answer_seven, tiny_config
 from minialign import engine
 from minialign.generation import generate, response_logps
 from minialign.losses import ppo_policy_loss, ppo_value_loss
@@ -77,19 +77,6 @@ def test_values_are_read_at_the_position_that_holds_the_state():
 
 
 # ------------------------------------------------------------------------------- a tiny problem
-
-class DigitTok:
-    """Stands in for the tokenizer over an 8-token vocabulary: pad 0, <|im_end|> 3, text = the digits."""
-    pad_id, eos_id = 0, 3
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids if i not in (0, 3))
-
-
-def answer_seven(prompts, completions, finished, **fields):
-    """The known optimum: reply exactly "7" and stop (tokens [7, <|im_end|>]); anything else scores 0."""
-    return [float(c == "7" and f) for c, f in zip(completions, finished)]
-
 
 def by_length(prompts, completions, completion_length, **fields):
     return [float(n) for n in completion_length]
