@@ -9,7 +9,7 @@ setup(
     # torch is pinned loosely on purpose: install the CPU wheel first (see .ci/run) and pip keeps it.
     install_requires=["torch>=2.1", "numpy", "sentencepiece", "tqdm"],
     extras_require={
-        "dev": ["pytest"],
+        "dev": ["pytest", "matplotlib"],  # matplotlib: so the tests also draw the report's plots
         "plots": ["matplotlib"],
         "bench": ["transformers", "trl"],
     },

@@ -70,7 +70,7 @@ from tqdm import tqdm
 from minialign import engine
 from minialign.data import tokenize_preferences
 from minialign.engine import TrainConfig, knob
-from minialign.evaluate import evaluate_policy, format_result, load_eval_prompts
+from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.formats import load_preferences, load_unpaired
 from minialign.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from minialign.preference import (LAYOUTS, collate_completions, collate_pairs, completion_logps, kl_partner, pair_lengths,
@@ -108,6 +108,8 @@ class Config(TrainConfig):
     micro_batch_size: int = knob(64, "pairs (kto: examples) per forward pass per rank")
     eval_every: int = knob(0, "eval_ metrics on held-out pairs every N steps (0 = only at the end)")
     eval_data: str = knob("data/rl_eval.jsonl", "held-out prompts scored by the default task's gold rule ('' = no eval)")
+    gold_eval_every: int = knob(0, "every N steps also log the gold score (T=1) and KL to the SFT model on the first --gold_eval_prompts held-out prompts (points of the gold-vs-KL curve; 0 = off)")
+    gold_eval_prompts: int = knob(200, "held-out prompts for --gold_eval_every")
     eval_prompts: int = knob(600, "how many held-out prompts to evaluate at the end")
     max_new_tokens: int = knob(48, "generation length for the evaluation")
 
@@ -402,6 +404,11 @@ def main(argv=None):
                                tokenizer_path=tok_path, finished=finished, extra=extra, rt=rt)
 
     # ---- train
+    gold_prompts = gold_ref = None  # --gold_eval_every: rank 0 scores the policy against the SFT model as it trains
+    if cfg.gold_eval_every and cfg.eval_data and rt.is_main:
+        gold_prompts = load_eval_prompts(cfg.eval_data, tok, cfg.gold_eval_prompts)
+        gold_ref = engine.load_model(cfg.init_from).to(rt.device).eval().requires_grad_(False)
+
     model.train()
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc=f"dpo-{cfg.loss_type}", disable=not rt.is_main)
     for step in bar:
@@ -419,6 +426,8 @@ def main(argv=None):
             log.log(step + 1, {**metrics, "learning_rate": lr}, bar)
         if eval_pairs and rt.is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             log.log(step + 1, evaluate_pairs(engine.unwrap(model), ref_model, eval_pairs, eval_ref_table, cfg, tok.pad_id, rt), bar)
+        if gold_prompts and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
+            log.log(step + 1, gold_point(engine.unwrap(model), tok, gold_prompts, cfg.max_new_tokens, gold_ref), bar)
         if engine.should_save(step + 1, start_step, cfg):
             save(step + 1, finished=step + 1 == cfg.max_steps)
         if engine.should_stop(step + 1, start_step, cfg):

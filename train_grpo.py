@@ -39,7 +39,7 @@ from tqdm import tqdm
 from minialign import engine
 from minialign.data import tokenize_prompts
 from minialign.engine import TrainConfig, knob
-from minialign.evaluate import evaluate_policy, format_result, load_eval_prompts
+from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.formats import load_prompts
 from minialign.generation import response_logps
 from minialign.losses import GRPO_LOSS_TYPES, GROUP_SCALES, group_advantages, grpo_loss
@@ -78,6 +78,8 @@ class Config(TrainConfig):
     eval_data: str = knob("data/rl_eval.jsonl", "held-out prompts scored by the default task's gold rule ('' = no eval)")
     eval_prompts: int = knob(600, "how many held-out prompts to evaluate at the end")
     eval_max_new_tokens: int = knob(48, "generation length for the evaluation (48, as for SFT)")
+    gold_eval_every: int = knob(0, "every N steps also log the gold score (T=1) and KL to the SFT model on the first --gold_eval_prompts held-out prompts (points of the gold-vs-KL curve; 0 = off)")
+    gold_eval_prompts: int = knob(200, "held-out prompts for --gold_eval_every")
 
 
 def check_config(cfg, rt):
@@ -284,6 +286,11 @@ def main(argv=None):
     log = engine.MetricsLog(cfg.out_dir, rt, resume_step=start_step if cfg.resume else None)
 
     # ---- train
+    gold_prompts = gold_ref = None  # --gold_eval_every: rank 0 scores the policy against the SFT model as it trains
+    if cfg.gold_eval_every and cfg.eval_data and rt.is_main:
+        gold_prompts = load_eval_prompts(cfg.eval_data, tok, cfg.gold_eval_prompts)
+        gold_ref = ref_model if ref_model is not None else frozen(engine.load_model(cfg.init_from), rt)
+
     model.train()
     t0 = time.time()
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="grpo", disable=not rt.is_main)
@@ -295,6 +302,8 @@ def main(argv=None):
         bar.set_postfix(reward=f"{metrics['reward']:.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {**metrics, "learning_rate": lr}, bar)
+        if gold_prompts and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
+            log.log(step + 1, gold_point(engine.unwrap(model), tok, gold_prompts, cfg.eval_max_new_tokens, gold_ref), bar)
         if engine.should_save(step + 1, start_step, cfg):
             engine.save_checkpoint(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                                    tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)

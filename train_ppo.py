@@ -71,7 +71,7 @@ from tqdm import tqdm
 from minialign import engine
 from minialign.data import tokenize_prompts
 from minialign.engine import TrainConfig, knob
-from minialign.evaluate import evaluate_policy, format_result, load_eval_prompts
+from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.formats import load_prompts
 from minialign.generation import response_logps
 from minialign.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
@@ -115,6 +115,8 @@ class Config(TrainConfig):
     eval_data: str = knob("data/rl_eval.jsonl", "held-out prompts scored by the default task's gold rule ('' = no eval)")
     eval_prompts: int = knob(600, "how many held-out prompts to evaluate at the end")
     eval_max_new_tokens: int = knob(48, "generation length for the evaluation (48, as for SFT)")
+    gold_eval_every: int = knob(0, "every N steps also log the gold score (T=1) and KL to the SFT model on the first --gold_eval_prompts held-out prompts (points of the gold-vs-KL curve; 0 = off)")
+    gold_eval_prompts: int = knob(200, "held-out prompts for --gold_eval_every")
 
 
 def check_config(cfg, rt):
@@ -418,6 +420,8 @@ def main(argv=None):
                                extra={"value_model": value.state_dict(), "value_model_config": value.cfg.to_dict()})
 
     # ---- train
+    gold_prompts = load_eval_prompts(cfg.eval_data, tok, cfg.gold_eval_prompts) if cfg.gold_eval_every and cfg.eval_data and rt.is_main else None
+
     model.train()
     t0 = time.time()
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="ppo", disable=not rt.is_main)
@@ -429,6 +433,8 @@ def main(argv=None):
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {**metrics, "learning_rate": lr}, bar)
+        if gold_prompts and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
+            log.log(step + 1, gold_point(policy, tok, gold_prompts, cfg.eval_max_new_tokens, ref_model), bar)
         if engine.should_save(step + 1, start_step, cfg):
             save(step + 1)
         if engine.should_stop(step + 1, start_step, cfg):

@@ -73,6 +73,22 @@ def evaluate_policy(model, tok: Tokenizer, prompts: list[dict], max_new_tokens: 
     return result
 
 
+def gold_point(model, tok: Tokenizer, prompts: list[dict], max_new_tokens: int, ref_model) -> dict:
+    """One point of a gold-vs-KL curve during training: the gold score sampled at temperature 1 and
+    KL(policy || ref) on `prompts` (the same estimator and seed as evaluate_policy, no greedy pass).
+    Sampling uses its own seeded generator, so the training run's random stream is untouched."""
+    was_training = model.training
+    model.eval()
+    rows = sample(model, tok, prompts, 1.0, max_new_tokens, ref_model=ref_model)
+    model.train(was_training)
+    verdicts = [task.judge(r["prompt"], r["response"], r["kind"], r["answer"]) for r in rows]
+    point = {"sampled/gold_score": task.summarize(verdicts)["gold_score"],
+             "sampled/mean_length": sum(r["length"] for r in rows) / len(rows)}
+    if ref_model is not None:
+        point["sampled/kl_to_ref"] = sum(r["kl"] for r in rows) / len(rows)
+    return point
+
+
 def load_eval_prompts(path: str, tok: Tokenizer, n: int, max_prompt_len: int = 96) -> list[dict]:
     stats = {}
     prompts = tokenize_prompts(load_prompts(path), tok, max_prompt_len, stats)

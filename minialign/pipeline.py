@@ -9,34 +9,57 @@ skipped (so an interrupted pipeline continues where it stopped) unless --force.
 Stages: tokenizer -> SFT -> reward model -> DPO, PPO (with the reward model), GRPO (with the gold rule),
 each policy evaluated on the same 600 held-out prompts of data/rl_eval.jsonl (gold score sampled at
 temperature 1 and greedy, KL to the SFT model, length, refusal rates); the reward model by its
-pairwise accuracy on data/pref_eval.jsonl.
+pairwise accuracy on data/pref_eval.jsonl. Each stage prints a one-line summary as it ends.
+
+The report (minialign/report.py; rebuild it any time with `python -m minialign.report --out out`):
+out/report.md with the table, and with matplotlib installed out/plots/ with the training curves, the
+reward model's chosen vs rejected scores, the gold score per stage, and gold score against KL to SFT.
+
+    python -m minialign.pipeline --preset gpu    # MiniMind 26M on a CUDA machine (bf16), more steps
+    python -m minialign.pipeline --stages sft rm # only some stages (each needs the ones before it)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from . import report
+from .report import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# Extra flags per stage. "cpu" uses the scripts' own defaults, which are sized for a 2-core laptop CPU
-# (the "cpu" model preset, 0.9M parameters); "tiny" runs every stage for a few steps, for tests.
+# Extra flags per stage, on top of the scripts' own defaults.
+#   cpu  : the scripts' defaults, sized for a 2-core laptop CPU (the "cpu" model preset, 0.9M parameters,
+#          about 8 minutes in all), plus gold-vs-KL points logged as DPO, PPO and GRPO train.
+#   gpu  : the MiniMind 26M architecture (dim 512, 8 layers) with learning rates scaled down for its size
+#          and more steps; run it on a CUDA machine (bf16 autocast is the default there).
+#   tiny : every stage for a few steps, for tests.
+GOLD_CURVE = ["--gold_eval_every", "30"]
 PRESETS = {
-    "cpu": {"sft": [], "rm": [], "dpo": [], "ppo": [], "grpo": []},
+    "cpu": {"sft": [], "rm": [], "dpo": GOLD_CURVE, "ppo": ["--gold_eval_every", "20"], "grpo": GOLD_CURVE},
+    "gpu": {
+        "sft": ["--preset", "minimind-26m", "--lr", "1e-3", "--warmup_steps", "50", "--max_steps", "1500"],
+        "rm": ["--lr", "1e-4", "--max_steps", "600"],
+        "dpo": ["--lr", "5e-5", "--max_steps", "300", "--gold_eval_every", "30"],
+        "ppo": ["--lr", "5e-5", "--max_steps", "200", "--gold_eval_every", "20"],
+        "grpo": ["--lr", "1e-4", "--max_steps", "300", "--prompts_per_step", "32", "--gold_eval_every", "30"],
+    },
     "tiny": {
         "sft": ["--max_steps", "6", "--eval_prompts", "16", "--micro_batch_size", "8"],
         "rm": ["--max_steps", "4", "--micro_batch_size", "4", "--eval_every", "0"],
-        "dpo": ["--max_steps", "3", "--micro_batch_size", "8", "--eval_prompts", "16"],
-        "ppo": ["--max_steps", "2", "--prompts_per_step", "8", "--eval_prompts", "16", "--max_new_tokens", "16"],
-        "grpo": ["--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4", "--eval_prompts", "16", "--max_new_tokens", "16"],
+        "dpo": ["--max_steps", "3", "--micro_batch_size", "8", "--eval_prompts", "16", "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
+        "ppo": ["--max_steps", "2", "--prompts_per_step", "8", "--eval_prompts", "16", "--max_new_tokens", "16",
+                "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
+        "grpo": ["--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4", "--eval_prompts", "16", "--max_new_tokens", "16",
+                 "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
     },
 }
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
 def stage_done(out: Path, stage: str) -> bool:
@@ -49,57 +72,41 @@ def stage_done(out: Path, stage: str) -> bool:
     return bool(torch.load(ckpt, map_location="cpu", weights_only=False).get("finished"))
 
 
-def run_stage(name: str, cmd: list[str], out: Path, force: bool, timings: dict):
+def summary(out: Path, stage: str) -> str:
+    """The one line printed when a stage ends: what its evaluation says."""
+    if stage == "rm":
+        scores = report.read_json(out / "rm" / "rm_scores.json")
+        return f"held-out pair accuracy {scores['eval_accuracy']:.3f}" if scores else ""
+    r = report.read_json(out / stage / "eval.json")
+    if not r:
+        return ""
+    kl = f", KL to SFT {r['sampled/kl_to_ref']:.2f}" if r.get("sampled/kl_to_ref") is not None else ""
+    return f"gold {r['sampled/gold_score']:.3f} sampled, {r['greedy/gold_score']:.3f} greedy{kl}, mean length {r['sampled/mean_length']:.1f}"
+
+
+def run_stage(name: str, cmd: list[str], out: Path, force: bool):
     if not force and stage_done(out, name):
         print(f"[{name}] already done in {out / name}, skipping (use --force to redo)")
         return
     print(f"[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
-    timings[name] = time.time() - t0
-    print(f"[{name}] done in {timings[name]:.0f}s", flush=True)
-
-
-def write_report(out: Path, timings: dict) -> str:
-    """report.md: one row per stage with the gold-rule evaluation on the same held-out prompts."""
-    rows = []
-    for stage in STAGES:
-        res_path = out / stage / "eval.json"
-        if stage == "rm":
-            scores = out / "rm" / "rm_scores.json"
-            if scores.exists():
-                acc = json.loads(scores.read_text()).get("eval_accuracy")
-                rows.append(f"| rm | {timings.get('rm', float('nan')):.0f} | | | | | | | | {acc:.3f} |")
-            continue
-        if not res_path.exists():
-            continue
-        r = json.loads(res_path.read_text())
-        fmt = lambda k: f"{r[k]:.3f}" if r.get(k) is not None else "-"
-        rows.append(f"| {stage} | {timings.get(stage, float('nan')):.0f} | {fmt('sampled/gold_score')} | {fmt('greedy/gold_score')} | "
-                    f"{fmt('sampled/kl_to_ref')} | {fmt('sampled/mean_length')} | {fmt('sampled/arith_acc')} | "
-                    f"{fmt('sampled/harmful_refusal_rate')} | {fmt('sampled/benign_over_refusal_rate')} | |")
-    table = "\n".join([
-        "| stage | wall s | gold (T=1) | gold (greedy) | KL to SFT | mean length | arith acc | harmful refused | benign over-refused | RM pair acc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ])
-    text = (f"# minialign pipeline report\n\nHeld-out prompts: data/rl_eval.jsonl (600); RM accuracy on data/pref_eval.jsonl (600 pairs). "
-            f"Wall time per stage as run now (nan: skipped because already done).\n\n{table}\n")
-    (out / "report.md").write_text(text)
-    return table
+    seconds = time.time() - t0
+    report.record_timing(out, name, seconds)
+    print(f"[{name}] done in {seconds:.0f}s: {summary(out, name)}".rstrip(": "), flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Run the whole minialign pipeline on the default task.")
     ap.add_argument("--out", default="out", help="output root; one folder per stage")
-    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="step counts (cpu: minutes on a laptop; tiny: seconds, for tests)")
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                    help="cpu: 0.9M model, minutes on a 2-core laptop; gpu: MiniMind 26M on a CUDA machine; tiny: seconds, for tests")
     ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run after the tokenizer (in this order)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     steps = PRESETS[args.preset]
     py = sys.executable
-    timings: dict = {}
     t0 = time.time()
     tok = str(out / "tokenizer/tokenizer.model")
     commands = {
@@ -109,11 +116,12 @@ def main(argv=None):
         "ppo": ["train_ppo.py", "--init_from", str(out / "sft"), "--reward_model", str(out / "rm")],
         "grpo": ["train_grpo.py", "--init_from", str(out / "sft")],
     }
-    run_stage("tokenizer", [py, "-m", "minialign.tokenizer", "--out", str(out / "tokenizer")], out, args.force, timings)
+    run_stage("tokenizer", [py, "-m", "minialign.tokenizer", "--out", str(out / "tokenizer")], out, args.force)
     for stage in args.stages:
-        run_stage(stage, [py, *commands[stage], "--out_dir", str(out / stage), *steps[stage]], out, args.force, timings)
-    table = write_report(out, timings)
-    print(f"\n{table}\n\npipeline finished in {time.time() - t0:.0f}s; report: {out / 'report.md'}")
+        run_stage(stage, [py, *commands[stage], "--out_dir", str(out / stage), *steps[stage]], out, args.force)
+    table = report.write_report(out)
+    print(f"\n{table}\n\npipeline finished in {time.time() - t0:.0f}s; report: {out / 'report.md'}"
+          + ("" if importlib.util.find_spec("matplotlib") else " (no plots: pip install matplotlib)"))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_config
 from minialign.data import tokenize_prompts
-from minialign.evaluate import evaluate_policy, sample
+from minialign.evaluate import evaluate_policy, gold_point, sample
 from minialign.formats import PromptRecord, load_pretrain
 from minialign.model import CausalLM
 
@@ -51,3 +51,23 @@ def test_tinyshakespeare_loads_as_pretraining_text():
     texts = load_pretrain(SHARED / "tinyshakespeare" / "input.txt")
     assert len(texts) > 1000 and sum(len(t) for t in texts) > 1_000_000 * 0.95
     assert texts[0].startswith("First Citizen:")
+
+
+def test_gold_point_is_the_sampled_half_of_evaluate_policy(tok):
+    """The gold-vs-KL points logged during training use the same samples (seed) as the final evaluation,
+    leave the model in training mode, and draw nothing from the global RNG (so resume stays exact)."""
+    torch.manual_seed(0)
+    policy = CausalLM(tiny_config(tok.vocab_size))
+    torch.manual_seed(1)
+    other = CausalLM(tiny_config(tok.vocab_size)).eval()
+    prompts = _prompts(tok)
+    full = evaluate_policy(policy.eval(), tok, prompts, max_new_tokens=8, ref_model=other)
+    policy.train()
+    rng = torch.get_rng_state()
+    point = gold_point(policy, tok, prompts, 8, other)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert policy.training
+    assert point["sampled/gold_score"] == full["sampled/gold_score"]
+    assert point["sampled/kl_to_ref"] == pytest.approx(full["sampled/kl_to_ref"], abs=1e-6)
+    assert point["sampled/mean_length"] == full["sampled/mean_length"]
+    assert "sampled/kl_to_ref" not in gold_point(policy, tok, prompts, 8, None)

@@ -1,14 +1,22 @@
-"""The main job in its miniature preset: every stage runs, writes its checkpoint, and the report has its row."""
+"""The main job in its miniature preset: every stage runs, writes its checkpoint, and the report has its row
+and its plots; the other presets' flags are all accepted by the stage scripts."""
 
+import importlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from minialign.pipeline import STAGES
+import pytest
+
+from minialign import engine, report
+from minialign.pipeline import PRESETS, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread, immune to a busy second core
+SCRIPTS = {"sft": "train_sft", "rm": "train_rm", "dpo": "train_dpo", "ppo": "train_ppo", "grpo": "train_grpo"}
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def test_pipeline_tiny(tmp_path):
@@ -17,15 +25,56 @@ def test_pipeline_tiny(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "tokenizer" / "tokenizer.model").exists()
-    report = (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    timings = json.loads((out / "timings.json").read_text())
     for stage in STAGES:
         for name in ("ckpt.pt", "metrics.jsonl", "config.json"):
             assert (out / stage / name).exists(), f"{stage}/{name} missing"
-        assert f"| {stage} |" in report, f"no {stage} row in the report"
+        assert f"| {stage} | {timings[stage]:.0f} |" in report_md, f"no {stage} row (with its wall time) in the report"
         if stage != "rm":
             assert (out / stage / "eval.json").exists()
-    # a second run skips the finished stages
+            assert f"[{stage}] done in" in proc.stdout and "sampled" in proc.stdout.split(f"[{stage}] done in")[1].splitlines()[0]
+    assert "held-out pair accuracy" in proc.stdout.split("[rm] done in")[1].splitlines()[0]
+    # the gold-vs-KL curve has a point logged during training (step 1 of 2 or 3), besides the final evaluation
+    for stage in ("dpo", "ppo", "grpo"):
+        rows = [json.loads(l) for l in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        gold_steps = [r["step"] for r in rows if "sampled/gold_score" in r and "sampled/kl_to_ref" in r]
+        assert gold_steps[0] == 1 and len(gold_steps) >= 2, (stage, gold_steps)
+    plots = ["training_curves.png", "rm_scores.png", "gold_per_stage.png", "gold_vs_kl.png"]
+    if HAS_MATPLOTLIB:
+        for name in plots:
+            assert (out / "plots" / name).stat().st_size > 1000, name
+            assert f"(plots/{name})" in report_md
+    else:
+        assert "No plots: matplotlib is not installed" in report_md
+    # a second run skips the finished stages and keeps their wall times in the report
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
     for stage in ("tokenizer", *STAGES):
         assert f"[{stage}] already done" in proc.stdout
+    assert json.loads((out / "timings.json").read_text()) == timings
+    assert (out / "report.md").read_text() == report_md
+
+
+def test_report_without_matplotlib_still_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "eval.json").write_text(json.dumps({"sampled/gold_score": 0.5, "greedy/gold_score": 0.75,
+                                                            "sampled/mean_length": 12.0, "n_prompts": 3}))
+    report.record_timing(tmp_path, "sft", 61.4)
+    table = report.write_report(tmp_path)
+    assert "| sft | 61 | 0.500 | 0.750 | - | 12.000 |" in table
+    text = (tmp_path / "report.md").read_text()
+    assert "No plots: matplotlib is not installed" in text and not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_flag_is_accepted_by_its_script(preset, monkeypatch):
+    """A typo in a preset (e.g. the GPU one, which no test here can run) fails now, not after an hour of SFT."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    for stage, flags in PRESETS[preset].items():
+        module = importlib.import_module(SCRIPTS[stage])
+        cfg = engine.parse_config(module.Config, flags)
+        for flag, value in zip(flags, flags[1:]):
+            if flag.startswith("--"):
+                assert str(getattr(cfg, flag[2:])) == value or getattr(cfg, flag[2:]) == type(getattr(cfg, flag[2:]))(value)

@@ -1,0 +1,217 @@
+"""The pipeline's report: a Markdown table of every stage's evaluation, and plots when matplotlib is installed.
+
+    python -m minialign.report --out out        # (re)write out/report.md and out/plots/*.png from a finished run
+
+Everything is read back from what the stages wrote into their folders, so the report can be rebuilt
+at any time: out/<stage>/eval.json (gold-rule evaluation on the held-out prompts), out/<stage>/metrics.jsonl
+(training curves, and with --gold_eval_every the gold-vs-KL points), out/rm/rm_scores.json (reward-model
+scores of the held-out chosen and rejected responses) and out/timings.json (wall seconds per stage).
+
+Plots (out/plots/):
+  training_curves.png   per stage, what it minimizes and what it is after (SFT loss; RM loss and pair
+                        accuracy; DPO loss and reward margin; PPO reward-model score and KL; GRPO rule reward)
+  rm_scores.png         reward-model scores of held-out chosen vs rejected responses
+  gold_per_stage.png    gold score (sampled at T=1 and greedy) of every policy on the same prompts
+  gold_vs_kl.png        gold score against KL(policy || SFT) as DPO, PPO and GRPO train: what each
+                        method buys per nat of drift from the SFT model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
+COLORS = {"sft": "tab:gray", "dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green"}
+
+# (metric key, axis label) per stage: left panel = what the stage minimizes, right = what it is after
+CURVES = {
+    "sft": [("loss", "token NLL (assistant tokens)"), ("grad_norm", "gradient norm")],
+    "rm": [("loss", "Bradley-Terry loss"), ("accuracy", "pair accuracy (train batch)")],
+    "dpo": [("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected)")],
+    "ppo": [("objective/scores", "reward-model score"), ("objective/kl", "KL to SFT (per response)")],
+    "grpo": [("reward", "rule reward (gold)"), ("completions/mean_length", "mean response length")],
+}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_timings(out: Path) -> dict:
+    return read_json(out / "timings.json") or {}
+
+
+def record_timing(out: Path, stage: str, seconds: float):
+    """out/timings.json keeps each stage's wall time from the run that produced it (skips keep the old one)."""
+    timings = load_timings(out)
+    timings[stage] = round(seconds, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+
+
+def table(out: Path) -> str:
+    """One row per stage that has results: wall time, gold sampled/greedy, KL, length, task rates, RM accuracy."""
+    timings = load_timings(out)
+    wall = lambda s: f"{timings[s]:.0f}" if s in timings else "-"  # noqa: E731
+    rows = []
+    for stage in STAGES:
+        if stage == "rm":
+            scores = read_json(out / "rm" / "rm_scores.json")
+            if scores is not None:
+                rows.append(f"| rm | {wall('rm')} | | | | | | | | {scores['eval_accuracy']:.3f} |")
+            continue
+        r = read_json(out / stage / "eval.json")
+        if r is None:
+            continue
+        fmt = lambda k: f"{r[k]:.3f}" if r.get(k) is not None else "-"  # noqa: E731
+        rows.append(f"| {stage} | {wall(stage)} | {fmt('sampled/gold_score')} | {fmt('greedy/gold_score')} | "
+                    f"{fmt('sampled/kl_to_ref')} | {fmt('sampled/mean_length')} | {fmt('sampled/arith_acc')} | "
+                    f"{fmt('sampled/harmful_refusal_rate')} | {fmt('sampled/benign_over_refusal_rate')} | |")
+    return "\n".join([
+        "| stage | wall s | gold (T=1) | gold (greedy) | KL to SFT | mean length | arith acc | harmful refused | benign over-refused | RM pair acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+
+
+def gold_vs_kl_points(out: Path, stage: str) -> list[tuple[float, float]]:
+    """(KL to SFT, sampled gold) from the stage's metrics: the --gold_eval_every points and the final evaluation."""
+    pts = [(r["sampled/kl_to_ref"], r["sampled/gold_score"]) for r in read_metrics(out / stage / "metrics.jsonl")
+           if r.get("sampled/kl_to_ref") is not None and r.get("sampled/gold_score") is not None]
+    return pts
+
+
+def write_plots(out: Path) -> list[str]:
+    """Write out/plots/*.png; returns the file names written ([] without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from .reward import save_histogram
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    # training curves: one row per stage that has metrics
+    stages = [s for s in STAGES if read_metrics(out / s / "metrics.jsonl")]
+    if stages:
+        fig, axes = plt.subplots(len(stages), 2, figsize=(10, 2.4 * len(stages)), squeeze=False)
+        for row, stage in zip(axes, stages):
+            metrics = read_metrics(out / stage / "metrics.jsonl")
+            for ax, (key, label) in zip(row, CURVES[stage]):
+                pts = [(r["step"], r[key]) for r in metrics if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+                if pts:
+                    ax.plot(*zip(*pts), color=COLORS.get(stage, "tab:purple"), label="train")
+                eval_key = f"eval_{key}"
+                eval_pts = [(r["step"], r[eval_key]) for r in metrics if isinstance(r.get(eval_key), (int, float))]
+                if eval_pts:
+                    ax.plot(*zip(*eval_pts), "o--", color="black", label="held-out")
+                    ax.legend(fontsize=7)
+                ax.set_title(f"{stage}: {label}", fontsize=9)
+                ax.set_xlabel("step", fontsize=8)
+                ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        fig.savefig(plots / "training_curves.png", dpi=90)
+        plt.close(fig)
+        written.append("training_curves.png")
+
+    scores = read_json(out / "rm" / "rm_scores.json")
+    if scores and scores.get("chosen"):
+        title = f"reward model on held-out pairs: accuracy {scores['eval_accuracy']:.3f}"
+        if save_histogram(scores["chosen"], scores["rejected"], plots / "rm_scores.png", title):
+            written.append("rm_scores.png")
+
+    evals = {s: read_json(out / s / "eval.json") for s in POLICY_STAGES}
+    evals = {s: r for s, r in evals.items() if r is not None}
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = list(evals)
+        xs = range(len(names))
+        sampled = [evals[s]["sampled/gold_score"] for s in names]
+        greedy = [evals[s]["greedy/gold_score"] for s in names]
+        ax.bar([x - 0.2 for x in xs], sampled, 0.4, label="sampled (T=1)", color=[COLORS[s] for s in names])
+        ax.bar([x + 0.2 for x in xs], greedy, 0.4, label="greedy", color=[COLORS[s] for s in names], alpha=0.45)
+        for x, v in zip(xs, sampled):
+            ax.text(x - 0.2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+        ax.set_xticks(list(xs), names)
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel("gold score (held-out prompts)")
+        ax.set_title("gold score per stage (solid: T=1, pale: greedy)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(plots / "gold_per_stage.png", dpi=90)
+        plt.close(fig)
+        written.append("gold_per_stage.png")
+
+    curves = {s: gold_vs_kl_points(out, s) for s in ("dpo", "ppo", "grpo")}
+    curves = {s: p for s, p in curves.items() if p}
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sft_gold = evals["sft"]["sampled/gold_score"] if "sft" in evals else None
+        if sft_gold is not None:
+            ax.plot([0], [sft_gold], "s", color=COLORS["sft"], label="sft", markersize=8)
+        for stage, pts in curves.items():
+            if sft_gold is not None:
+                pts = [(0.0, sft_gold), *pts]
+            ax.plot(*zip(*pts), "o-", color=COLORS[stage], label=stage, markersize=4)
+            ax.plot(*pts[-1], "*", color=COLORS[stage], markersize=14)
+        ax.set_xlabel("KL(policy || SFT) per response, nats")
+        ax.set_ylabel("gold score sampled at T=1")
+        ax.set_title("gold score vs drift from SFT (star: final evaluation)", fontsize=10)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plots / "gold_vs_kl.png", dpi=90)
+        plt.close(fig)
+        written.append("gold_vs_kl.png")
+    return written
+
+
+def write_report(out: Path) -> str:
+    """Write out/report.md (table + plots); returns the table."""
+    out = Path(out)
+    tab = table(out)
+    plots = write_plots(out)
+    eval_json = read_json(out / "sft" / "eval.json") or read_json(out / "dpo" / "eval.json") or {}
+    n_prompts = eval_json.get("n_prompts", "?")
+    parts = [
+        "# minialign pipeline report\n",
+        f"Every policy is evaluated on the same {n_prompts} held-out prompts (data/rl_eval.jsonl) with the default task's "
+        "gold rule, sampled at temperature 1 and greedily; KL to SFT is the mean per-response sum of "
+        "log pi - log pi_SFT over the temperature-1 samples. RM accuracy is on the held-out pairs (data/pref_eval.jsonl). "
+        "Wall seconds are from the run that produced each stage.\n",
+        tab + "\n",
+    ]
+    if plots:
+        captions = {"training_curves.png": "Training curves", "rm_scores.png": "Reward-model scores, held-out chosen vs rejected",
+                    "gold_per_stage.png": "Gold score per stage", "gold_vs_kl.png": "Gold score against KL to the SFT model"}
+        for name in plots:
+            parts.append(f"## {captions[name]}\n\n![{captions[name]}](plots/{name})\n")
+    else:
+        parts.append("(No plots: matplotlib is not installed. `pip install matplotlib`, then `python -m minialign.report --out "
+                     f"{out}` draws them from this run.)\n")
+    (out / "report.md").write_text("\n".join(parts))
+    return tab
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Write report.md and plots from a pipeline output folder.")
+    ap.add_argument("--out", default="out", help="the pipeline's output root")
+    args = ap.parse_args(argv)
+    print(write_report(Path(args.out)))
+    print(f"report: {Path(args.out) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
