@@ -125,6 +125,8 @@ def check_config(cfg):
         problems.append("--init_from is required: the policy starts from, and the reference is, an SFT checkpoint")
     if cfg.beta < 0:
         problems.append(f"--beta={cfg.beta} must be > 0 (or 0 for the loss type's default)")
+    if not (0 <= cfg.label_smoothing <= 0.5 and (cfg.loss_type != "robust" or cfg.label_smoothing < 0.5)):
+        problems.append(f"--label_smoothing={cfg.label_smoothing} must be in [0, 0.5] ([0, 0.5) for robust): the assumed rate of flipped labels")
     if cfg.unpaired_data and cfg.loss_type != "kto":
         problems.append("--unpaired_data is for --loss_type kto only")
     if cfg.precompute_ref and cfg.loss_type in REFERENCE_FREE:

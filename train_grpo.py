@@ -43,7 +43,7 @@ from minialign.evaluate import evaluate_policy, format_result, gold_point, load_
 from minialign.formats import load_prompts
 from minialign.generation import response_logps
 from minialign.losses import GRPO_LOSS_TYPES, GROUP_SCALES, group_advantages, grpo_loss
-from minialign.rewards import check_fields, compute_rewards, parse_reward_funcs
+from minialign.rewards import MissingFieldError, check_fields, compute_rewards, parse_reward_funcs
 from minialign.rollout import (all_gather_rows, all_reduce_max, micro_batches, reward_fields, reward_model_scores,
                                rollout_logps, sample_rollout, step_prompt_indices)
 from minialign.tokenizer import Tokenizer
@@ -91,10 +91,12 @@ def check_config(cfg, rt):
         (cfg.prompts_per_generate >= 0, "--prompts_per_generate must be >= 0"),
         (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
         (cfg.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
+        (cfg.max_new_tokens < cfg.max_len, f"--max_new_tokens={cfg.max_new_tokens} must be < --max_len={cfg.max_len} (prompts get the difference)"),
+        (cfg.prompts_per_step >= rt.world_size, f"--prompts_per_step={cfg.prompts_per_step} must be >= the {rt.world_size} rank(s)"),
         (cfg.temperature > 0, "--temperature must be > 0 (the policy gradient needs sampled log-probs)"),
         (cfg.loss_type in GRPO_LOSS_TYPES, f"--loss_type must be one of {GRPO_LOSS_TYPES}"),
         (cfg.scale_rewards in GROUP_SCALES, f"--scale_rewards must be one of {GROUP_SCALES}"),
-        (cfg.epsilon_low >= 0 and cfg.epsilon_high >= 0, "--epsilon_low/--epsilon_high must be >= 0"),
+        (0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0, "--epsilon_low must be in [0, 1) and --epsilon_high >= 0"),
         (cfg.beta >= 0, "--beta must be >= 0"),
         (cfg.grad_accum == 1, "--grad_accum is not used by GRPO: a step's micro-batches follow from prompts_per_step x num_generations / micro_batch_size"),
         (("reward_model" in cfg.reward_funcs) == bool(cfg.reward_model), "--reward_model PATH and 'reward_model' in --reward_funcs go together"),
@@ -268,8 +270,16 @@ def main(argv=None):
 
     # ---- data: prompts fit max_len together with the generation budget
     stats = {}
-    prompts = tokenize_prompts(load_prompts(cfg.data), tok, cfg.max_len - cfg.max_new_tokens, stats)
-    check_fields(sources, prompts)
+    records = load_prompts(cfg.data)
+    try:  # before any training: every prompt line has the fields its reward functions read
+        check_fields(sources, [{"prompt_text": r.prompt[-1]["content"], **r.fields} for r in records],
+                     locations=[f"{cfg.data}:{r.line}" for r in records])
+    except MissingFieldError as e:
+        raise SystemExit(f"train_grpo.py: error: {e}") from None
+    prompts = tokenize_prompts(records, tok, cfg.max_len - cfg.max_new_tokens, stats)
+    if not prompts:
+        raise SystemExit(f"train_grpo.py: error: none of the {len(records)} prompts in {cfg.data} fits in --max_len - --max_new_tokens "
+                         f"= {cfg.max_len - cfg.max_new_tokens} tokens")
     share = cfg.prompts_per_step // rt.world_size
     rows = share * cfg.num_generations
     engine.print0(rt, f"data: {len(prompts)} prompts (dropped {stats.get('dropped_prompt_too_long', 0)} longer than "

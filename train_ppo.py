@@ -75,7 +75,7 @@ from minialign.evaluate import evaluate_policy, format_result, gold_point, load_
 from minialign.formats import load_prompts
 from minialign.generation import response_logps
 from minialign.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
-from minialign.rewards import check_fields, compute_rewards, parse_reward_funcs
+from minialign.rewards import MissingFieldError, check_fields, compute_rewards, parse_reward_funcs
 from minialign.rollout import (all_gather_rows, all_reduce_max, micro_batches, reward_fields, reward_model_scores,
                                rollout_logps, sample_rollout, step_prompt_indices)
 from minialign.tokenizer import Tokenizer
@@ -130,6 +130,8 @@ def check_config(cfg, rt):
         (cfg.num_ppo_epochs >= 1, "--num_ppo_epochs must be >= 1"),
         (cfg.prompts_per_generate >= 0, "--prompts_per_generate must be >= 0"),
         (cfg.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
+        (cfg.max_new_tokens < cfg.max_len, f"--max_new_tokens={cfg.max_new_tokens} must be < --max_len={cfg.max_len} (prompts get the difference)"),
+        (cfg.prompts_per_step >= rt.world_size, f"--prompts_per_step={cfg.prompts_per_step} must be >= the {rt.world_size} rank(s)"),
         (cfg.temperature > 0, "--temperature must be > 0 (the policy gradient needs sampled log-probs)"),
         (cfg.kl_estimator in ("k1", "k3"), "--kl_estimator must be k1 or k3"),
         (cfg.kl_coef >= 0 and cfg.missing_eos_penalty >= 0 and cfg.vf_coef >= 0 and cfg.target_kl >= 0,
@@ -394,8 +396,16 @@ def main(argv=None):
 
     # ---- data: prompts fit max_len together with the generation budget
     stats = {}
-    prompts = tokenize_prompts(load_prompts(cfg.data), tok, cfg.max_len - cfg.max_new_tokens, stats)
-    check_fields(sources, prompts)
+    records = load_prompts(cfg.data)
+    try:  # before any training: every prompt line has the fields its reward functions read
+        check_fields(sources, [{"prompt_text": r.prompt[-1]["content"], **r.fields} for r in records],
+                     locations=[f"{cfg.data}:{r.line}" for r in records])
+    except MissingFieldError as e:
+        raise SystemExit(f"train_ppo.py: error: {e}") from None
+    prompts = tokenize_prompts(records, tok, cfg.max_len - cfg.max_new_tokens, stats)
+    if not prompts:
+        raise SystemExit(f"train_ppo.py: error: none of the {len(records)} prompts in {cfg.data} fits in --max_len - --max_new_tokens "
+                         f"= {cfg.max_len - cfg.max_new_tokens} tokens")
     share = cfg.prompts_per_step // rt.world_size
     engine.print0(rt, f"data: {len(prompts)} prompts (dropped {stats.get('dropped_prompt_too_long', 0)} longer than "
                       f"{cfg.max_len - cfg.max_new_tokens} tokens); an iteration = {cfg.prompts_per_step} responses ({share} per rank), "

@@ -110,6 +110,8 @@ def check_margins(examples: list[dict], path: str):
 
 def main(argv=None):
     cfg = engine.parse_config(Config, argv)
+    if cfg.center_coef < 0:
+        raise SystemExit(f"train_rm.py: error: --center_coef={cfg.center_coef} must be >= 0")
     cfg.out_dir = cfg.out_dir or "out/rm"
     rt = engine.setup_runtime(cfg)
     if rt.is_main:

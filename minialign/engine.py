@@ -120,6 +120,12 @@ def validate_config(cfg):
         ("warmup_steps", lambda v: v >= 0, "must be >= 0"),
         ("min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         ("max_grad_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
+        ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+        ("eval_every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+        ("eval_prompts", lambda v: v >= 0, "must be >= 0 (0 = all)"),
+        ("gold_eval_every", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+        ("gold_eval_prompts", lambda v: v >= 1, "must be >= 1"),
+        ("max_new_tokens", lambda v: v >= 1, "must be >= 1"),
         ("max_len", lambda v: v >= 8, "must be >= 8"),
         ("stop_after_steps", lambda v: v >= 0, "must be >= 0"),
         ("save_every", lambda v: v >= 1, "must be >= 1"),
@@ -551,8 +557,10 @@ class MetricsLog:
         self.enabled = rt.is_main
         self.t0 = time.time()
         if self.enabled and resume_step is not None and self.path.exists():
-            # drop lines logged after the checkpoint we resume from: they will be logged again
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            # drop lines logged after the checkpoint we resume from (they will be logged again), and a
+            # last line cut short by the kill (no newline: it was being written)
+            lines = [l for l in self.path.read_text().splitlines(keepends=True) if l.endswith("\n") and l.strip()]
+            keep = [l.rstrip("\n") for l in lines if json.loads(l).get("step", 0) <= resume_step]
             self.path.write_text("".join(l + "\n" for l in keep))
         elif self.enabled and resume_step is None and self.path.exists():
             self.path.unlink()

@@ -98,6 +98,7 @@ class PreferencePair:
 class PromptRecord:
     prompt: list[Message]  # ends with a user turn
     fields: dict = field(default_factory=dict)  # every other key, passed on to reward functions
+    line: int | None = field(default=None, compare=False)  # line number in the file it came from
 
 
 @dataclass
@@ -263,13 +264,14 @@ def _unknown_format(obj: dict, kind: str, key_sets: list[str]) -> _Invalid:
 
 
 def _load(path: str | Path, parse: Callable[[dict, Counter], object], stats: dict | None,
-          counters: tuple[str, ...]) -> list:
+          counters: tuple[str, ...], with_lines: bool = False) -> list:
     """Parse every record of `path`; `parse(obj, counts)` returns a record, raises _Invalid
     (-> DataError) or _Skip, and may bump counts[...] for records it keeps but changes."""
     records, counts, first_skip_line = [], Counter(), {}
     for line_no, obj in read_jsonl(path):
         try:
-            records.append(parse(obj, counts))
+            rec = parse(obj, counts)
+            records.append((rec, line_no) if with_lines else rec)
         except _Invalid as e:
             raise DataError(path, line_no, str(e)) from None
         except _Skip as e:
@@ -506,7 +508,10 @@ def _parse_prompt(obj: dict, counts: Counter) -> PromptRecord:
 def load_prompts(path: str | Path, stats: dict | None = None) -> list[PromptRecord]:
     """RL prompts ending with a user turn. From {"messages"}, a final assistant turn is dropped
     (counted as dropped_final_assistant). GSM8K lines get fields["gold_answer"]."""
-    return _load(path, _parse_prompt, stats, ("dropped_final_assistant",))
+    records = _load(path, _parse_prompt, stats, ("dropped_final_assistant",), with_lines=True)
+    for rec, line_no in records:
+        rec.line = line_no
+    return [rec for rec, _ in records]
 
 
 # ---------------------------------------------------------------------------------------------

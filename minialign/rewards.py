@@ -152,11 +152,12 @@ class MissingFieldError(ValueError):
     pass
 
 
-def check_fields(sources: list[RewardSource], rows: list[dict], provided: tuple[str, ...] = ROLLOUT_FIELDS) -> None:
+def check_fields(sources: list[RewardSource], rows: list[dict], provided: tuple[str, ...] = ROLLOUT_FIELDS,
+                 locations: list[str] | None = None) -> None:
     """Raise MissingFieldError if some row lacks a field that a reward function needs.
 
     rows: one dict per prompt (or per completion) holding its fields; `provided` names fields the
-    trainer adds itself (the rollout fields).
+    trainer adds itself (the rollout fields); locations: optional "file:line" of each row, for the message.
     """
     for src in sources:
         if src.fn is None:
@@ -168,7 +169,8 @@ def check_fields(sources: list[RewardSource], rows: list[dict], provided: tuple[
                 if name not in row:
                     shown = {k: v for k, v in row.items() if k not in ("prompt_ids", "messages")}
                     raise MissingFieldError(
-                        f"reward function {src.name!r} needs the field {name!r}, but prompt {i} has none "
+                        f"reward function {src.name!r} needs the field {name!r}, but "
+                        f"{locations[i] if locations else f'prompt {i}'} has none "
                         f"(its fields: {sorted(shown)}; e.g. {str(shown.get('prompt_text', ''))[:60]!r}). "
                         f"Add {name!r} to every line of the prompt file, or choose other --reward_funcs.")
 

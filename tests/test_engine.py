@@ -283,5 +283,10 @@ def test_metrics_log_resume_drops_lines_after_the_checkpoint(tmp_path, capsys):
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30] and rows[-1]["loss"] == "nan"
 
+    with open(path, "a") as f:  # killed while writing a line: the partial line is dropped on resume
+        f.write('{"step": 40, "loss": 0.0')
+    engine.MetricsLog(tmp_path, rt, resume_step=30)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [10, 20, 30]
+
     engine.MetricsLog(tmp_path, rt)  # a fresh (not resumed) run starts a new log
     assert not path.exists()
