@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["minialign", "minialign.*"]),
     python_requires=">=3.9",
     # torch is pinned loosely on purpose: install the CPU wheel first (see .ci/run) and pip keeps it.
-    install_requires=["torch>=2.1", "numpy", "sentencepiece", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "sentencepiece", "tqdm"],
     extras_require={
         "dev": ["pytest", "matplotlib"],  # matplotlib: so the tests also draw the report's plots
         "plots": ["matplotlib"],

@@ -13,6 +13,10 @@ Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.losses.grpo
      update: logged as ratio/first_iteration_max_abs_dev) and π_ref is the SFT model, built only when
      β > 0. The reduction over tokens is `--loss_type` (grpo | dapo | dr_grpo), normalized by the
      count of the WHOLE step over micro-batches and ranks (see `grpo_loss_sum`).
+Speed: each prompt is prefilled once for its G samples, and the training forwards (policy, and the
+reference when β > 0) pack a prompt's G responses into one row [x | y_1 | ... | y_G] (`--layout
+shared_prompt`, minialign.rollout.group_logps), so the prompt is computed once, not G times; the
+log-probs equal the one-row-per-response layout's (`--layout rows`) to float error.
 A group whose rewards are all equal has zero advantages; when every group is like that (and β = 0)
 there is nothing to learn and the update is skipped (logged as update_skipped), rather than letting
 Adam's momentum move the weights on a zero gradient. Responses cut off at max_new_tokens get no loss
@@ -41,10 +45,9 @@ from minialign.data import tokenize_prompts
 from minialign.engine import TrainConfig, knob
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.formats import load_prompts
-from minialign.generation import response_logps
 from minialign.losses import GRPO_LOSS_TYPES, GROUP_SCALES, group_advantages, grpo_loss
 from minialign.rewards import MissingFieldError, check_fields, compute_rewards, parse_reward_funcs
-from minialign.rollout import (all_gather_rows, all_reduce_max, micro_batches, reward_fields, reward_model_scores,
+from minialign.rollout import (all_gather_rows, all_reduce_max, micro_batches, policy_logps, reward_fields, reward_model_scores,
                                rollout_logps, sample_rollout, step_prompt_indices)
 from minialign.tokenizer import Tokenizer
 
@@ -73,7 +76,9 @@ class Config(TrainConfig):
     max_steps: int = knob(150, "optimizer steps (= rollouts; each does num_iterations updates)")
     lr: float = knob(5e-4, "peak learning rate (measured on the default task: 1e-3 drifts further from SFT and scores lower)")
     warmup_steps: int = knob(5, "linear warmup steps")
-    micro_batch_size: int = knob(64, "sequences (prompt + response) per forward pass per rank")
+    micro_batch_size: int = knob(64, "sequences (prompt + response) per forward pass per rank (shared_prompt: whole groups, at least one)")
+    layout: str = knob("shared_prompt", "training forward: shared_prompt (a prompt's G responses packed in one row [x | y_1 | ... | y_G], "
+                                         "the prompt computed once; minialign.rollout.group_logps) | rows (one row [x y_i] per response)")
     log_every: int = knob(5, "log metrics every N steps")
     eval_data: str = knob("data/rl_eval.jsonl", "held-out prompts scored by the default task's gold rule ('' = no eval)")
     eval_prompts: int = knob(600, "how many held-out prompts to evaluate at the end")
@@ -95,6 +100,7 @@ def check_config(cfg, rt):
         (cfg.prompts_per_step >= rt.world_size, f"--prompts_per_step={cfg.prompts_per_step} must be >= the {rt.world_size} rank(s)"),
         (cfg.temperature > 0, "--temperature must be > 0 (the policy gradient needs sampled log-probs)"),
         (cfg.loss_type in GRPO_LOSS_TYPES, f"--loss_type must be one of {GRPO_LOSS_TYPES}"),
+        (cfg.layout in ("shared_prompt", "rows"), "--layout must be shared_prompt or rows"),
         (cfg.scale_rewards in GROUP_SCALES, f"--scale_rewards must be one of {GROUP_SCALES}"),
         (0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0, "--epsilon_low must be in [0, 1) and --epsilon_high >= 0"),
         (cfg.beta >= 0, "--beta must be >= 0"),
@@ -126,8 +132,8 @@ def grpo_loss_sum(model, batch, cfg):
     per-token clipped objective + β k3, and S, T are over the step. The metrics (clip ratios, kl) are
     returned as sums over tokens; the caller rescales them to token means.
     """
-    logps = response_logps(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"],
-                           cfg.temperature)  # (b, n) float32, same temperature as the sampler
+    group = cfg.num_generations if cfg.layout == "shared_prompt" else 0
+    logps = policy_logps(model, batch, cfg.temperature, group)  # (b, n) float32, same temperature as the sampler
     normalizer = cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else 1
     loss_sum, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], batch["loss_mask"],
                                   cfg.epsilon_low, cfg.epsilon_high, cfg.beta, cfg.loss_type, cfg.max_new_tokens, normalizer)
@@ -152,6 +158,7 @@ def grpo_step(model, ref_model, reward_model, optimizer, scaler, prompts, source
         ro = sample_rollout(policy, tok, prompts, G, cfg.max_new_tokens, cfg.temperature, cfg.seed, step,
                             first_prompt=rt.rank * len(prompts), prompts_per_generate=cfg.prompts_per_generate)
     B = len(ro.rows)
+    group = G if cfg.layout == "shared_prompt" else 0  # > 0: the training forward packs each prompt's G responses
 
     # ---- 2. rewards: each source unweighted, then gathered so advantages and metrics are global
     texts, fields = reward_fields(ro)
@@ -175,12 +182,17 @@ def grpo_step(model, ref_model, reward_model, optimizer, scaler, prompts, source
                "response_mask": ro.response_mask, "loss_mask": loss_mask, "old_logps": ro.logps, "advantages": local_adv}
     if ref_model is not None:
         with rt.autocast():
-            tensors["ref_logps"] = rollout_logps(ref_model, ro, cfg.temperature, cfg.micro_batch_size)  # (B, N)
-    order = None
-    if cfg.group_by_length:  # similar total lengths together: less padding, same loss
+            tensors["ref_logps"] = rollout_logps(ref_model, ro, cfg.temperature, cfg.micro_batch_size, group)  # (B, N)
+    order, rows_per_batch = None, cfg.micro_batch_size
+    if group:  # micro-batches of whole groups; similar packed lengths together
+        rows_per_batch = max(1, cfg.micro_batch_size // G) * G
+        if cfg.group_by_length:
+            packed_len = (ro.prompt_mask.sum(-1) + ro.lengths).view(-1, G).sum(-1).tolist()
+            order = [g * G + j for g in sorted(range(B // G), key=lambda g: packed_len[g]) for j in range(G)]
+    elif cfg.group_by_length:  # similar total lengths together: less padding, same loss
         total_len = (ro.prompt_mask.sum(-1) + ro.lengths).tolist()
         order = sorted(range(B), key=lambda i: total_len[i])
-    batches = micro_batches(tensors, cfg.micro_batch_size, order)
+    batches = micro_batches(tensors, rows_per_batch, order)
 
     # ---- 4. num_iterations updates on this rollout
     n_units = engine.all_reduce_sum(sum(float(count_units(b, cfg.loss_type)) for b in batches), rt)

@@ -1,7 +1,8 @@
 """GRPO seconds per step and sampling new-tokens/s on the minimind-26m preset (a benchmark, not a test).
 
 GRPO step: exactly what train_grpo.py does each step (`train_grpo.grpo_step`: KV-cache rollout, rewards,
-group advantages, reference log-probs when beta > 0, one update), on a randomly initialized model,
+group advantages, reference log-probs when beta > 0, one update), on a randomly initialized model, in both
+training layouts (rows: one row per response; shared_prompt: a prompt's G responses packed in one row),
 8 prompts x G=4 responses, 64-token prompts, 32 new tokens. A random model rarely emits <|im_end|>, so
 here eos is disabled and every response is the full 32 tokens (the worst case); rewards are random
 numbers so that every group has a signal and the update is never skipped. Median over timed steps.
@@ -43,11 +44,11 @@ def random_reward(seed):
     return lambda prompts, completions, **fields: [rng.random() for _ in completions]
 
 
-def bench_grpo_step(model, beta, args, device, dtype) -> float:
+def bench_grpo_step(model, beta, layout, args, device, dtype) -> float:
     rt = engine.Runtime(device, dtype)
     cfg = train_grpo.Config(init_from="bench", prompts_per_step=args.prompts, num_generations=args.G, max_new_tokens=args.new_tokens,
                             beta=beta, micro_batch_size=args.prompts * args.G, lr=1e-5, max_len=args.prompt_len + args.new_tokens,
-                            mask_truncated_completions=False)  # every response is truncated here; they must still train
+                            mask_truncated_completions=False, layout=layout)  # every response is truncated here; they must still train
     ref = CausalLM(model.cfg).to(device).eval().requires_grad_(False) if beta > 0 else None
     if ref is not None:
         ref.load_state_dict(model.state_dict())
@@ -108,9 +109,10 @@ def main():
     model = CausalLM(model_config(args.preset)).to(device)
     print(f"{args.preset}: {model.num_params() / 1e6:.2f}M parameters")
     for beta in (0.0, 0.04):
-        s = bench_grpo_step(model, beta, args, device, dtype)
-        print(f"GRPO step, beta={beta:g}: {s:.2f} s/step  ({args.prompts} prompts x G={args.G}, {args.prompt_len}-token prompts, "
-              f"{args.new_tokens} new tokens, median of {args.steps})")
+        for layout in ("rows", "shared_prompt"):
+            s = bench_grpo_step(model, beta, layout, args, device, dtype)
+            print(f"GRPO step, beta={beta:g}, layout {layout}: {s:.2f} s/step  ({args.prompts} prompts x G={args.G}, "
+                  f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, median of {args.steps})")
     tps = bench_generate(model, args, device)
     print(f"generation: {tps:.0f} new tokens/s  (batch {args.gen_batch} x ({args.prompt_len} prompt + {args.gen_new_tokens} new), temperature 1)")
 

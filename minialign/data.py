@@ -104,6 +104,20 @@ def tokenize_prompts(records: list[PromptRecord], tok: Tokenizer, max_prompt_len
     return out
 
 
+def segment_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, T, T) bool attention mask for packed rows [prompt | response | response ...].
+
+    segment: 0 = the shared prompt, k >= 1 = the k-th response, -1 = padding. A query attends to an
+    earlier-or-same key that is in the prompt or in its own response (so responses never see each
+    other); a pad attends to itself only (so no softmax row is empty). True = may attend.
+    """
+    T = segment.shape[1]
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
+    mask = causal[None] & (seg_q >= 0) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    return mask | torch.eye(T, dtype=torch.bool, device=segment.device)[None]
+
+
 def pad_right(seqs: list[list[int]], pad_value) -> torch.Tensor:
     T = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [pad_value] * (T - len(s)) for s in seqs])

@@ -54,11 +54,15 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    num_samples: int = 1,
 ) -> Generation:
     """Sample continuations of left-padded prompts.
 
     prompt_ids (B, P) long, left-padded; prompt_mask (B, P) bool, True = real token.
     `model` is a CausalLM (unwrap DDP first). Deterministic for a given `generator` state.
+    num_samples: continuations per prompt (GRPO's group). Each prompt is prefilled once and its KV
+    cache copied; the result has B * num_samples rows, prompt b's samples in rows b*n .. b*n + n - 1,
+    the same rows (and random draws) as prompts repeated n times with num_samples=1.
     """
     if prompt_mask.dtype != torch.bool:
         raise TypeError("prompt_mask must be torch.bool (True = real token)")
@@ -71,6 +75,10 @@ def generate(
     param = next(model.parameters())
     cache = KVCache(model.cfg, B, P + max_new_tokens, device, param.dtype)
     logits = model(prompt_ids, prompt_mask, kv_cache=cache, logits_to_keep=1)[:, -1].float()  # (B, V)
+    if num_samples > 1:
+        cache.repeat_rows(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        B = B * num_samples
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)

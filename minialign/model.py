@@ -135,6 +135,12 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    def repeat_rows(self, n: int):
+        """Each row becomes n consecutive rows: a prompt prefilled once serves n samples."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.key_mask = self.key_mask.repeat_interleave(n, dim=0)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import pad_right, tokenize_preferences
+from .data import pad_right, segment_attention_mask, tokenize_preferences
 from .formats import PreferencePair, UnpairedRecord
 from .losses import IGNORE_INDEX, sequence_logps, token_logps
 
@@ -130,11 +130,7 @@ def collate_pairs_shared_prompt(examples: list[dict], pad_id: int) -> dict:
         chosen_labels[b, P - 1 : P + C - 1] = torch.tensor(yc)  # c_j predicted from column P - 1 + j
         rejected_labels[b, P - 1] = yr[0]  # r_0 predicted from the last prompt column
         rejected_labels[b, P + C : P + C + R - 1] = torch.tensor(yr[1:], dtype=torch.long)  # r_j from column P + C + j - 1
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    # a real query sees an earlier (causal) real key that is prompt or in the query's own response
-    attention_mask = causal[None] & (seg_q >= 0) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))  # (B, T, T)
-    attention_mask |= torch.eye(T, dtype=torch.bool)[None]  # pads attend to themselves (no empty softmax row)
+    attention_mask = segment_attention_mask(segment)  # (B, T, T): prompt + own response, causal; pads see themselves
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

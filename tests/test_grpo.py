@@ -187,6 +187,87 @@ def test_reward_model_scores_each_unpadded_sequence_at_its_last_token():
     torch.testing.assert_close(batched, torch.stack(alone), rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------- shared-prompt training forward, prefill-once sampling
+
+def test_pack_groups_matches_the_docstring_diagram():
+    """Prompt [x0 x1], responses of 2, 1 and 2 tokens: columns, positions, segments, and who predicts whom."""
+    from minialign.rollout import pack_groups
+    x0, x1, a0, a1, b0, c0, c1 = 11, 12, 21, 22, 31, 41, 42
+    prompt_ids = torch.tensor([[0, x0, x1]] * 3)  # left-padded by one
+    prompt_mask = torch.tensor([[False, True, True]] * 3)
+    response_ids = torch.tensor([[a0, a1], [b0, 0], [c0, c1]])
+    response_mask = torch.tensor([[True, True], [True, False], [True, True]])
+    p = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, group_size=3)
+    assert p["input_ids"].tolist() == [[x0, x1, a0, a1, b0, c0, c1]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3]]
+    head_columns = p["head_mask"][0].nonzero().flatten().tolist()
+    assert head_columns == [1, 2, 5]  # x1 predicts a0, b0, c0; a0 predicts a1; c0 predicts c1
+    predictor = [[head_columns[int(i)] for i in row] for row in p["source"]]
+    assert predictor[0] == [1, 2] and predictor[1][0] == 1 and predictor[2] == [1, 5]
+    am = p["attention_mask"][0]
+    assert am[4].tolist() == [True, True, False, False, True, False, False]  # b0 sees the prompt and itself only
+    assert am[6].tolist() == [True, True, False, False, False, True, True]  # c1 sees the prompt, c0 and itself
+    with pytest.raises(ValueError, match="share their prompt"):
+        pack_groups(torch.tensor([[1, 2], [1, 3]]), torch.ones(2, 2, dtype=torch.bool), response_ids[:2], response_mask[:2], 2)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_group_logps_and_gradients_equal_one_row_per_response(dtype, atol):
+    """The packed layout computes every response token's log-prob (and gradient) of the plain layout."""
+    from minialign.rollout import group_logps
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config(8)).to(dtype)
+    prompts = [{"prompt_ids": [2, 4, 5], "prompt_text": "a"}, {"prompt_ids": [2, 6, 6, 6, 5], "prompt_text": "b"},
+               {"prompt_ids": [1], "prompt_text": "c"}]
+    ro = sample_rollout(model, DigitTok(), prompts, 3, 5, 1.0, 0, 0, 0)
+    lengths = ro.lengths.tolist()
+    assert min(lengths) < max(lengths) == 5 and ro.prompt_mask.sum(-1).min() < ro.prompt_mask.shape[1]  # both paddings occur
+    args = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+    plain = response_logps(model, *args, temperature=0.7)
+    packed = group_logps(model, *args, 3, temperature=0.7)
+    torch.testing.assert_close(packed, plain, atol=atol, rtol=0)
+    assert (packed[~ro.response_mask] == 0).all()
+    weights = torch.randn(plain.shape, dtype=plain.dtype)
+    params = list(model.parameters())
+    for g_plain, g_packed in zip(torch.autograd.grad((plain * weights).sum(), params),
+                                 torch.autograd.grad((packed * weights).sum(), params)):
+        torch.testing.assert_close(g_packed, g_plain, atol=atol * 10, rtol=1e-4)
+
+
+def test_prefill_once_samples_what_repeated_prompts_sample():
+    """generate(num_samples=G) copies each prompt's KV cache G times: same tokens and log-probs as the
+    prompts repeated G times (float64 so that no rounding difference can flip a draw)."""
+    from minialign.data import collate_prompts
+    from minialign.generation import generate
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config(8)).double().eval()
+    ids, mask = collate_prompts([[2, 4, 5], [2, 6, 6, 6, 5]], pad_id=0)
+    rep_ids, rep_mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    once = generate(model, ids, mask, 6, 3, 0, generator=torch.Generator().manual_seed(5), num_samples=4)
+    repeated = generate(model, rep_ids, rep_mask, 6, 3, 0, generator=torch.Generator().manual_seed(5))
+    assert once.response_ids.shape[0] == 8 and len(set(map(tuple, once.response_ids.tolist()))) > 2  # real samples
+    assert torch.equal(once.response_ids, repeated.response_ids) and torch.equal(once.response_mask, repeated.response_mask)
+    torch.testing.assert_close(once.logps, repeated.logps, atol=1e-12, rtol=0)
+
+
+def test_both_layouts_make_the_same_update():
+    """One GRPO step with β > 0 (so the reference log-probs go through the layout too): same weights.
+    (float64: Adam's first step is ≈ lr·sign(g), so float32 rounding in a near-zero gradient shows.)"""
+    results = []
+    for layout in ("rows", "shared_prompt"):
+        model, cfg, optimizer, scaler = tiny_setup(layout=layout, beta=0.1, micro_batch_size=16)
+        model.double()  # in place: the optimizer keeps the same parameters
+        torch.manual_seed(1)
+        ref = CausalLM(tiny_config(8)).double().eval()
+        m = step(model, cfg, optimizer, scaler, lambda prompts, completions, **kw: [float(len(c)) for c in completions], ref=ref)
+        assert m["update_skipped"] == 0.0
+        results.append((m, [p.detach().clone() for p in model.parameters()]))
+    (m_rows, p_rows), (m_packed, p_packed) = results
+    for a, b in zip(p_rows, p_packed):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    assert m_rows["kl"] == pytest.approx(m_packed["kl"], abs=1e-9) and m_rows["loss"] == pytest.approx(m_packed["loss"], abs=1e-9)
+
+
 # --------------------------------------------------------------------------------- the script
 
 def run(args, timeout=240):
