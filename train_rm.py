@@ -11,7 +11,9 @@ The model is a ScalarModel: the SFT backbone and a fresh linear score head (drop
 The loss sees only reward differences, so a shared offset is free: without centering the head's bias
 gets a zero gradient up to rounding, which AdamW turns into lr-sized random steps (harmless to the
 ranking; --center_coef pins the offset if the absolute reward matters, e.g. for PPO).
-Chosen and rejected go through ONE forward pass as 2B right-padded rows (minialign.reward).
+Chosen and rejected go through ONE forward pass: by default one packed row [x | y_c | y_r] per pair, the
+prompt computed once (--layout shared_prompt, the DPO layout of minialign.preference), or as 2B
+right-padded rows (--layout two_rows); the rewards agree to float error (minialign.reward).
 Evaluation (every --eval_every steps and at the end) scores the held-out pairs: pairwise accuracy,
 mean margin, mean/min/max reward; the chosen and rejected reward lists go to <out_dir>/rm_scores.json
 and, if matplotlib is installed, a histogram to <out_dir>/rm_scores.png.
@@ -34,7 +36,8 @@ from minialign.data import tokenize_preferences
 from minialign.engine import TrainConfig, knob
 from minialign.formats import DataError, load_preferences
 from minialign.losses import bradley_terry_loss
-from minialign.reward import collate_pairs, pair_metrics, pair_rewards, save_histogram, score_pairs
+from minialign.preference import pair_lengths
+from minialign.reward import collate_pairs, pair_count, pair_metrics, pair_rewards, save_histogram, score_pairs
 from minialign.tokenizer import Tokenizer
 
 
@@ -51,6 +54,7 @@ class Config(TrainConfig):
                               "of 8 pad a quarter fewer tokens than one of 32, for the same update")
     eval_every: int = knob(100, "evaluate on the held-out pairs every N steps (0 = only at the end)")
     center_coef: float = knob(0.0, "weight of the reward-centering term (r_c + r_r)²; e.g. 0.01 keeps rewards near 0")
+    layout: str = knob("shared_prompt", "shared_prompt (one packed row [x | y_c | y_r] per pair: the prompt computed once) | two_rows")
 
 
 def rm_loss(model, batch, center_coef: float, seen_rewards: list):
@@ -90,7 +94,7 @@ def evaluate_rm(model, examples, cfg, rt, pad_id: int) -> tuple[dict, list, list
     """Held-out metrics (prefixed eval_ as TRL does) and the chosen / rejected reward lists."""
     model.eval()
     with rt.autocast():
-        chosen, rejected = score_pairs(model, examples, pad_id, batch_size=2 * cfg.micro_batch_size)
+        chosen, rejected = score_pairs(model, examples, pad_id, batch_size=2 * cfg.micro_batch_size, layout=cfg.layout)
     model.train()
     margin = torch.tensor([float(e["margin"]) for e in examples]) if "margin" in examples[0] else None
     loss = bradley_terry_loss(torch.tensor(chosen), torch.tensor(rejected), margin, cfg.center_coef)
@@ -112,6 +116,8 @@ def main(argv=None):
     cfg = engine.parse_config(Config, argv)
     if cfg.center_coef < 0:
         raise SystemExit(f"train_rm.py: error: --center_coef={cfg.center_coef} must be >= 0")
+    if cfg.layout not in ("shared_prompt", "two_rows"):
+        raise SystemExit(f"train_rm.py: error: --layout={cfg.layout!r} must be shared_prompt or two_rows")
     cfg.out_dir = cfg.out_dir or "out/rm"
     rt = engine.setup_runtime(cfg)
     if rt.is_main:
@@ -128,7 +134,7 @@ def main(argv=None):
     stats = {}
     examples = tokenize_preferences(load_preferences(cfg.data, stats), tok, cfg.max_len, stats=stats)
     check_margins(examples, cfg.data)
-    lengths = [len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples]
+    lengths = pair_lengths(examples, cfg.layout)
     eval_examples = []
     if cfg.eval_data:
         eval_examples = tokenize_preferences(load_preferences(cfg.eval_data), tok, cfg.max_len)
@@ -160,11 +166,11 @@ def main(argv=None):
     for step in bar:
         lr = engine.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         engine.set_lr(optimizer, lr)
-        batches = [collate_pairs([examples[i] for i in idx], tok.pad_id) for idx in engine.step_batches(len(examples), step, cfg, rt, lengths)]
+        batches = [collate_pairs([examples[i] for i in idx], tok.pad_id, cfg.layout) for idx in engine.step_batches(len(examples), step, cfg, rt, lengths)]
         batches = [{k: v.to(rt.device) for k, v in b.items()} for b in batches]
         seen_rewards = []
         metrics = engine.train_step(model, optimizer, scaler, batches, lambda m, b: rm_loss(m, b, cfg.center_coef, seen_rewards),
-                                    lambda b: b["input_ids"].shape[0] // 2, rt, cfg)
+                                    pair_count, rt, cfg)
         engine.check_finite(metrics["loss"], metrics["grad_norm"], step, cfg, stats)
         metrics["min_reward"], metrics["max_reward"] = reward_range(seen_rewards, rt)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")

@@ -37,25 +37,39 @@ from .data import pad_right, tokenize_preferences
 from .engine import load_model
 from .formats import DataError, load_preferences, load_prompts, read_jsonl
 from .model import last_token_scores
+from .preference import collate_pairs_shared_prompt
 from .tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------- batches
 
-def collate_pairs(examples: list[dict], pad_id: int) -> dict:
-    """Tokenized pairs (from tokenize_preferences) -> one right-padded batch of 2B rows.
+def collate_pairs(examples: list[dict], pad_id: int, layout: str = "two_rows") -> dict:
+    """Tokenized pairs (from tokenize_preferences) -> one batch, in either layout of minialign.preference.
 
-    Returns input_ids (2B, T) long: [prompt+chosen rows..., prompt+rejected rows...];
-    attention_mask (2B, T) bool, True = real token (used to find the last real token, not passed to
-    the model); and, when the pairs carry a "margin" field (all of them or none), margin (B,) float32.
+    two_rows: input_ids (2B, T) long, right-padded: [prompt+chosen rows..., prompt+rejected rows...];
+      attention_mask (2B, T) bool, True = real token (used to find the last real token, not passed to
+      the model).
+    shared_prompt: B packed rows [x | y_c | y_r] (preference.collate_pairs_shared_prompt: the prompt
+      computed once, the responses hidden from each other): input_ids, position_ids (B, T) long,
+      attention_mask (B, T, T) bool, and chosen_last, rejected_last (B,) long: the column of each
+      response's last token (its <|im_end|>), where its score is read.
+    Either way, when the pairs carry a "margin" field (all of them or none), margin (B,) float32.
     """
-    chosen = [e["prompt"] + e["chosen"] for e in examples]
-    rejected = [e["prompt"] + e["rejected"] for e in examples]
-    rows = chosen + rejected
-    batch = {
-        "input_ids": pad_right(rows, pad_id),  # (2B, T)
-        "attention_mask": pad_right([[True] * len(r) for r in rows], False).bool(),  # (2B, T)
-    }
+    if layout == "shared_prompt":
+        packed = collate_pairs_shared_prompt(examples, pad_id)
+        P = torch.tensor([len(e["prompt"]) for e in examples])
+        C = torch.tensor([len(e["chosen"]) for e in examples])
+        R = torch.tensor([len(e["rejected"]) for e in examples])
+        batch = {k: packed[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        batch["chosen_last"], batch["rejected_last"] = P + C - 1, P + C + R - 1
+    elif layout == "two_rows":
+        rows = [e["prompt"] + e["chosen"] for e in examples] + [e["prompt"] + e["rejected"] for e in examples]
+        batch = {
+            "input_ids": pad_right(rows, pad_id),  # (2B, T)
+            "attention_mask": pad_right([[True] * len(r) for r in rows], False).bool(),  # (2B, T)
+        }
+    else:
+        raise ValueError(f"unknown layout {layout!r}; choose shared_prompt or two_rows")
     with_margin = sum("margin" in e for e in examples)
     if with_margin:
         if with_margin != len(examples):
@@ -64,8 +78,17 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def pair_count(batch: dict) -> int:
+    """Pairs in a collate_pairs batch of either layout."""
+    return batch["input_ids"].shape[0] if "chosen_last" in batch else batch["input_ids"].shape[0] // 2
+
+
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over the 2B rows -> (chosen_rewards (B,), rejected_rewards (B,)), float32."""
+    """One forward over a collate_pairs batch -> (chosen_rewards (B,), rejected_rewards (B,)), float32."""
+    if "chosen_last" in batch:  # shared_prompt: one packed row per pair, scores read at each response's end
+        scores = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])  # (B, T)
+        return (scores.gather(-1, batch["chosen_last"][:, None]).squeeze(-1),
+                scores.gather(-1, batch["rejected_last"][:, None]).squeeze(-1))
     scores = model(batch["input_ids"])  # (2B, T): right padding, causal fast path, no mask needed
     rewards = last_token_scores(scores, batch["attention_mask"])  # (2B,) at each row's <|im_end|>
     n_pairs = rewards.shape[0] // 2
@@ -81,7 +104,7 @@ def _length_ordered_batches(lengths: list[int], batch_size: int) -> list[list[in
 # ---------------------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
-def score_pairs(model, examples: list[dict], pad_id: int, batch_size: int = 64) -> tuple[list[float], list[float]]:
+def score_pairs(model, examples: list[dict], pad_id: int, batch_size: int = 64, layout: str = "two_rows") -> tuple[list[float], list[float]]:
     """Rewards of every tokenized pair -> (chosen rewards, rejected rewards), in input order.
 
     Runs under the caller's autocast (if any); the model should be in eval mode.
@@ -90,7 +113,7 @@ def score_pairs(model, examples: list[dict], pad_id: int, batch_size: int = 64) 
     chosen, rejected = [0.0] * len(examples), [0.0] * len(examples)
     lengths = [len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples]
     for idx in _length_ordered_batches(lengths, batch_size):
-        batch = collate_pairs([{k: examples[i][k] for k in ("prompt", "chosen", "rejected")} for i in idx], pad_id)
+        batch = collate_pairs([{k: examples[i][k] for k in ("prompt", "chosen", "rejected")} for i in idx], pad_id, layout)
         r_c, r_r = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
         for j, i in enumerate(idx):
             chosen[i], rejected[i] = float(r_c[j]), float(r_r[j])

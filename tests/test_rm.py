@@ -105,6 +105,27 @@ def test_score_is_read_at_im_end_not_at_a_pad():
     assert padded_c[0] == full_scores[0, 5] and abs(float(full_scores[0, -1] - full_scores[0, 5])) > 1e-4
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_shared_prompt_rewards_and_gradients_equal_two_rows(dtype, atol):
+    """The packed [x | y_c | y_r] row gives each response the reward (and gradient) of its own row;
+    a one-token rejected response (just <|im_end|>) included, margins carried."""
+    model = tiny_rm().to(dtype).train()
+    examples = [{"prompt": [5, 6, 7], "chosen": [8, 9, 3], "rejected": [3], "margin": 1.0},
+                {"prompt": [5, 6, 7, 11, 12, 13], "chosen": [14, 15, 16, 17, 3], "rejected": [18, 19, 20, 21, 22, 23, 3], "margin": 0.0}]
+    rows, packed = collate_pairs(examples, 0, "two_rows"), collate_pairs(examples, 0, "shared_prompt")
+    assert packed["input_ids"].shape == (2, 18) and packed["chosen_last"].tolist() == [5, 10]
+    assert packed["rejected_last"].tolist() == [6, 17] and packed["margin"].tolist() == [1.0, 0.0]
+    c_rows, r_rows = pair_rewards(model, rows)
+    c_packed, r_packed = pair_rewards(model, packed)
+    torch.testing.assert_close(c_packed, c_rows, atol=atol, rtol=0)
+    torch.testing.assert_close(r_packed, r_rows, atol=atol, rtol=0)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad((c_rows - 2 * r_rows).sum(), params), torch.autograd.grad((c_packed - 2 * r_packed).sum(), params)):
+        torch.testing.assert_close(b, a, atol=atol * 10, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown layout"):
+        collate_pairs(examples, 0, "packed")
+
+
 def test_score_responses_tokenizes_like_training(tok):
     """score_responses builds the exact row tokenize_preferences builds, so it gives the training reward."""
     prompt = [{"role": "user", "content": "What is 7 + 8?"}]
