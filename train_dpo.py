@@ -389,7 +389,7 @@ def main(argv=None):
     start_step = engine.resume_from_checkpoint(cfg, model, optimizer, scaler)
     if cfg.resume and cfg.ref_update_every:
         ref_model.load_state_dict(engine.load_checkpoint(cfg.out_dir)["ref_model"])
-    model = engine.wrap_ddp(model, rt)
+    model = engine.wrap_ddp(model, rt, cfg)
     log = engine.MetricsLog(cfg.out_dir, rt, resume_step=start_step if cfg.resume else None)
 
     def make_batch(idx):

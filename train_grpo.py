@@ -101,6 +101,7 @@ def check_config(cfg, rt):
         (cfg.temperature > 0, "--temperature must be > 0 (the policy gradient needs sampled log-probs)"),
         (cfg.loss_type in GRPO_LOSS_TYPES, f"--loss_type must be one of {GRPO_LOSS_TYPES}"),
         (cfg.layout in ("shared_prompt", "rows"), "--layout must be shared_prompt or rows"),
+        (not cfg.compile, "--compile is not offered for GRPO: the sampler's ever-changing shapes would recompile at every step"),
         (cfg.scale_rewards in GROUP_SCALES, f"--scale_rewards must be one of {GROUP_SCALES}"),
         (0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0, "--epsilon_low must be in [0, 1) and --epsilon_high >= 0"),
         (cfg.beta >= 0, "--beta must be >= 0"),

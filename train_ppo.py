@@ -134,6 +134,7 @@ def check_config(cfg, rt):
         (cfg.prompts_per_step >= rt.world_size, f"--prompts_per_step={cfg.prompts_per_step} must be >= the {rt.world_size} rank(s)"),
         (cfg.temperature > 0, "--temperature must be > 0 (the policy gradient needs sampled log-probs)"),
         (cfg.kl_estimator in ("k1", "k3"), "--kl_estimator must be k1 or k3"),
+        (not cfg.compile, "--compile is not offered for PPO: the sampler's ever-changing shapes would recompile at every step"),
         (cfg.kl_coef >= 0 and cfg.missing_eos_penalty >= 0 and cfg.vf_coef >= 0 and cfg.target_kl >= 0,
          "--kl_coef, --missing_eos_penalty, --vf_coef and --target_kl must be >= 0"),
         (cfg.cliprange > 0 and cfg.cliprange_value > 0, "--cliprange and --cliprange_value must be > 0"),

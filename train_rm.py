@@ -150,7 +150,7 @@ def main(argv=None):
     optimizer = engine.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = engine.resume_from_checkpoint(cfg, model, optimizer, scaler)
-    model = engine.wrap_ddp(model, rt)
+    model = engine.wrap_ddp(model, rt, cfg)
     log = engine.MetricsLog(cfg.out_dir, rt, resume_step=start_step if cfg.resume else None)
 
     def evaluate(step: int):

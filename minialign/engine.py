@@ -78,6 +78,8 @@ class TrainConfig:
     save_every: int = knob(100, "write a checkpoint every N steps (and at the end)")
     skip_nonfinite: bool = knob(False, "skip (and count) steps with a non-finite loss or gradient instead of stopping")
     group_by_length: bool = knob(True, "sort each step's sequences by length before splitting them into micro-batches (less padding; the loss is unchanged, being a mean over the whole step)")
+    compile: bool = knob(False, "torch.compile the trained model's forward (opt-in: on 2 CPU cores the 26M SFT step ran 1.15x faster "
+                                "after ~40 s of compiling; needs a C++ compiler on CPU; each new input shape compiles again)")
     stop_after_steps: int = knob(0, "exit after this many steps of THIS invocation, checkpointing first (time-sliced jobs; continue with --resume); 0 = run to max_steps")
 
 
@@ -206,7 +208,12 @@ def print0(rt: Runtime, *args):
         print(*args, flush=True)
 
 
-def wrap_ddp(model, rt: Runtime):
+def wrap_ddp(model, rt: Runtime, cfg=None):
+    """DDP-wrap the trained model under torchrun; with --compile, compile its forward first (in place, so
+    the state_dict keys do not change)."""
+    if cfg is not None and getattr(cfg, "compile", False):
+        model.compile()
+        print0(rt, f"--compile: {type(model).__name__}.forward is compiled by torch.compile on first use (the first steps are slow)")
     if not rt.ddp:
         return model
     ids = [rt.device.index] if rt.device.type == "cuda" else None

@@ -99,3 +99,17 @@ def test_precision_flags_on_cpu(workdir):
     bad = subprocess.run(sft(workdir, workdir / "fp16", "--max_steps", "2", "--dtype", "fp16"), cwd=ROOT, env=ENV,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--dtype fp16 needs CUDA" in bad.stderr
+
+
+def test_compile_flag_trains_the_same_losses(workdir):
+    """--compile (torch.compile of the forward) is an opt-in speed flag: same losses as eager, to float error."""
+    eager = subprocess.run(sft(workdir, workdir / "eager", "--max_steps", "3"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    compiled = subprocess.run(sft(workdir, workdir / "compiled", "--max_steps", "3", "--compile"), cwd=ROOT, env=ENV,
+                              capture_output=True, text=True)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "--compile: CausalLM.forward is compiled" in compiled.stdout and "--compile" not in eager.stdout
+    a, b = losses(workdir / "eager"), losses(workdir / "compiled")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    assert [l for _, l in b] == pytest.approx([l for _, l in a], rel=1e-4)
+    saved = torch.load(workdir / "compiled" / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+    assert not any(k.startswith("_orig_mod") for k in saved)  # the checkpoint loads into a plain model

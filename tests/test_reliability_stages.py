@@ -366,6 +366,8 @@ BAD_FLAGS += [
     ("grpo", ["--epsilon_low", "1.5"], "--epsilon_low must be in [0, 1)"),
     ("dpo", ["--label_smoothing", "0.7"], "--label_smoothing=0.7 must be in [0, 0.5]"),
     ("dpo", ["--gold_eval_every", "-5"], "--gold_eval_every=-5 must be >= 0"),
+    ("ppo", ["--compile"], "--compile is not offered for PPO"),
+    ("grpo", ["--compile"], "--compile is not offered for GRPO"),
 ]
 
 
