@@ -11,13 +11,16 @@ python bench/bench_speed.py --presets cpu --steps 20
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from minialign.generation import generate
-from minialign.losses import token_logps
-from minialign.model import CausalLM, model_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install -e
+from minialign.generation import generate  # noqa: E402
+from minialign.losses import token_logps  # noqa: E402
+from minialign.model import CausalLM, model_config  # noqa: E402
 
 
 def cpu_load() -> float:
