@@ -41,14 +41,12 @@ import torch
 from tqdm import tqdm
 
 from minialign import engine
-from minialign.data import tokenize_prompts
 from minialign.engine import TrainConfig, knob
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
-from minialign.formats import load_prompts
 from minialign.losses import GRPO_LOSS_TYPES, GROUP_SCALES, group_advantages, grpo_loss
-from minialign.rewards import MissingFieldError, check_fields, compute_rewards, parse_reward_funcs
-from minialign.rollout import (all_gather_rows, all_reduce_max, micro_batches, policy_logps, reward_fields, reward_model_scores,
-                               rollout_logps, sample_rollout, step_prompt_indices)
+from minialign.rewards import compute_rewards, parse_reward_funcs
+from minialign.rollout import (all_gather_rows, all_reduce_max, load_rl_prompts, micro_batches, policy_logps, reward_fields,
+                               reward_model_scores, rollout_logps, sample_rollout, step_prompt_indices)
 from minialign.tokenizer import Tokenizer
 
 
@@ -283,16 +281,10 @@ def main(argv=None):
 
     # ---- data: prompts fit max_len together with the generation budget
     stats = {}
-    records = load_prompts(cfg.data)
-    try:  # before any training: every prompt line has the fields its reward functions read
-        check_fields(sources, [{"prompt_text": r.prompt[-1]["content"], **r.fields} for r in records],
-                     locations=[f"{cfg.data}:{r.line}" for r in records])
-    except MissingFieldError as e:
+    try:  # before any training: every line has the fields its reward functions read, and some prompt fits
+        prompts = load_rl_prompts(cfg.data, tok, cfg.max_len - cfg.max_new_tokens, sources, stats)
+    except ValueError as e:
         raise SystemExit(f"train_grpo.py: error: {e}") from None
-    prompts = tokenize_prompts(records, tok, cfg.max_len - cfg.max_new_tokens, stats)
-    if not prompts:
-        raise SystemExit(f"train_grpo.py: error: none of the {len(records)} prompts in {cfg.data} fits in --max_len - --max_new_tokens "
-                         f"= {cfg.max_len - cfg.max_new_tokens} tokens")
     share = cfg.prompts_per_step // rt.world_size
     rows = share * cfg.num_generations
     engine.print0(rt, f"data: {len(prompts)} prompts (dropped {stats.get('dropped_prompt_too_long', 0)} longer than "

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import engine
-from .data import collate_prompts, segment_attention_mask
+from .data import collate_prompts, segment_attention_mask, tokenize_prompts
 from .generation import generate, response_logps
 from .model import last_token_scores
 
@@ -121,6 +121,24 @@ def sample_rollout(model, tok, prompts: list[dict], num_generations: int, max_ne
         group_size=num_generations,
         max_new_tokens=max_new_tokens,
     )
+
+
+def load_rl_prompts(path: str, tok, max_prompt_len: int, sources, stats: dict | None = None) -> list[dict]:
+    """RL prompts from `path`, checked and tokenized (tokenize_prompts dicts); over-long ones dropped and counted.
+
+    Raises MissingFieldError naming "path:line" when a line lacks a field that a reward function in
+    `sources` reads, and ValueError when no prompt fits in max_prompt_len tokens.
+    """
+    from .formats import load_prompts
+    from .rewards import check_fields
+
+    records = load_prompts(path)
+    check_fields(sources, [{"prompt_text": r.prompt[-1]["content"], **r.fields} for r in records],
+                 locations=[f"{path}:{r.line}" for r in records])
+    prompts = tokenize_prompts(records, tok, max_prompt_len, stats)
+    if not prompts:
+        raise ValueError(f"none of the {len(records)} prompts in {path} fits in --max_len - --max_new_tokens = {max_prompt_len} tokens")
+    return prompts
 
 
 def reward_fields(ro: Rollout) -> tuple[list[str], dict[str, list]]:
