@@ -406,10 +406,15 @@ def main(argv=None):
                                tokenizer_path=tok_path, finished=finished, extra=extra, rt=rt)
 
     # ---- train
+    def sft_reference():  # the SFT model for KL: the live reference while it is still that model, else a fresh copy
+        if ref_model is not None and not cfg.ref_update_every:
+            return ref_model
+        return engine.load_model(cfg.init_from).to(rt.device).eval().requires_grad_(False)
+
     gold_prompts = gold_ref = None  # --gold_eval_every: rank 0 scores the policy against the SFT model as it trains
     if cfg.gold_eval_every and cfg.eval_data and rt.is_main:
         gold_prompts = load_eval_prompts(cfg.eval_data, tok, cfg.gold_eval_prompts)
-        gold_ref = engine.load_model(cfg.init_from).to(rt.device).eval().requires_grad_(False)
+        gold_ref = sft_reference()
 
     model.train()
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc=f"dpo-{cfg.loss_type}", disable=not rt.is_main)
@@ -446,7 +451,7 @@ def main(argv=None):
             log.log(cfg.max_steps, res)
             engine.write_json(res, f"{cfg.out_dir}/eval_pairs.json")
         if cfg.eval_data:
-            sft_ref = ref_model if ref_model is not None and not cfg.ref_update_every else engine.load_model(cfg.init_from).to(rt.device).eval()
+            sft_ref = gold_ref if gold_ref is not None else sft_reference()
             res = evaluate_policy(policy, tok, load_eval_prompts(cfg.eval_data, tok, cfg.eval_prompts), cfg.max_new_tokens, sft_ref)
             engine.write_json(res, f"{cfg.out_dir}/eval.json")
             log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})

@@ -45,8 +45,8 @@ from minialign.engine import TrainConfig, knob
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.losses import GRPO_LOSS_TYPES, GROUP_SCALES, group_advantages, grpo_loss
 from minialign.rewards import compute_rewards, parse_reward_funcs
-from minialign.rollout import (all_gather_rows, all_reduce_max, load_rl_prompts, micro_batches, policy_logps, reward_fields,
-                               reward_model_scores, rollout_logps, sample_rollout, step_prompt_indices)
+from minialign.rollout import (all_gather_rows, all_reduce_max, frozen, load_reward_model, load_rl_prompts, micro_batches,
+                               policy_logps, reward_fields, reward_model_scores, rows_per_micro_batch, rollout_logps, sample_rollout, step_prompt_indices)
 from minialign.tokenizer import Tokenizer
 
 
@@ -182,16 +182,15 @@ def grpo_step(model, ref_model, reward_model, optimizer, scaler, prompts, source
     if ref_model is not None:
         with rt.autocast():
             tensors["ref_logps"] = rollout_logps(ref_model, ro, cfg.temperature, cfg.micro_batch_size, group)  # (B, N)
-    order, rows_per_batch = None, cfg.micro_batch_size
+    order = None
     if group:  # micro-batches of whole groups; similar packed lengths together
-        rows_per_batch = max(1, cfg.micro_batch_size // G) * G
         if cfg.group_by_length:
             packed_len = (ro.prompt_mask.sum(-1) + ro.lengths).view(-1, G).sum(-1).tolist()
             order = [g * G + j for g in sorted(range(B // G), key=lambda g: packed_len[g]) for j in range(G)]
     elif cfg.group_by_length:  # similar total lengths together: less padding, same loss
         total_len = (ro.prompt_mask.sum(-1) + ro.lengths).tolist()
         order = sorted(range(B), key=lambda i: total_len[i])
-    batches = micro_batches(tensors, rows_per_batch, order)
+    batches = micro_batches(tensors, rows_per_micro_batch(cfg.micro_batch_size, group), order)
 
     # ---- 4. num_iterations updates on this rollout
     n_units = engine.all_reduce_sum(sum(float(count_units(b, cfg.loss_type)) for b in batches), rt)
@@ -242,17 +241,6 @@ def grpo_step(model, ref_model, reward_model, optimizer, scaler, prompts, source
     return metrics
 
 
-def frozen(model, rt):
-    return model.to(rt.device).eval().requires_grad_(False)
-
-
-def load_reward_model(path, rt):
-    kind = engine.load_checkpoint(path)["model_kind"]
-    if kind != "scalar":
-        raise SystemExit(f"train_grpo.py: error: --reward_model {path} holds a {kind} model, not a reward model (train_rm.py output)")
-    return frozen(engine.load_model(path, kind="scalar"), rt)
-
-
 def main(argv=None):
     cfg = engine.parse_config(Config, argv)
     cfg.out_dir = cfg.out_dir or "out/grpo"
@@ -270,7 +258,7 @@ def main(argv=None):
     # ---- models: policy; reference only when beta > 0; reward model only when asked for
     model = engine.load_model(cfg.init_from).to(rt.device)
     ref_model = frozen(engine.load_model(cfg.init_from), rt) if cfg.beta > 0 else None
-    reward_model = load_reward_model(cfg.reward_model, rt) if cfg.reward_model else None
+    reward_model = load_reward_model(cfg.reward_model, rt, "train_grpo.py") if cfg.reward_model else None
     if reward_model is not None and reward_model.cfg.vocab_size != model.cfg.vocab_size:
         raise SystemExit(f"train_grpo.py: error: the reward model's vocabulary ({reward_model.cfg.vocab_size}) differs from the policy's ({model.cfg.vocab_size})")
     if cfg.max_len > model.cfg.max_seq_len:
@@ -332,7 +320,9 @@ def main(argv=None):
     # ---- evaluate with the gold rule, KL measured against the SFT model we started from
     if cfg.eval_data and rt.is_main:
         policy = engine.unwrap(model).eval()
-        ref = ref_model if ref_model is not None else frozen(engine.load_model(cfg.init_from), rt)
+        ref = gold_ref if gold_ref is not None else ref_model  # the SFT model, if already loaded
+        if ref is None:
+            ref = frozen(engine.load_model(cfg.init_from), rt)
         res = evaluate_policy(policy, tok, load_eval_prompts(cfg.eval_data, tok, cfg.eval_prompts), cfg.eval_max_new_tokens, ref)
         engine.write_json(res, f"{cfg.out_dir}/eval.json")
         log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})

@@ -74,7 +74,7 @@ from minialign.evaluate import evaluate_policy, format_result, gold_point, load_
 from minialign.generation import response_logps
 from minialign.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
 from minialign.rewards import compute_rewards, parse_reward_funcs
-from minialign.rollout import (all_gather_rows, all_reduce_max, load_rl_prompts, micro_batches, reward_fields, reward_model_scores,
+from minialign.rollout import (all_gather_rows, all_reduce_max, disable_dropout, frozen, load_reward_model, load_rl_prompts, micro_batches, reward_fields, reward_model_scores,
                                rollout_logps, sample_rollout, step_prompt_indices)
 from minialign.tokenizer import Tokenizer
 
@@ -176,28 +176,6 @@ def rollout_values(value_model, ro, micro_batch_size: int) -> torch.Tensor:
     """(B, N) values of the rollout's states, in micro-batches."""
     return torch.cat([response_values(value_model, ro.prompt_ids[s], ro.prompt_mask[s], ro.response_ids[s], ro.response_mask[s])
                       for s in (slice(i, i + micro_batch_size) for i in range(0, len(ro.rows), micro_batch_size))])
-
-
-def disable_dropout(model):
-    """Dropout 0 everywhere (RL needs the same log-probs at sampling and training time)."""
-    model.cfg.dropout = 0.0
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        elif isinstance(getattr(m, "dropout", None), float):
-            m.dropout = 0.0  # Attention passes it to scaled_dot_product_attention
-    return model
-
-
-def frozen(model, rt):
-    return disable_dropout(model).to(rt.device).eval().requires_grad_(False)
-
-
-def load_reward_model(path, rt):
-    kind = engine.load_checkpoint(path)["model_kind"]
-    if kind != "scalar":
-        raise SystemExit(f"train_ppo.py: error: --reward_model {path} holds a {kind} model, not a reward model (train_rm.py output)")
-    return frozen(engine.load_model(path, kind="scalar"), rt)
 
 
 # ----------------------------------------------------------------------------------- the rewards
@@ -383,7 +361,7 @@ def main(argv=None):
     # ---- four models: policy and value (trained), reference and reward model (frozen)
     policy = disable_dropout(engine.load_model(cfg.init_from)).to(rt.device)
     ref_model = frozen(engine.load_model(cfg.init_from), rt)
-    reward_model = load_reward_model(cfg.reward_model, rt) if cfg.reward_model else None
+    reward_model = load_reward_model(cfg.reward_model, rt, "train_ppo.py") if cfg.reward_model else None
     value = disable_dropout(engine.load_model(cfg.reward_model or cfg.init_from, kind="scalar")).to(rt.device)
     if value.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_ppo.py: error: the reward model's vocabulary ({value.cfg.vocab_size}) differs from the policy's ({policy.cfg.vocab_size})")

@@ -123,6 +123,35 @@ def sample_rollout(model, tok, prompts: list[dict], num_generations: int, max_ne
     )
 
 
+def disable_dropout(model):
+    """Dropout 0 everywhere (RL needs the same log-probs at sampling and training time)."""
+    model.cfg.dropout = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0  # Attention passes it to scaled_dot_product_attention
+    return model
+
+
+def frozen(model, rt):
+    """A model that only scores (reference, reward model): no dropout, eval mode, no gradients, on the device."""
+    return disable_dropout(model).to(rt.device).eval().requires_grad_(False)
+
+
+def load_reward_model(path: str, rt, prog: str):
+    """A frozen ScalarModel from a train_rm.py folder; a causal checkpoint is refused naming --reward_model."""
+    kind = engine.load_checkpoint(path)["model_kind"]
+    if kind != "scalar":
+        raise SystemExit(f"{prog}: error: --reward_model {path} holds a {kind} model, not a reward model (train_rm.py output)")
+    return frozen(engine.load_model(path, kind="scalar"), rt)
+
+
+def rows_per_micro_batch(micro_batch_size: int, group_size: int = 0) -> int:
+    """Rows per micro-batch: micro_batch_size, or with packed groups (group_size > 0) whole groups, at least one."""
+    return max(1, micro_batch_size // group_size) * group_size if group_size else micro_batch_size
+
+
 def load_rl_prompts(path: str, tok, max_prompt_len: int, sources, stats: dict | None = None) -> list[dict]:
     """RL prompts from `path`, checked and tokenized (tokenize_prompts dicts); over-long ones dropped and counted.
 
@@ -244,9 +273,8 @@ def rollout_logps(model, ro: Rollout, temperature: float, micro_batch_size: int,
 
     group_size > 0: the shared-prompt layout, micro-batches of whole groups (micro_batch_size // G, at least one).
     """
-    step = max(1, micro_batch_size // group_size) * group_size if group_size else micro_batch_size
     parts = []
-    for s in _row_chunks(len(ro.rows), step):
+    for s in _row_chunks(len(ro.rows), rows_per_micro_batch(micro_batch_size, group_size)):
         batch = {"prompt_ids": ro.prompt_ids[s], "prompt_mask": ro.prompt_mask[s], "response_ids": ro.response_ids[s],
                  "response_mask": ro.response_mask[s]}
         parts.append(policy_logps(model, batch, temperature, group_size))
