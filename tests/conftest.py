@@ -3,7 +3,11 @@
 Everything here is sized so the whole suite runs in seconds on a 2-core CPU.
 """
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,22 @@ from minialign.tokenizer import train_tokenizer
 # One intra-op thread: these models are far too small to gain from two, and on a shared 2-core machine
 # a second OpenMP thread that has to wait for a core made every tiny forward ~500x slower (0.25 s vs 0.5 ms).
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the train_*.py scripts live here
+sys.path.insert(0, str(ROOT))  # so tests can import the scripts (for their config checks and loss functions)
+
+
+def run(args, cwd=ROOT, env_extra=None, timeout=240, check=True):
+    """Run a command (a script in a subprocess) the way a user would, one OpenMP thread; assert it succeeded.
+
+    Returns the CompletedProcess (stdout/stderr as text). check=False returns failures too, for tests
+    of refused flags and bad input.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
 
 TOKENIZER_VOCAB = 400  # requested size; the corpus below supports all of it
 
