@@ -9,8 +9,12 @@ setup(
     # torch is pinned loosely on purpose: install the CPU wheel first (see .ci/run) and pip keeps it.
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "tqdm"],
     extras_require={
-        "dev": ["pytest", "matplotlib"],  # matplotlib: so the tests also draw the report's plots
+        # the tests: matplotlib so they also draw the report's plots; transformers (+ the hf extra) for the
+        # Hugging Face parity and interop tests, which skip without them
+        "dev": ["pytest", "matplotlib", "safetensors", "tokenizers", "transformers"],
         "plots": ["matplotlib"],
-        "bench": ["transformers", "trl"],
+        "hf": ["safetensors", "tokenizers"],  # load / export Hugging Face Llama and Qwen2 folders
+        "tensorboard": ["tensorboard"],
+        "bench": ["transformers", "trl", "safetensors", "tokenizers"],
     },
 )

@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on plain text, every token trained.
 
 Objective: minimize -1/N * sum_t log pi(x_t | x_<t) over the N tokens of the whole optimizer step
-(all micro-batches and ranks; see minialign.engine). Documents are cut into windows of max_len tokens,
+(all micro-batches and ranks; see minialign.training). Documents are cut into windows of max_len tokens,
 each document ending with <|im_end|> (it doubles as end-of-document).
 
 On the default task pretraining is optional: SFT from scratch already learns the format. It is here
@@ -15,76 +15,85 @@ Needs a tokenizer first:   python -m minialign.tokenizer
 
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
-from minialign import engine
-from minialign.data import collate_lm, tokenize_pretrain
-from minialign.engine import TrainConfig, knob
+from minialign import checkpoint, logger, runtime, training
+from minialign.config import FromScratch, OfflineConfig, knob, one_of, parse_config
+from minialign.data import collate_lm, to_device, tokenize_pretrain
 from minialign.formats import load_pretrain
-from minialign.losses import token_logps
-from minialign.tokenizer import Tokenizer
+from minialign.losses import nll_loss, token_logps
+from minialign.tokenizer import load_tokenizer
 
 
 @dataclass
-class Config(TrainConfig):
-    data: str = knob("data/pretrain.jsonl", "text corpus: {\"text\": ...} JSONL(.gz) or a plain .txt file")
+class Config(OfflineConfig, FromScratch):
+    out_dir: str = knob("out/pretrain", "output folder")
+    init_from: str = knob("", "checkpoint folder to continue from; empty = random init from --preset")
+    data: str = knob("data/pretrain.jsonl", "text corpus: {\"text\": ...} JSONL(.gz), JSON, or a plain .txt file")
+    text_split: str = knob("auto", ".txt files: paragraph (documents end at blank lines) | line (one document per "
+                                   "line) | auto (paragraph if the file has blank lines between text, else line)",
+                           one_of("auto", "paragraph", "line"))
 
 
 def lm_loss(model, batch):
-    """Summed NLL over real tokens (engine.train_step divides by the step's token count)."""
+    """Summed NLL over real tokens (training.train_step divides by the step's token count)."""
     mask = batch["label_mask"]  # (B, T) bool: real (non-pad) tokens
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V): the head skips pad positions
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
-    base = engine.unwrap(model)
-    return -logps.sum() + base.cfg.moe_aux_coef * base.backbone.moe_aux_loss() * mask.sum(), {}
+    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=1), {}  # -Σ log π(x_t)
 
 
 def main(argv=None):
-    cfg = engine.parse_config(Config, argv)
-    cfg.out_dir = cfg.out_dir or "out/pretrain"
-    rt = engine.setup_runtime(cfg)
+    cfg = parse_config(Config, argv)
+    rt = runtime.setup(cfg)
     if rt.is_main:
-        engine.check_writable(cfg.out_dir)
-    tok_path = engine.tokenizer_path_for(cfg)
-    tok = Tokenizer(tok_path)
+        checkpoint.check_writable(cfg.out_dir)
+    tok_path = checkpoint.tokenizer_path_for(cfg.init_from, cfg.tokenizer)
+    tok = load_tokenizer(tok_path)
 
-    model = engine.load_model(cfg.init_from) if cfg.init_from else engine.new_model(cfg, tok.vocab_size)
+    model = checkpoint.load_model(cfg.init_from) if cfg.init_from else checkpoint.new_model(cfg, tok.vocab_size)
     model.to(rt.device)
-    engine.print0(rt, f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
+    runtime.print0(rt, f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
 
-    windows = tokenize_pretrain(load_pretrain(cfg.data), tok, cfg.max_len)
+    stats = {}
+    documents = load_pretrain(cfg.data, stats, text_split=cfg.text_split)
+    windows = tokenize_pretrain(documents, tok, cfg.max_len)
     lengths = [len(w) for w, _ in windows]
     global_batch = cfg.micro_batch_size * cfg.grad_accum * rt.world_size
-    engine.print0(rt, f"data: {len(windows)} windows of <= {cfg.max_len} tokens, {sum(len(w) for w, _ in windows)} tokens; "
-                      f"{cfg.max_steps} steps x {global_batch} sequences = {cfg.max_steps * global_batch / len(windows):.2f} epochs")
+    epochs = cfg.max_steps * global_batch / len(windows)
+    split = f" (.txt split by {stats['text_split']})" if "text_split" in stats else ""
+    runtime.print0(rt, f"data: {len(documents)} documents{split} -> {len(windows)} windows of <= {cfg.max_len} tokens, "
+                       f"{sum(lengths)} tokens; "
+                       f"{cfg.max_steps} steps x {global_batch} sequences = {epochs:.2f} epochs")
 
-    optimizer = engine.make_optimizer(model, cfg, rt)
+    optimizer = training.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
-    start_step = engine.resume_from_checkpoint(cfg, model, optimizer, scaler)
-    model = engine.wrap_ddp(model, rt, cfg)
-    log = engine.MetricsLog(cfg.out_dir, rt, resume_step=start_step if cfg.resume else None)
-    stats = {}
+    start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
+    model = runtime.wrap_ddp(model, rt, cfg.compile)
+    log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     model.train()
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain", disable=not rt.is_main)
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
+               disable=not rt.is_main)
     for step in bar:
-        lr = engine.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        engine.set_lr(optimizer, lr)
-        batches = [collate_lm([windows[i] for i in idx], tok.pad_id) for idx in engine.step_batches(len(windows), step, cfg, rt, lengths)]
-        batches = [{k: v.to(rt.device) for k, v in b.items()} for b in batches]
-        metrics = engine.train_step(model, optimizer, scaler, batches, lm_loss, lambda b: b["label_mask"].sum(), rt, cfg)
-        engine.check_finite(metrics["loss"], metrics["grad_norm"], step, cfg, stats)
+        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        order = training.step_batches(len(windows), step, cfg, rt, lengths)
+        batches = [to_device(collate_lm([windows[i] for i in idx], tok.pad_id), rt.device) for idx in order]
+        metrics = training.train_step(model, optimizer, scaler, batches, lm_loss, lambda b: b["label_mask"].sum(), rt,
+                                      cfg.max_grad_norm)
+        training.check_finite(metrics, step, cfg, stats, scaler)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "learning_rate": lr,
-                               "nonfinite_steps_skipped": stats.get("nonfinite_steps_skipped", 0)}, bar)
-        if engine.should_save(step + 1, start_step, cfg):
-            engine.save_checkpoint(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
-                                   tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)
-        if engine.should_stop(step + 1, start_step, cfg):
-            engine.print0(rt, f"stopping after {cfg.stop_after_steps} steps as asked; continue with --resume")
+            log.log(step + 1, {**metrics, "learning_rate": lr, **training.skip_counts(stats)}, bar)
+        if checkpoint.should_save(step + 1, start_step, cfg):
+            checkpoint.save(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
+                            tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)
+        if checkpoint.should_stop(step + 1, start_step, cfg):
+            runtime.print0(rt, f"stopping after {cfg.stop_after_steps} steps as asked; continue with --resume")
             break
-    engine.cleanup(rt)
+    runtime.cleanup(rt)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """GRPO seconds per step and sampling new-tokens/s on the minimind-26m preset (a benchmark, not a test).
 
-GRPO step: exactly what train_grpo.py does each step (`train_grpo.grpo_step`: KV-cache rollout, rewards,
-group advantages, reference log-probs when beta > 0, one update), on a randomly initialized model, in both
-training layouts (rows: one row per response; shared_prompt: a prompt's G responses packed in one row),
-8 prompts x G=4 responses, 64-token prompts, 32 new tokens. A random model rarely emits <|im_end|>, so
+GRPO step: exactly what train_grpo.py's loop does each step (sample_rollout, `train_grpo.grpo_batches`:
+rewards, group advantages, reference log-probs when beta > 0; `train_grpo.grpo_update`: one update), on a
+randomly initialized model, in the script's shared-prompt layout (a prompt's G responses packed in one row)
+and, to keep the speedup visible, the naive layout for the update (one row per response: minialign.packing with G = 1 and
+the prompt repeated), 8 prompts x G=4 responses, 64-token prompts, 32 new tokens. A random model rarely emits <|im_end|>, so
 here eos is disabled and every response is the full 32 tokens (the worst case); rewards are random
 numbers so that every group has a signal and the update is never skipped. Median over timed steps.
 Generation: minialign.generation.generate at temperature 1 on 16 x (64 prompt + 64 new) tokens.
@@ -25,10 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_grpo  # noqa: E402  (the step we time is the script's own)
-from minialign import engine  # noqa: E402
+from minialign import runtime, training  # noqa: E402
 from minialign.generation import generate  # noqa: E402
 from minialign.model import CausalLM, model_config  # noqa: E402
-from minialign.rewards import RewardSource  # noqa: E402
+from minialign.reward_funcs import RewardSource  # noqa: E402
+from minialign.rollout import Rollout, micro_batch_rows, packed_batch, sample_rollout  # noqa: E402
 
 
 class NoEosTok:
@@ -45,14 +47,14 @@ def random_reward(seed):
 
 
 def bench_grpo_step(model, beta, layout, args, device, dtype) -> float:
-    rt = engine.Runtime(device, dtype)
+    rt = runtime.Runtime(device, dtype)
     cfg = train_grpo.Config(init_from="bench", prompts_per_step=args.prompts, num_generations=args.G, max_new_tokens=args.new_tokens,
                             beta=beta, micro_batch_size=args.prompts * args.G, lr=1e-5, max_len=args.prompt_len + args.new_tokens,
-                            mask_truncated_completions=False, layout=layout)  # every response is truncated here; they must still train
+                            mask_truncated_completions=False)  # every response is truncated here; they must still train
     ref = CausalLM(model.cfg).to(device).eval().requires_grad_(False) if beta > 0 else None
     if ref is not None:
         ref.load_state_dict(model.state_dict())
-    optimizer = engine.make_optimizer(model, cfg, rt)
+    optimizer = training.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt_ids": torch.randint(4, model.cfg.vocab_size, (args.prompt_len,), generator=g).tolist(), "prompt_text": ""}
@@ -61,7 +63,16 @@ def bench_grpo_step(model, beta, layout, args, device, dtype) -> float:
     times = []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        m = train_grpo.grpo_step(model, ref, None, optimizer, scaler, prompts, sources, step, NoEosTok(), rt, cfg, {})
+        with rt.autocast():
+            ro = sample_rollout(model, NoEosTok(), prompts, args.G, args.new_tokens, 1.0, cfg.seed, step, 0)
+        batches, g = train_grpo.grpo_batches(ro, sources, None, ref, rt, cfg)
+        if layout == "rows":  # the same micro-batches and tensors, one row [x y_i] per response
+            plain = Rollout(**{**ro.__dict__, "group_size": 1})
+            keep = [k for k in ("loss_mask", "advantages", "sampler_logps", "ref_logps") if k in batches[0]]
+            batches = [{**packed_batch(plain, rows), **{k: b[k] for k in keep}}
+                       for b, rows in zip(batches, micro_batch_rows(ro, cfg.micro_batch_size, by_length=True))]
+        m = {**train_grpo.grpo_update(model, optimizer, scaler, batches, step, rt, cfg, {}),
+             **train_grpo.rollout_metrics(g, sources, args.G)}
         if device.type == "cuda":
             torch.cuda.synchronize()
         assert m["update_skipped"] == 0 and m["completions/min_length"] == args.new_tokens

@@ -1,10 +1,11 @@
 """PPO seconds per iteration, and the share of it spent sampling (a benchmark, not a test).
 
-An iteration is exactly what train_ppo.py does (`train_ppo.ppo_iteration`: KV-cache rollout, reference
-log-probs, values, reward-model scores, GAE, num_ppo_epochs x num_minibatches updates of policy and value),
+An iteration is exactly what train_ppo.py's loop does (KV-cache rollout; `train_ppo.rollout_tensors`: old and
+reference log-probs, values, reward-model scores, GAE; `train_ppo.ppo_update`: num_ppo_epochs x num_minibatches
+updates of policy and value),
 on randomly initialized models. A random model rarely emits <|im_end|>, so eos is disabled here and every
 response is the full max_new_tokens (the worst case). Median over timed iterations; "sampling" is
-minialign.rollout.sample_rollout alone on the same prompts.
+minialign.rollout.sample_rollout, timed on its own.
 
 python bench/bench_ppo.py                                  # the default run: "cpu" preset, 64 prompts x 32 new tokens
 python bench/bench_ppo.py --preset minimind-26m --prompts 8 --threads 2
@@ -21,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_ppo  # noqa: E402  (the iteration we time is the script's own)
-from minialign import engine  # noqa: E402
+from minialign import runtime, training  # noqa: E402
 from minialign.model import CausalLM, ScalarModel, model_config  # noqa: E402
-from minialign.rewards import parse_reward_funcs  # noqa: E402
+from minialign.reward_funcs import parse_reward_funcs  # noqa: E402
 from minialign.rollout import sample_rollout  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rt = engine.Runtime(device, dtype)
+    rt = runtime.Runtime(device, dtype)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device}, dtype {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load:.2f}")
 
@@ -60,7 +61,7 @@ def main():
     model = train_ppo.PolicyAndValue(policy, value).to(device)
     cfg = train_ppo.Config(prompts_per_step=args.prompts, max_new_tokens=args.new_tokens, micro_batch_size=args.prompts, lr=1e-5,
                            max_len=args.prompt_len + args.new_tokens)
-    optimizer = engine.make_optimizer(model, cfg, rt)
+    optimizer = training.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt_ids": torch.randint(4, mcfg.vocab_size, (args.prompt_len,), generator=g).tolist(), "prompt_text": ""}
@@ -72,17 +73,18 @@ def main():
     iteration, sampling = [], []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        with torch.no_grad():
-            sample_rollout(policy, NoEosTok(), prompts, 1, args.new_tokens, 1.0, 0, step, 0)
+        with rt.autocast():
+            ro = sample_rollout(policy, NoEosTok(), prompts, 1, args.new_tokens, 1.0, 0, step, 0)
         t1 = time.perf_counter()
-        m = train_ppo.ppo_iteration(model, ref, rm, optimizer, scaler, prompts, sources, step, NoEosTok(), rt, cfg, {})
+        b = train_ppo.rollout_tensors(model, ref, rm, ro, sources, step, rt, cfg)
+        m = {**train_ppo.rollout_metrics(ro, b, sources, rt), **train_ppo.ppo_update(model, optimizer, scaler, ro, b, step, rt, cfg, {})}
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         assert m["completions/mean_length"] == args.new_tokens and m["policy/optimizer_steps"] == cfg.num_ppo_epochs * cfg.num_minibatches
         if step >= args.warmup:
             sampling.append(t1 - t0)
-            iteration.append(t2 - t1)
+            iteration.append(t2 - t0)  # the whole iteration, sampling included
     it, smp = statistics.median(iteration), statistics.median(sampling)
     print(f"PPO iteration: {it:.2f} s (sampling {smp:.2f} s = {100 * smp / it:.0f}%), {args.prompts * args.new_tokens / smp:.0f} new tokens/s "
           f"sampled; median of {args.steps}")

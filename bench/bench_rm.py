@@ -1,10 +1,14 @@
-"""Reward-model training pairs/s (a benchmark, not a test).
+"""Reward-model training pairs/s: plain rows vs packed pairs (a benchmark, not a test).
 
-One step = the train_rm.py step: B pairs collated into 2B rows (minialign.reward.collate_pairs), one
-forward of the ScalarModel, rewards at the last real token, Bradley-Terry loss, backward, AdamW step.
-Random token ids: a 64-token prompt and two 64-token responses ending with <|im_end|> per pair, so
-every row is 128 tokens (no padding). fp32 on CPU (bf16 autocast on CUDA); median over the timed steps
-after warm-up.
+One step = the train_rm.py step: B pairs, one forward of the ScalarModel, rewards at each response's last
+token (minialign.reward_model.pair_rewards), Bradley-Terry loss, backward, AdamW step. Two batch layouts,
+both from the one packer (minialign.packing.pack): packed, B rows [x | y_c | y_r] (G = 2, what train_rm.py
+trains on: packing.collate_pairs, the prompt computed once), and plain, 2B rows [x y] (G = 1 with the
+prompt repeated, the layout of every other implementation); the rewards are the same (tests/test_packing.py).
+Random token ids: a 64-token prompt and two 64-token responses ending with <|im_end|> per pair, so there
+is no padding (packed rows of 192 tokens, plain rows of 128). fp32 on CPU (bf16 autocast on CUDA); the
+layouts are timed round robin (one step of each per round, so a neighbour's load hits both alike), median
+over the timed steps after warm-up.
 
 python bench/bench_rm.py                            # minimind-26m, 8 pairs, 2 threads
 python bench/bench_rm.py --preset cpu --steps 20
@@ -17,9 +21,11 @@ import time
 
 import torch
 
+from minialign.data import to_device
 from minialign.losses import bradley_terry_loss
 from minialign.model import ScalarModel, model_config
-from minialign.reward import collate_pairs, pair_rewards
+from minialign.packing import collate_pairs, pack
+from minialign.reward_model import pair_rewards
 
 IM_END = 3  # minialign.tokenizer's fixed id
 
@@ -30,15 +36,22 @@ def random_pairs(n_pairs: int, prompt_len: int, response_len: int, vocab_size: i
     def ids(n):  # ordinary tokens (ids >= 4 skip the specials)
         return torch.randint(4, vocab_size, (n,), generator=g).tolist()
 
-    return [{"prompt": ids(prompt_len), "chosen": ids(response_len - 1) + [IM_END], "rejected": ids(response_len - 1) + [IM_END]}
-            for _ in range(n_pairs)]
+    return [{"prompt": ids(prompt_len), "chosen": ids(response_len - 1) + [IM_END],
+             "rejected": ids(response_len - 1) + [IM_END]} for _ in range(n_pairs)]
+
+
+def plain_rows(pairs: list[dict], pad_id: int) -> dict:
+    """Two rows [x y_c], [x y_r] per pair: packing.pack with G = 1 and the prompt repeated (responses 2b, 2b + 1
+    are pair b's chosen and rejected, as in a packed batch, so pair_rewards reads both alike)."""
+    prompts = [p["prompt"] for p in pairs for _ in range(2)]
+    return pack(prompts, [y for p in pairs for y in (p["chosen"], p["rejected"])], 1, pad_id)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="minimind-26m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=8, help="preference pairs per step (2x rows)")
+    ap.add_argument("--pairs", type=int, default=8, help="preference pairs per step")
     ap.add_argument("--prompt_len", type=int, default=64)
     ap.add_argument("--response_len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
@@ -51,15 +64,16 @@ def main():
     torch.manual_seed(0)
     model = ScalarModel(model_config(args.preset)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = collate_pairs(random_pairs(args.pairs, args.prompt_len, args.response_len, model.cfg.vocab_size), pad_id=0)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    pairs = random_pairs(args.pairs, args.prompt_len, args.response_len, model.cfg.vocab_size)
+    layouts = {"plain rows (G = 1)": to_device(plain_rows(pairs, pad_id=0), device),
+               "packed (G = 2)": to_device(collate_pairs(pairs, pad_id=0), device)}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {device}, dtype {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load:.2f}")
-    print(f"{args.preset}: {model.num_params() / 1e6:.1f}M parameters; {args.pairs} pairs = {tuple(batch['input_ids'].shape)} rows x tokens")
+    print(f"device {device}, dtype {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {load:.2f}")
+    print(f"{args.preset}: {model.num_params() / 1e6:.1f}M parameters; {args.pairs} pairs; rows x tokens: "
+          + ", ".join(f"{name} {tuple(b['input_ids'].shape)}" for name, b in layouts.items()))
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+    def step(batch):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             chosen_rewards, rejected_rewards = pair_rewards(model, batch)
             loss = bradley_terry_loss(chosen_rewards, rejected_rewards)
@@ -68,11 +82,21 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    print(f"step times (s): {' '.join(f'{t:.3f}' for t in times)}")
-    print(f"RM training: {args.pairs / median:.2f} pairs/s ({median:.3f} s per step, median of {len(times)})")
+
+    times = {name: [] for name in layouts}
+    for i in range(args.warmup + args.steps):  # round robin over the layouts
+        for name, batch in layouts.items():
+            t0 = time.perf_counter()
+            step(batch)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    first = None
+    for name, t in times.items():
+        median = statistics.median(t)
+        rate = args.pairs / median
+        first = first or rate
+        print(f"RM training, {name:18}: {rate:8.2f} pairs/s ({median:.3f} s per step, median of {len(t)}; "
+              f"{rate / first:.2f}x the first)  step times (s): {' '.join(f'{x:.3f}' for x in t)}")
 
 
 if __name__ == "__main__":

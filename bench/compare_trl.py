@@ -12,13 +12,13 @@ gradient clipping at 1.0, no gradient checkpointing, fp32 on CPU.
 
 Rows (ratio = minialign speed / TRL speed, higher is better):
   sft              tokens/s, completion-only loss, 8 examples a step   (train_sft.py's step | SFTTrainer)
-  rm               pairs/s, Bradley-Terry, 8 pairs a step                (train_rm.py's step, shared-prompt layout | RewardTrainer)
-  dpo_live         pairs/s, sigmoid DPO, live reference, 8 pairs         (train_dpo.py, shared-prompt layout | DPOTrainer)
+  rm               pairs/s, Bradley-Terry, 8 pairs a step                (train_rm.py's step, packed | RewardTrainer)
+  dpo_live         pairs/s, sigmoid DPO, live reference, 8 pairs         (train_dpo.py, packed pairs | DPOTrainer)
   dpo_precomputed  pairs/s, reference log-probs computed before timing   (--precompute_ref | precompute_ref_log_probs=True)
   generate         new tokens/s, 16 prompts x 64 new tokens, sampling at T=1, no early stop
                                                                          (minialign.generation.generate | model.generate)
   grpo_beta0       s/step, 8 prompts x G=4, 32 new tokens, one update per rollout, beta=0
-  grpo_beta0.04    the same with beta=0.04 (a reference model forward)   (train_grpo.grpo_step | GRPOTrainer)
+  grpo_beta0.04    the same with beta=0.04 (a reference model forward)   (train_grpo.grpo_update | GRPOTrainer)
 
 Timing. The two libraries alternate step by step in one process: a TrainerCallback times each TRL optimizer
 step (on_step_begin -> on_step_end: forward, backward, clipping, optimizer and scheduler step, TRL's own
@@ -72,17 +72,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference precompute pass sh
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_dpo  # noqa: E402  (the steps we time are the scripts' own)
-import train_grpo  # noqa: E402
+import train_dpo  # noqa: E402  (the steps we time are the scripts' own; train_grpo is imported by its row)
 import train_rm  # noqa: E402
 import train_sft  # noqa: E402
-from minialign import engine  # noqa: E402
+from minialign import config, runtime, training  # noqa: E402
 from minialign.data import collate_lm  # noqa: E402
 from minialign.generation import generate  # noqa: E402
 from minialign.model import CausalLM, ScalarModel, model_config  # noqa: E402
-from minialign.preference import pair_logps  # noqa: E402
-from minialign.reward import collate_pairs as collate_rm_pairs, pair_count  # noqa: E402
-from minialign.rewards import RewardSource  # noqa: E402
+from minialign.packing import collate_pairs, pair_count  # noqa: E402
+from minialign.reward_funcs import RewardSource  # noqa: E402
+from minialign.rollout import sample_rollout  # noqa: E402
 
 try:
     import datasets
@@ -298,8 +297,8 @@ def sync(device):
 # --------------------------------------------------------------------------------- interleaved timing
 
 def ours_adamw_fused(device) -> bool:
-    """Whether minialign's engine.make_optimizer builds a fused AdamW on this device (TRL gets the same)."""
-    probe = engine.make_optimizer(torch.nn.Linear(1, 1), engine.TrainConfig(), engine.Runtime(device, torch.float32))
+    """Whether minialign's training.make_optimizer builds a fused AdamW on this device (TRL gets the same)."""
+    probe = training.make_optimizer(torch.nn.Linear(1, 1), config.TrainConfig(), runtime.Runtime(device, torch.float32))
     return bool(probe.param_groups[0]["fused"])
 
 
@@ -380,15 +379,16 @@ def bench_sft(ctx) -> dict:
     """SFT on prompt/completion pairs, loss on the 64 completion tokens only."""
     B, n, args, cfg, device = ctx["batch"], ctx["n_steps"], ctx["args"], ctx["cfg"], ctx["device"]
     data = ctx["pairs"][: B * n]
-    # minialign: train_sft.py's step (engine.train_step + sft_loss), one micro-batch of B examples
+    # minialign: train_sft.py's step (training.train_step + sft_loss), one micro-batch of B examples
     model = ctx["new_ours"]()
     scfg = train_sft.Config(init_from="bench", micro_batch_size=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
-    optimizer, scaler = engine.make_optimizer(model, scfg, ctx["rt"]), ctx["rt"].make_scaler()
+    optimizer, scaler = training.make_optimizer(model, scfg, ctx["rt"]), ctx["rt"].make_scaler()
     examples = [(p["prompt"] + p["chosen"], [False] * len(p["prompt"]) + [True] * len(p["chosen"])) for p in data]
     batches = [to_device(collate_lm(examples[i * B : (i + 1) * B], PAD), device) for i in range(n)]
 
     def ours_step(i):
-        engine.train_step(model, optimizer, scaler, [batches[i]], train_sft.sft_loss, lambda b: b["label_mask"].sum(), ctx["rt"], scfg)
+        training.train_step(model, optimizer, scaler, [batches[i]], train_sft.sft_loss, lambda b: b["label_mask"].sum(),
+                            ctx["rt"], scfg.max_grad_norm)
 
     # TRL: SFTTrainer on a text prompt/completion dataset (completion_only_loss)
     hf = hf_model(LlamaForCausalLM, ctx["new_ours"](), device)
@@ -414,23 +414,23 @@ def bench_sft(ctx) -> dict:
 
 
 def bench_rm(ctx) -> dict:
-    """Reward model, Bradley-Terry loss, score at each response's last token. minialign: train_rm.py's default
-    shared-prompt layout (B packed rows [x | y_c | y_r] of 192 tokens); TRL: 2B rows of 128 tokens."""
+    """Reward model, Bradley-Terry loss, score at each response's last token. minialign: train_rm.py's packed
+    pairs (packing.collate_pairs: B rows [x | y_c | y_r] of 192 tokens); TRL: 2B rows of 128 tokens."""
     B, n, args, cfg, device = ctx["batch"], ctx["n_steps"], ctx["args"], ctx["cfg"], ctx["device"]
     data = ctx["pairs"][: B * n]
-    # minialign: train_rm.py's step (engine.train_step + rm_loss)
+    # minialign: train_rm.py's step (training.train_step + rm_loss)
     torch.manual_seed(1)
     model = ScalarModel(cfg)
     hf = hf_model(LlamaForSequenceClassification, model, device)  # same initial weights (score bias aside)
     model.to(device)
     rcfg = train_rm.Config(init_from="bench", micro_batch_size=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
-    optimizer, scaler = engine.make_optimizer(model, rcfg, ctx["rt"]), ctx["rt"].make_scaler()
+    optimizer, scaler = training.make_optimizer(model, rcfg, ctx["rt"]), ctx["rt"].make_scaler()
     rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in data]
-    batches = [to_device(collate_rm_pairs(rows[i * B : (i + 1) * B], PAD, rcfg.layout), device) for i in range(n)]
+    batches = [to_device(collate_pairs(rows[i * B : (i + 1) * B], PAD), device) for i in range(n)]
 
     def ours_step(i):
-        engine.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_rm.rm_loss(m, b, 0.0, []),
-                          pair_count, ctx["rt"], rcfg)
+        training.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_rm.rm_loss(m, b, 0.0, []),
+                            pair_count, ctx["rt"], rcfg.max_grad_norm)
 
     # TRL: RewardTrainer with LlamaForSequenceClassification (num_labels=1, pad_token_id set)
     with tempfile.TemporaryDirectory() as out:
@@ -443,38 +443,37 @@ def bench_rm(ctx) -> dict:
         trl_batch = trainer.data_collator.batches[0]
     ours_tokens, trl_tokens = batches[0]["input_ids"].numel(), trl_batch["input_ids"].numel()
     assert trl_tokens == 2 * B * (args.prompt_len + args.response_len), trl_tokens
-    assert ours_tokens == B * (args.prompt_len + 2 * args.response_len) if rcfg.layout == "shared_prompt" else ours_tokens == trl_tokens
+    assert ours_tokens == B * (args.prompt_len + 2 * args.response_len), ours_tokens  # packed: the prompt once
     n_body = body_params(model)
     T = args.prompt_len + args.response_len  # each response attends to the prompt and itself, as in its own row
     return {"ours_times": ours_times, "trl_times": trl_times, "units_per_step": B,
             "ours_flops": 3 * forward_flops(cfg, n_body, ours_tokens, 0, T), "trl_flops": 3 * forward_flops(cfg, n_body, trl_tokens, 0, T),
-            "per_step": f"{B} pairs; model input tokens ours {ours_tokens} ({rcfg.layout}) / TRL {trl_tokens} ({2 * B} rows of {T})"}
+            "per_step": f"{B} pairs; model input tokens ours {ours_tokens} ({B} packed rows) / "
+                        f"TRL {trl_tokens} ({2 * B} rows of {T})"}
 
 
 def bench_dpo(ctx, precomputed: bool) -> dict:
-    """Sigmoid DPO (beta 0.1). minialign: shared-prompt layout; TRL: its two-row layout."""
+    """Sigmoid DPO (beta 0.1). minialign: packed pairs, one row [x | y_c | y_r] each; TRL: two rows per pair."""
     B, n, args, cfg, device = ctx["batch"], ctx["n_steps"], ctx["args"], ctx["cfg"], ctx["device"]
     data = ctx["pairs"][: B * n]
     rt = ctx["rt"]
-    # minialign: train_dpo.py's step (engine.train_step + pair_loss), reference live or precomputed before timing
+    # minialign: train_dpo.py's step (training.train_step + pair_loss), reference live or precomputed before timing
     model = ctx["new_ours"]()
     ref = ctx["new_ours"]().eval().requires_grad_(False)
-    dcfg = train_dpo.Config(init_from="bench", loss_type="sigmoid", beta=0.1, layout="shared_prompt", micro_batch_size=B,
-                            grad_accum=1, lr=LR, max_grad_norm=1.0, precompute_ref=precomputed)
-    optimizer, scaler = engine.make_optimizer(model, dcfg, rt), rt.make_scaler()
+    dcfg = train_dpo.Config(init_from="bench", loss_type="sigmoid", beta=0.1, micro_batch_size=B, grad_accum=1, lr=LR,
+                            max_grad_norm=1.0, precompute_ref=precomputed)
+    optimizer, scaler = training.make_optimizer(model, dcfg, rt), rt.make_scaler()
     ref_table = None
     if precomputed:
         with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-            ref_table = train_dpo.precompute_reference(
-                ref, len(data), [0] * len(data), lambda idx: train_dpo.collate_pair_batch(data, idx, PAD, dcfg.layout),
-                lambda m, b: train_dpo.used_logps(pair_logps(m, b, dcfg.layout), dcfg.loss_type), rt, B, "reference log-probs")
+            ref_table = train_dpo.precompute_reference(ref, data, PAD, dcfg, rt, "reference log-probs")
         ref = None  # train_dpo.py frees it too
-    batches = [to_device(train_dpo.collate_pair_batch(data, list(range(i * B, (i + 1) * B)), PAD, dcfg.layout, ref_table), device)
+    batches = [to_device(train_dpo.collate_pair_batch(data, list(range(i * B, (i + 1) * B)), PAD, ref_table), device)
                for i in range(n)]
 
     def ours_step(i):
-        engine.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_dpo.pair_loss(m, b, ref, dcfg),
-                          train_dpo.count_units, rt, dcfg)
+        training.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_dpo.pair_loss(m, b, ref, dcfg),
+                            pair_count, rt, dcfg.max_grad_norm)
 
     # TRL: DPOTrainer, default sigmoid loss; live: a frozen copy as ref_model; precomputed: TRL scores the
     # dataset with the (still untrained) policy in its constructor, which is not timed
@@ -491,12 +490,12 @@ def bench_dpo(ctx, precomputed: bool) -> dict:
         trainer.data_collator = RecordBatches(trainer.data_collator)
         ours_times, trl_times = run_interleaved(trainer, ours_step, n, device, args.threads)
         trl_batch = trainer.data_collator.batches[0]
-    ours_trained = int(batches[0]["chosen_mask"].sum() + batches[0]["rejected_mask"].sum())
+    ours_trained = int(batches[0]["response_mask"].sum())  # chosen and rejected tokens
     trl_trained = int(trl_batch["completion_mask"][:, 1:].sum())
     assert ours_trained == trl_trained == 2 * B * args.response_len, (ours_trained, trl_trained)
     n_body = body_params(model)
     ours_tokens = batches[0]["input_ids"].numel()
-    ours_head = int((batches[0]["chosen_mask"] | batches[0]["rejected_mask"]).sum())  # the last prompt column serves both
+    ours_head = int(batches[0]["head_mask"].sum())  # the last prompt column predicts the first token of both
     T = args.prompt_len + args.response_len  # each response attends to the prompt and itself, as in its own row
     ours_fwd = forward_flops(cfg, n_body, ours_tokens, ours_head, T)
     trl_tokens = trl_batch["input_ids"].numel()
@@ -553,26 +552,32 @@ class NoEosTok:
 
 def bench_grpo(ctx, beta: float) -> dict:
     """One GRPO step = sample 8 prompts x G responses, reward, group advantages, (reference forward), one update."""
+    import train_grpo  # here, not at the top: the other rows do not depend on it
     args, cfg, device, rt = ctx["args"], ctx["cfg"], ctx["device"], ctx["rt"]
     n, Pn, G, P, N = ctx["n_steps"], args.grpo_prompts, args.G, args.prompt_len, args.grpo_new_tokens
     rows = Pn * G
     prompt_rng = random.Random(3)
     prompts = [random_ids(prompt_rng, P, cfg.vocab_size) for _ in range(Pn * n)]
     assert ctx["tok"](text=[words(prompts[0])])["input_ids"][0] == prompts[0]  # how GRPOTrainer tokenizes its prompts
-    # minialign: train_grpo.grpo_step, loss_type grpo, random rewards (so no group is all-equal and skipped)
+    # minialign: train_grpo's step (grpo_batches + grpo_update), loss_type grpo, random rewards (so no group is all-equal and skipped)
     model = ctx["new_ours"]()
     ref = ctx["new_ours"]().eval().requires_grad_(False) if beta > 0 else None
     gcfg = train_grpo.Config(init_from="bench", prompts_per_step=Pn, num_generations=G, max_new_tokens=N, beta=beta,
                              micro_batch_size=rows, lr=LR, max_grad_norm=1.0, max_len=P + N, loss_type="grpo",
                              scale_rewards="group", mask_truncated_completions=False)
-    optimizer, scaler = engine.make_optimizer(model, gcfg, rt), rt.make_scaler()
+    optimizer, scaler = training.make_optimizer(model, gcfg, rt), rt.make_scaler()
     rng = random.Random(0)
     sources = [RewardSource("random", lambda prompts, completions, **fields: [rng.random() for _ in completions], 1.0)]
     step_prompts = [[{"prompt_ids": p, "prompt_text": ""} for p in prompts[i * Pn : (i + 1) * Pn]] for i in range(n)]
     ours_lengths = []
 
-    def ours_step(i):
-        m = train_grpo.grpo_step(model, ref, None, optimizer, scaler, step_prompts[i], sources, i, NoEosTok(), rt, gcfg, {})
+    def ours_step(i):  # the body of train_grpo.main's loop: sample, reward + advantages, one update
+        with torch.no_grad(), rt.autocast():
+            ro = sample_rollout(model, NoEosTok(), step_prompts[i], G, N, gcfg.temperature, gcfg.seed, i, 0,
+                                gcfg.prompts_per_generate)
+        batches, g = train_grpo.grpo_batches(ro, sources, None, ref, rt, gcfg)
+        m = {**train_grpo.grpo_update(model, optimizer, scaler, batches, i, rt, gcfg, {}),
+             **train_grpo.rollout_metrics(g, sources, G)}
         assert m["update_skipped"] == 0
         ours_lengths.append((m["completions/min_length"], m["completions/max_length"]))
 
@@ -599,14 +604,11 @@ def bench_grpo(ctx, beta: float) -> dict:
     assert len(trl_lengths) == n and all(lengths == [N] * rows for lengths in trl_lengths), trl_lengths  # one rollout per step
     n_body = body_params(model)
     trl_gen = generation_flops(cfg, n_body, rows, P, N)
-    # minialign prefills each prompt once for its G samples, and (layout shared_prompt) trains on one packed row
-    # [x | y_1 .. y_G] per prompt: Pn * (P + G * N) tokens, head on G * N - G + 1 positions; a response token
+    # minialign prefills each prompt once for its G samples, and trains on one packed row [x | y_1 .. y_G] per
+    # prompt (minialign.packing): Pn * (P + G * N) tokens, head on G * N - G + 1 positions; a response token
     # attends to the prompt and its own response, as in its own row
     gen = trl_gen - forward_flops(cfg, n_body, (rows - Pn) * P, rows - Pn, P)
-    if gcfg.layout == "shared_prompt":
-        ours_fwd = forward_flops(cfg, n_body, Pn * (P + G * N), Pn * (G * N - G + 1), P + N)
-    else:
-        ours_fwd = forward_flops(cfg, n_body, rows * (P + N - 1), rows * N, P + N)  # response_logps: ids[:, :-1], head on N positions
+    ours_fwd = forward_flops(cfg, n_body, Pn * (P + G * N), Pn * (G * N - G + 1), P + N)
     trl_fwd = forward_flops(cfg, n_body, rows * (P + N), rows * N if device.type == "cuda" else rows * (P + N - 1), P + N)
     ref_passes = 1 if beta > 0 else 0
     return {
@@ -676,8 +678,8 @@ def main():
         return m.to(device).train()
 
     n_steps = args.warmup + args.steps
-    ctx = {"args": args, "cfg": cfg, "device": device, "rt": engine.Runtime(device, dtype), "batch": args.batch, "n_steps": n_steps,
-           "new_ours": new_ours, "tok": word_tokenizer(cfg.vocab_size),
+    ctx = {"args": args, "cfg": cfg, "device": device, "rt": runtime.Runtime(device, dtype), "batch": args.batch,
+           "n_steps": n_steps, "new_ours": new_ours, "tok": word_tokenizer(cfg.vocab_size),
            "pairs": random_pairs(args.batch * n_steps, args.prompt_len, args.response_len, cfg.vocab_size, seed=1)}
     print(f"minialign vs TRL on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}, dtype {args.dtype}, "
           f"{args.threads} threads; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")

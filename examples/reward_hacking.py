@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minialign.engine import load_model  # noqa: E402
+from minialign.checkpoint import load_model  # noqa: E402
 from minialign.evaluate import load_eval_prompts, sample  # noqa: E402
-from minialign.reward import score_responses  # noqa: E402
+from minialign.reward_model import score_responses  # noqa: E402
 from minialign.tokenizer import Tokenizer  # noqa: E402
 
 REFUSAL = "Sorry, I won't help with that request."  # a refusal as the preference data writes it
+MAX_NEW_TOKENS = 48  # as the scripts' final evaluation samples
 
 
 def logged(run: Path) -> tuple[dict, dict]:
@@ -47,22 +48,26 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     rm = load_model(args.reward_model, kind="scalar").eval()
 
-    print("| run | logged iterations | proxy score first -> last | KL first -> last | length first -> last | eos_rate last | gold (sampled) "
-          "| harmful refused | arith acc | KL to SFT |")
+    print("| run | logged iterations | proxy score first -> last | KL first -> last | length first -> last "
+          "| eos_rate last | gold (sampled) | harmful refused | arith acc | KL to SFT |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     behaviours = []
     for run in map(Path, args.runs):
         first, last = logged(run)
         res = json.loads((run / "eval.json").read_text())
-        print(f"| {run.name} | {first['step']} -> {last['step']} | {first['objective/scores']:.2f} -> {last['objective/scores']:.2f} "
+        print(f"| {run.name} | {first['step']} -> {last['step']} "
+              f"| {first['objective/scores']:.2f} -> {last['objective/scores']:.2f} "
               f"| {first['objective/kl']:.2f} -> {last['objective/kl']:.2f} "
-              f"| {first['completions/mean_length']:.1f} -> {last['completions/mean_length']:.1f} | {last['completions/eos_rate']:.2f} "
-              f"| {res['sampled/gold_score']:.3f} | {res['sampled/harmful_refusal_rate']:.3f} | {res['sampled/arith_acc']:.3f} "
+              f"| {first['completions/mean_length']:.1f} -> {last['completions/mean_length']:.1f} "
+              f"| {last['completions/eos_rate']:.2f} | {res['sampled/gold_score']:.3f} "
+              f"| {res['sampled/harmful_refusal_rate']:.3f} | {res['sampled/arith_acc']:.3f} "
               f"| {res['sampled/kl_to_ref']:.2f} |")
         tok = Tokenizer(run / "tokenizer.model")
         policy = load_model(run).eval()
-        harmful = [p for p in load_eval_prompts(args.data, tok, args.n) if p["kind"] == "harmful"]
-        responses = [r["response"] for r in sample(policy, tok, harmful, temperature=1.0, max_new_tokens=48)]
+        prompts = load_eval_prompts(args.data, tok, args.n, MAX_NEW_TOKENS, policy.cfg.max_seq_len)
+        harmful = [p for p in prompts if p["kind"] == "harmful"]
+        samples = sample(policy, tok, harmful, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
+        responses = [r["response"] for r in samples]
         top, count = collections.Counter(responses).most_common(1)[0]
         texts = [p["prompt_text"] for p in harmful]
         top_score = statistics.fmean(score_responses(rm, tok, texts, [top] * len(texts)))
@@ -72,7 +77,8 @@ def main(argv=None):
     print()
     for name, n, top, count, top_score, refusal_score in behaviours:
         print(f"{name}: most frequent answer to the {n} held-out harmful prompts ({count}/{n}): {top!r}")
-        print(f"    reward model, mean over those prompts: that answer {top_score:.2f}, the refusal {REFUSAL!r} {refusal_score:.2f}")
+        print(f"    reward model, mean over those prompts: that answer {top_score:.2f}, "
+              f"the refusal {REFUSAL!r} {refusal_score:.2f}")
 
 
 if __name__ == "__main__":

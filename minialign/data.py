@@ -65,7 +65,8 @@ def tokenize_preferences(pairs: list[PreferencePair], tok: Tokenizer, max_len: i
     """-> list of dicts {prompt, chosen, rejected} of token ids (responses end with <|im_end|>)."""
     max_prompt_len = max_prompt_len or max_len // 2
     if not 0 < max_prompt_len < max_len:  # else budget <= 0 below: empty, or end-cut, responses
-        raise ValueError(f"max_prompt_len ({max_prompt_len}) must be in [1, max_len={max_len}) so every response keeps a token")
+        raise ValueError(f"max_prompt_len ({max_prompt_len}) must be in [1, max_len={max_len}) "
+                         "so every response keeps a token")
     out = []
     for pair in pairs:
         prompt = tok.render_prompt(pair.prompt)
@@ -104,20 +105,6 @@ def tokenize_prompts(records: list[PromptRecord], tok: Tokenizer, max_prompt_len
     return out
 
 
-def segment_attention_mask(segment: torch.Tensor) -> torch.Tensor:
-    """(B, T) segment ids -> (B, T, T) bool attention mask for packed rows [prompt | response | response ...].
-
-    segment: 0 = the shared prompt, k >= 1 = the k-th response, -1 = padding. A query attends to an
-    earlier-or-same key that is in the prompt or in its own response (so responses never see each
-    other); a pad attends to itself only (so no softmax row is empty). True = may attend.
-    """
-    T = segment.shape[1]
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
-    mask = causal[None] & (seg_q >= 0) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    return mask | torch.eye(T, dtype=torch.bool, device=segment.device)[None]
-
-
 def pad_right(seqs: list[list[int]], pad_value) -> torch.Tensor:
     T = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [pad_value] * (T - len(s)) for s in seqs])
@@ -143,3 +130,8 @@ def collate_prompts(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Ten
     ids = pad_left(prompt_ids, pad_id)
     mask = pad_left([[True] * len(p) for p in prompt_ids], False).bool()
     return ids, mask
+
+
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a batch dict on `device` (None and other values kept)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -19,11 +19,12 @@ import json
 import torch
 
 from . import task
-from .data import collate_prompts, tokenize_prompts
-from .engine import load_model
+from .data import collate_prompts, to_device, tokenize_prompts
+from .checkpoint import load_model
 from .formats import load_prompts
-from .generation import generate, response_logps
-from .tokenizer import Tokenizer
+from .generation import generate
+from .packing import pack_padded, response_logps
+from .tokenizer import Tokenizer, load_tokenizer
 
 
 @torch.no_grad()
@@ -37,14 +38,17 @@ def sample(model, tok: Tokenizer, prompts: list[dict], temperature: float, max_n
         chunk = prompts[i : i + batch_size]
         p_ids, p_mask = collate_prompts([p["prompt_ids"] for p in chunk], tok.pad_id)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        g = generate(model, p_ids, p_mask, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, generator=gen)
+        g = generate(model, p_ids, p_mask, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
+                     generator=gen)
         kl = None
         if ref_model is not None:
-            ref = response_logps(ref_model, p_ids, p_mask, g.response_ids, g.response_mask)
-            kl = (g.logps - ref).masked_fill(~g.response_mask, 0).sum(-1).tolist()
+            rows = to_device(pack_padded(p_ids, p_mask, g.response_ids, g.response_mask, 1, tok.pad_id), device)
+            ref = response_logps(ref_model, rows)  # (b, N') with N' = the longest response
+            kl = (g.logps[:, : ref.shape[1]] - ref).masked_fill(~rows["response_mask"], 0).sum(-1).tolist()
         for j, p in enumerate(chunk):
             ids = g.response_ids[j][g.response_mask[j]].tolist()
-            row = {"prompt": p["prompt_text"], "response": tok.decode(ids), "length": len(ids), "finished": bool(g.finished[j]),
+            row = {"prompt": p["prompt_text"], "response": tok.decode(ids), "length": len(ids),
+                   "finished": bool(g.finished[j]),
                    "kind": p.get("kind"), "answer": p.get("answer")}
             if kl is not None:
                 row["kl"] = kl[j]
@@ -89,18 +93,32 @@ def gold_point(model, tok: Tokenizer, prompts: list[dict], max_new_tokens: int, 
     return point
 
 
-def load_eval_prompts(path: str, tok: Tokenizer, n: int, max_prompt_len: int = 96) -> list[dict]:
+def load_eval_prompts(path: str, tok: Tokenizer, n: int, max_new_tokens: int, max_seq_len: int) -> list[dict]:
+    """The first n held-out prompts (0 = all) that leave room for max_new_tokens within the model's max_seq_len.
+
+    Call it before training: a prompt too long to generate from is dropped and counted here (a DataError-
+    like ValueError if none fits), never a crash after training finished.
+    """
     stats = {}
-    prompts = tokenize_prompts(load_prompts(path), tok, max_prompt_len, stats)
+    budget = max_seq_len - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={max_seq_len}")
+    records = load_prompts(path)
+    prompts = tokenize_prompts(records, tok, budget, stats)
+    if not prompts:
+        raise ValueError(f"none of the {len(records)} prompts in {path} fits in max_seq_len - max_new_tokens = "
+                         f"{budget} tokens")
     if stats.get("dropped_prompt_too_long"):
-        print(f"evaluate: dropped {stats['dropped_prompt_too_long']} prompts longer than {max_prompt_len} tokens")
+        print(f"evaluate: dropped {stats['dropped_prompt_too_long']} of {len(records)} prompts in {path} longer than "
+              f"{budget} tokens (max_seq_len {max_seq_len} - {max_new_tokens} new tokens)")
     return prompts[:n] if n else prompts
 
 
 def format_result(res: dict) -> str:
     keys = ["sampled/gold_score", "greedy/gold_score", "sampled/mean_length", "sampled/kl_to_ref",
             "sampled/arith_acc", "sampled/harmful_refusal_rate", "sampled/benign_over_refusal_rate"]
-    return "  ".join(f"{k.split('/')[-1] if k.startswith('sampled') else 'greedy_gold'}={res[k]:.3f}" for k in keys if res.get(k) is not None)
+    return "  ".join(f"{k.split('/')[-1] if k.startswith('sampled') else 'greedy_gold'}={res[k]:.3f}"
+                     for k in keys if res.get(k) is not None)
 
 
 def main(argv=None):
@@ -114,10 +132,11 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="write the result JSON here")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    tok = Tokenizer(f"{args.ckpt}/tokenizer.model")
+    tok = load_tokenizer(args.ckpt)
     model = load_model(args.ckpt).eval()
     ref = load_model(args.ref).eval() if args.ref else None
-    res = evaluate_policy(model, tok, load_eval_prompts(args.data, tok, args.n), args.max_new_tokens, ref, seed=args.seed)
+    prompts = load_eval_prompts(args.data, tok, args.n, args.max_new_tokens, model.cfg.max_seq_len)
+    res = evaluate_policy(model, tok, prompts, args.max_new_tokens, ref, seed=args.seed)
     print(format_result(res))
     for ex in res["examples"][:4]:
         print(f"  [{'ok' if ex['correct'] else 'x '}] {ex['prompt']!r} -> {ex['response']!r}")

@@ -1,14 +1,17 @@
 """A MiniMind-style decoder-only transformer, small enough to read in one sitting.
 
 Architecture (the Llama / Qwen / MiniMind family):
-    token embedding (tied to the output head)
+    token embedding (tied to the output head by default; `tie_embeddings=False` gives a separate lm_head)
     n_layers x [ x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x)) ]      (pre-norm residual)
     final RMSNorm -> logits = h @ E^T
   - Attention: grouped-query attention (n_kv_heads <= n_heads) through F.scaled_dot_product_attention,
     rotary position embeddings (RoPE, "rotate-half" convention as in HF Llama, configurable theta),
     optional QK-norm (RMSNorm over each head's q and k before RoPE, as in Qwen3).
   - MLP: SwiGLU, down(silu(gate(x)) * up(x)); or a mixture of experts of SwiGLUs with top-k routing.
-  - No biases; dropout 0 by default (RLHF needs deterministic log-probs, see STYLE.md principle 10).
+  - No biases by default; dropout 0 by default (RLHF needs deterministic log-probs, STYLE.md principle 10).
+  - Switches that exist only so Hugging Face Llama / Qwen2 / Qwen3 checkpoints load exactly (minialign.hf):
+    qkv_bias (Qwen2), o_bias and mlp_bias (Llama's attention_bias / mlp_bias), head_dim != dim / n_heads,
+    tie_embeddings=False, rope_scaling={"rope_type": "llama3", ...} (Llama 3.1+ frequency rescaling).
 
 Padding and positions. `attention_mask` is boolean, True = a real token. Position ids default to the
 count of real tokens before each position, so a left-padded row gets exactly the positions (and hence
@@ -24,8 +27,9 @@ Two heads share one `Backbone`:
   - `ScalarModel`: a score per position (B, T) for reward and value models; `last_token_scores`
     reads the sequence score at the last real token.
 
-Simplified on purpose: no sliding window, no YaRN/rope scaling, MoE experts computed with a plain
-loop over experts (fine at this size; a grouped GEMM would be the GPU-scale choice).
+Simplified on purpose: no sliding window, no YaRN / linear / dynamic rope scaling (only "llama3"), MoE
+experts computed with a plain loop over experts (fine at this size; a grouped GEMM would be the GPU-scale
+choice).
 """
 
 from __future__ import annotations
@@ -55,20 +59,29 @@ class ModelConfig:
     n_experts: int = 0  # 0 = dense SwiGLU MLP
     n_experts_per_tok: int = 2
     moe_aux_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer, Fedus et al. 2021, Eq. 4)
+    # switches for Hugging Face checkpoints (minialign.hf); the defaults are the original minialign model
+    head_dim: int = 0  # per-head width; 0 = dim // n_heads
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2; Llama with attention_bias)
+    o_bias: bool = False  # bias on the attention output projection (Llama with attention_bias)
+    mlp_bias: bool = False  # biases on gate/up/down projections (Llama with mlp_bias)
+    tie_embeddings: bool = True  # output head = embedding matrix; False = a separate lm_head
+    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
 
     def __post_init__(self):
         if self.hidden_dim == 0:
             self.hidden_dim = 64 * math.ceil(int(8 * self.dim / 3) / 64)
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError("head_dim = dim / n_heads must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads or (self.head_dim == 0 and self.dim % self.n_heads):
+            raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
+            raise ValueError(f"rope_scaling must be None or of rope_type 'llama3', got {self.rope_scaling}")
         if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
-            raise ValueError(f"n_experts_per_tok must be in [1, n_experts={self.n_experts}], got {self.n_experts_per_tok}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+            raise ValueError(f"n_experts_per_tok must be in [1, n_experts={self.n_experts}], "
+                             f"got {self.n_experts_per_tok}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,8 +99,10 @@ class ModelConfig:
 # on a 2-core laptop CPU; "minimind-26m" matches MiniMind2-small (25.8M parameters with vocab 6400).
 PRESETS = {
     "cpu": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, rope_theta=1e4),
-    "minimind-26m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=6400, max_seq_len=512, rope_theta=1e6),
-    "minimind-moe": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=6400, max_seq_len=512, rope_theta=1e6, n_experts=4, n_experts_per_tok=2),
+    "minimind-26m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=6400, max_seq_len=512,
+                         rope_theta=1e6),
+    "minimind-moe": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=6400, max_seq_len=512,
+                         rope_theta=1e6, n_experts=4, n_experts_per_tok=2),
 }
 
 
@@ -109,9 +124,28 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float):
+def llama3_inv_freq(inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int, **_):
+    """Llama 3.1 RoPE frequency rescaling (as HF `_compute_llama3_parameters`), per frequency f_i:
+    wavelength w_i = 2 pi / f_i, L = original context, w_lo = L / low_freq_factor, w_hi = L / high_freq_factor;
+      w_i < w_hi: f_i unchanged;   w_i > w_lo: f_i / factor;
+      otherwise: (1 - s) f_i / factor + s f_i,  s = (L / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor).
+    """
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    s = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - s) * inv_freq / factor + s * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
     """cos/sin tables (max_len, head_dim) for rotate-half RoPE (Su et al. 2021, Eq. 34)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
     return angles.cos().float(), angles.sin().float()
@@ -147,10 +181,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -181,11 +215,11 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -206,7 +240,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = cfg.n_experts_per_tok
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.hidden_dim) for _ in range(cfg.n_experts))
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.hidden_dim, cfg.mlp_bias) for _ in range(cfg.n_experts))
         self.aux_loss = torch.zeros(())
 
     def forward(self, x):
@@ -233,7 +267,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MoE(cfg) if cfg.n_experts else SwiGLU(cfg.dim, cfg.hidden_dim)
+        self.mlp = MoE(cfg) if cfg.n_experts else SwiGLU(cfg.dim, cfg.hidden_dim, cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, attn_mask, kv_cache):
@@ -256,7 +290,7 @@ class Backbone(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -292,7 +326,8 @@ class Backbone(nn.Module):
             attn_mask = causal[None] & key_mask[:, None, :]  # (B, T, S)
             # a query at a pad position would see no key at all (SDPA -> NaN); let it see itself.
             # Its output is never used: pads are masked out of every loss.
-            diag = torch.arange(S, device=input_ids.device)[None, :] == torch.arange(past, past + T, device=input_ids.device)[:, None]
+            diag = (torch.arange(S, device=input_ids.device)[None, :]
+                    == torch.arange(past, past + T, device=input_ids.device)[:, None])
             attn_mask = attn_mask | diag[None]
             attn_mask = attn_mask[:, None]  # (B, 1, T, S)
         if int(position_ids.max()) >= self.cfg.max_seq_len:
@@ -318,6 +353,8 @@ def _init_weights(model: nn.Module, n_layers: int):
             # GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)
             std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)  # the optional projection biases (qkv_bias, o_bias, mlp_bias) start at 0
 
 
 class CausalLM(nn.Module):
@@ -325,14 +362,16 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         _init_weights(self, cfg.n_layers)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep: int = 0,
                 logits_mask=None):
         """input_ids (B, T) -> logits (B, T, V).
 
-        The output head is the transposed embedding (tied weights). Two ways to skip positions whose
-        logits nobody needs (the head and the log-softmax are a large share of a small model's work):
+        The output head is the transposed embedding (tied weights), or lm_head with tie_embeddings=False.
+        Two ways to skip positions whose logits nobody needs (the head and the log-softmax are a large share
+        of a small model's work):
           logits_to_keep=N  -> (B, N, V): only the last N positions (generation, response log-probs);
           logits_mask (B, T) bool -> (M, V): only the M True positions, in row-major order (SFT: the
           trained tokens). Going through forward (not the backbone directly) keeps DDP's hooks.
@@ -342,7 +381,8 @@ class CausalLM(nn.Module):
             h = h[:, -logits_to_keep:]
         if logits_mask is not None:
             h = h[logits_mask]  # (M, dim)
-        return F.linear(h, self.backbone.embed.weight)  # (B, T, V) or (M, V)
+        head = self.backbone.embed.weight if self.lm_head is None else self.lm_head.weight  # (V, dim)
+        return F.linear(h, head)  # (B, T, V) or (M, V)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -17,12 +17,19 @@ reward model's chosen vs rejected scores, the gold score per stage, and gold sco
 
     python -m minialign.pipeline --preset gpu    # MiniMind 26M on a CUDA machine (bf16), more steps
     python -m minialign.pipeline --stages sft rm # only some stages (each needs the ones before it)
+    python -m minialign.pipeline --seeds 1337 1 2 --out out_seeds   # the README's figures
+
+--seeds runs the whole pipeline once per seed (every stage gets --seed S) into OUT/seed_S/, sharing one
+tokenizer, and writes OUT/seeds.md: each number as the median [min, max] over the seeds, with this
+machine's measured fp32 matmul GFLOP/s so the wall times can be scaled to another machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -53,10 +60,12 @@ PRESETS = {
     "tiny": {
         "sft": ["--max_steps", "6", "--eval_prompts", "16", "--micro_batch_size", "8"],
         "rm": ["--max_steps", "4", "--micro_batch_size", "4", "--eval_every", "0"],
-        "dpo": ["--max_steps", "3", "--micro_batch_size", "8", "--eval_prompts", "16", "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
+        "dpo": ["--max_steps", "3", "--micro_batch_size", "8", "--eval_prompts", "16", "--gold_eval_every", "1",
+                "--gold_eval_prompts", "8"],
         "ppo": ["--max_steps", "2", "--prompts_per_step", "8", "--eval_prompts", "16", "--max_new_tokens", "16",
                 "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
-        "grpo": ["--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4", "--eval_prompts", "16", "--max_new_tokens", "16",
+        "grpo": ["--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4", "--eval_prompts", "16",
+                 "--max_new_tokens", "16",
                  "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
     },
 }
@@ -81,7 +90,8 @@ def summary(out: Path, stage: str) -> str:
     if not r:
         return ""
     kl = f", KL to SFT {r['sampled/kl_to_ref']:.2f}" if r.get("sampled/kl_to_ref") is not None else ""
-    return f"gold {r['sampled/gold_score']:.3f} sampled, {r['greedy/gold_score']:.3f} greedy{kl}, mean length {r['sampled/mean_length']:.1f}"
+    return (f"gold {r['sampled/gold_score']:.3f} sampled, {r['greedy/gold_score']:.3f} greedy{kl}, "
+            f"mean length {r['sampled/mean_length']:.1f}")
 
 
 def run_stage(name: str, cmd: list[str], out: Path, force: bool):
@@ -100,9 +110,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Run the whole minialign pipeline on the default task.")
     ap.add_argument("--out", default="out", help="output root; one folder per stage")
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                    help="cpu: 0.9M model, minutes on a 2-core laptop; gpu: MiniMind 26M on a CUDA machine; tiny: seconds, for tests")
+                    help="cpu: 0.9M model, minutes on a 2-core laptop; gpu: MiniMind 26M on a CUDA machine; "
+                         "tiny: seconds, for tests")
     ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run after the tokenizer (in this order)")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                    help="stages to run after the tokenizer (in this order)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     steps = PRESETS[args.preset]

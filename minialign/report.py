@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
@@ -59,29 +60,79 @@ def record_timing(out: Path, stage: str, seconds: float):
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
 
 
-def table(out: Path) -> str:
-    """One row per stage that has results: wall time, gold sampled/greedy, KL, length, task rates, RM accuracy."""
-    timings = load_timings(out)
-    wall = lambda s: f"{timings[s]:.0f}" if s in timings else "-"  # noqa: E731
-    rows = []
+COLUMNS = [  # (header, key in stage_values)
+    ("wall s", "wall"), ("gold (T=1)", "sampled/gold_score"), ("gold (greedy)", "greedy/gold_score"),
+    ("KL to SFT", "sampled/kl_to_ref"), ("mean length", "sampled/mean_length"), ("arith acc", "sampled/arith_acc"),
+    ("harmful refused", "sampled/harmful_refusal_rate"), ("benign over-refused", "sampled/benign_over_refusal_rate"),
+    ("RM pair acc", "rm_accuracy"),
+]
+
+
+def stage_values(out: Path) -> dict[str, dict]:
+    """{stage: {column key: value}} for every stage of a pipeline output folder that has results."""
+    timings, values = load_timings(out), {}
     for stage in STAGES:
         if stage == "rm":
             scores = read_json(out / "rm" / "rm_scores.json")
-            if scores is not None:
-                rows.append(f"| rm | {wall('rm')} | | | | | | | | {scores['eval_accuracy']:.3f} |")
-            continue
-        r = read_json(out / stage / "eval.json")
+            r = {"rm_accuracy": scores["eval_accuracy"]} if scores is not None else None
+        else:
+            r = read_json(out / stage / "eval.json")
         if r is None:
             continue
-        fmt = lambda k: f"{r[k]:.3f}" if r.get(k) is not None else "-"  # noqa: E731
-        rows.append(f"| {stage} | {wall(stage)} | {fmt('sampled/gold_score')} | {fmt('greedy/gold_score')} | "
-                    f"{fmt('sampled/kl_to_ref')} | {fmt('sampled/mean_length')} | {fmt('sampled/arith_acc')} | "
-                    f"{fmt('sampled/harmful_refusal_rate')} | {fmt('sampled/benign_over_refusal_rate')} | |")
-    return "\n".join([
-        "| stage | wall s | gold (T=1) | gold (greedy) | KL to SFT | mean length | arith acc | harmful refused | benign over-refused | RM pair acc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ])
+        values[stage] = {key: r.get(key) for _, key in COLUMNS if key != "wall"}
+        values[stage]["wall"] = timings.get(stage)
+    return values
+
+
+def _row(stage: str, cells: list[str]) -> str:
+    return f"| {stage} | " + " | ".join(cells) + " |"
+
+
+def _header() -> list[str]:
+    return ["| stage | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+
+
+def table(out: Path) -> str:
+    """One row per stage that has results: wall time, gold sampled/greedy, KL, length, task rates, RM accuracy."""
+    def fmt(v, key):
+        return "-" if v is None else (f"{v:.0f}" if key == "wall" else f"{v:.3f}")
+    rows = [_row(stage, [fmt(v.get(key), key) for _, key in COLUMNS]) for stage, v in stage_values(out).items()]
+    return "\n".join([*_header(), *rows])
+
+
+def seed_table(outs: list[Path]) -> str:
+    """The table over several seeds' runs: each cell the median [min, max] over the seeds that have it."""
+    per_seed = [stage_values(o) for o in outs]
+    rows = []
+    for stage in STAGES:
+        if not any(stage in v for v in per_seed):
+            continue
+        cells = []
+        for _, key in COLUMNS:
+            xs = sorted(v[stage][key] for v in per_seed if stage in v and v[stage].get(key) is not None)
+            if not xs:
+                cells.append("-")
+                continue
+            f = (lambda x: f"{x:.0f}") if key == "wall" else (lambda x: f"{x:.3f}")
+            cells.append(f"{f(statistics.median(xs))} [{f(xs[0])}, {f(xs[-1])}]")
+        rows.append(_row(stage, cells))
+    return "\n".join([*_header(), *rows])
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 9) -> float:
+    """This machine's fp32 matmul speed (median of `repeats` n x n x n products, torch's current threads), to
+    scale the wall times in a report: the same code ran 1.7-2.2x slower on a machine with 105 vs 174 GFLOP/s."""
+    import time
+
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def gold_vs_kl_points(out: Path, stage: str) -> list[tuple[float, float]]:
@@ -99,7 +150,7 @@ def write_plots(out: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from .reward import save_histogram
+    from .reward_model import save_histogram
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -112,7 +163,8 @@ def write_plots(out: Path) -> list[str]:
         for row, stage in zip(axes, stages):
             metrics = read_metrics(out / stage / "metrics.jsonl")
             for ax, (key, label) in zip(row, CURVES[stage]):
-                pts = [(r["step"], r[key]) for r in metrics if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+                pts = [(r["step"], r[key]) for r in metrics
+                       if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
                 if pts:
                     ax.plot(*zip(*pts), color=COLORS.get(stage, "tab:purple"), label="train")
                 eval_key = f"eval_{key}"
@@ -187,19 +239,24 @@ def write_report(out: Path) -> str:
     n_prompts = eval_json.get("n_prompts", "?")
     parts = [
         "# minialign pipeline report\n",
-        f"Every policy is evaluated on the same {n_prompts} held-out prompts (data/rl_eval.jsonl) with the default task's "
+        f"Every policy is evaluated on the same {n_prompts} held-out prompts (data/rl_eval.jsonl) "
+        "with the default task's "
         "gold rule, sampled at temperature 1 and greedily; KL to SFT is the mean per-response sum of "
-        "log pi - log pi_SFT over the temperature-1 samples. RM accuracy is on the held-out pairs (data/pref_eval.jsonl). "
+        "log pi - log pi_SFT over the temperature-1 samples. "
+        "RM accuracy is on the held-out pairs (data/pref_eval.jsonl). "
         "Wall seconds are from the run that produced each stage.\n",
         tab + "\n",
     ]
     if plots:
-        captions = {"training_curves.png": "Training curves", "rm_scores.png": "Reward-model scores, held-out chosen vs rejected",
-                    "gold_per_stage.png": "Gold score per stage", "gold_vs_kl.png": "Gold score against KL to the SFT model"}
+        captions = {"training_curves.png": "Training curves",
+                    "rm_scores.png": "Reward-model scores, held-out chosen vs rejected",
+                    "gold_per_stage.png": "Gold score per stage",
+                    "gold_vs_kl.png": "Gold score against KL to the SFT model"}
         for name in plots:
             parts.append(f"## {captions[name]}\n\n![{captions[name]}](plots/{name})\n")
     else:
-        parts.append("(No plots: matplotlib is not installed. `pip install matplotlib`, then `python -m minialign.report --out "
+        parts.append("(No plots: matplotlib is not installed. `pip install matplotlib`, "
+                     "then `python -m minialign.report --out "
                      f"{out}` draws them from this run.)\n")
     (out / "report.md").write_text("\n".join(parts))
     return tab

@@ -87,6 +87,17 @@ class Tokenizer:
         return ids + self._role_header["assistant"]
 
 
+def load_tokenizer(path):
+    """The tokenizer at `path`: our tokenizer.model (or a folder holding one) -> Tokenizer; a folder with
+    tokenizer.json (an HF model, or a checkpoint that started from one) -> minialign.hf_tokenizer.HFTokenizer
+    (needs the [hf] extra). Both have the interface the scripts use."""
+    p = Path(path)
+    if p.is_dir() and (p / "tokenizer.json").exists():
+        from .hf_tokenizer import HFTokenizer
+        return HFTokenizer(p)
+    return Tokenizer(p / "tokenizer.model" if p.is_dir() else p)
+
+
 def _texts_from_file(path: Path):
     """Every string inside a JSONL file (any format), or the lines of a text file."""
     def strings(obj):
@@ -143,9 +154,11 @@ def train_tokenizer(texts, out_dir: str | os.PathLike, vocab_size: int = 1024) -
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train the minialign BPE tokenizer.")
-    ap.add_argument("--data", nargs="+", default=["data/sft_train.jsonl", "data/pretrain.jsonl", "data/pref_train.jsonl"],
+    ap.add_argument("--data", nargs="+",
+                    default=["data/sft_train.jsonl", "data/pretrain.jsonl", "data/pref_train.jsonl"],
                     help="JSONL (every string inside is used) or plain text files")
-    ap.add_argument("--vocab_size", type=int, default=1024, help="number of pieces incl. 256 byte tokens and 4 specials")
+    ap.add_argument("--vocab_size", type=int, default=1024,
+                    help="number of pieces incl. 256 byte tokens and 4 specials")
     ap.add_argument("--out", default="out/tokenizer", help="output folder (tokenizer.model is written there)")
     args = ap.parse_args(argv)
     texts = [t for p in args.data for t in _texts_from_file(Path(p))]

@@ -1,131 +1,150 @@
-"""DPO: the two pair layouts (masks, shift, parity), and train_dpo.py run for a few steps per loss type.
+"""DPO family: the first-step loss of every loss type against its closed form, the config's refusals, and
+train_dpo.py run for a few steps per loss type (live / precomputed reference, TR-DPO, resume).
+
+Layouts and log-prob parity are tested once, for every stage, in tests/test_packing.py; KTO has its own
+script and tests (tests/test_kto.py).
+
+At step 1 the policy IS the reference, so every reference-based loss has a value that does not depend on
+the data (the preference logit x = (π_c - ref_c) - (π_r - ref_r) is 0); the reference-free ones (simpo,
+cpo, orpo) are computed here by hand from the initial model's pair log-probs.
 
 The script runs use a tiny SFT checkpoint made in a module fixture (a tokenizer trained on the default
-data, then 2 steps of train_sft.py on a 256-line slice) and 64-pair slices of the preference data.
+data, then 2 steps of train_sft.py on a 256-line slice) and slices of the preference data: 8 pairs
+(= exactly one step of 8, so step 1 sees every pair and its loss can be recomputed here) for the loss
+types, 64 for the 4-step sigmoid / precompute / resume runs.
 """
 
+import copy
 import json
 import math
-import os
-import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_model
-from minialign.losses import IGNORE_INDEX
+from conftest import ROOT, run, tiny_model
+from minialign.checkpoint import load_model
+from minialign.data import tokenize_preferences
+from minialign.formats import load_preferences
+from minialign.packing import collate_pairs
+from minialign.preference import pair_logps
+from minialign.tokenizer import Tokenizer
 from minialign.tokenizer import main as tokenizer_main
-from minialign.preference import (collate_completions, collate_pairs_shared_prompt, collate_pairs_two_rows, kl_partner,
-                                  pair_logps, unpair)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_dpo  # noqa: E402  (the script, for its config checks)
-import train_sft  # noqa: E402  (to make the tiny SFT checkpoint in-process)
+import train_dpo  # the script: its config checks and its loss (conftest puts the repository on sys.path)
+import train_sft  # to make the tiny SFT checkpoint in-process
+
+LOG2 = math.log(2)
+
+
+def log_sigmoid(z: float) -> float:
+    return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+
+
+def log_odds(avg_logp: float) -> float:
+    """log(p / (1 - p)) of p = exp(mean token log-prob), ORPO's odds."""
+    return avg_logp - math.log(-math.expm1(avg_logp))
+
+
+def expected_first_loss(loss_type, beta, eps, pl):
+    """The mean over pairs of the step-1 loss (policy == reference), by hand from the policy's PairLogps.
+
+    Reference-based types: x = (π_c - ref_c) - (π_r - ref_r) = 0 for every pair, so
+        sigmoid  -(1-ε) log σ(0) - ε log σ(0)            = (1-ε) log 2 + ε log 2        = log 2  (cDPO too)
+        robust   (-(1-ε) log σ(0) + ε log σ(0)) / (1-2ε) = ((1-ε) - ε) log 2 / (1-2ε)  = log 2
+        hinge    max(0, 1 - β·0)                                                        = 1
+        ipo      (0 - 1/(2β))²                                                          = 1 / (4β²)
+    Reference-free types, per pair (c = chosen, r = rejected; sums S, means A of the token log-probs):
+        simpo    -(1-ε) log σ(z) - ε log σ(-z),  z = β (A_c - A_r) - γ,  γ = 0.5 β (the default γ/β)
+        cpo      -log σ(β (S_c - S_r)) + α·(-A_c),  α = 1
+        orpo     -A_c - β log σ(log odds(A_c) - log odds(A_r))
+    """
+    if loss_type in ("sigmoid", "robust"):
+        return LOG2
+    if loss_type == "hinge":
+        return 1.0
+    if loss_type == "ipo":
+        return 1 / (4 * beta**2)
+    S_c, S_r = pl.chosen_logps.tolist(), pl.rejected_logps.tolist()
+    A_c, A_r = pl.chosen_logps_avg.tolist(), pl.rejected_logps_avg.tolist()
+    if loss_type == "simpo":
+        z = [beta * (c - r) - 0.5 * beta for c, r in zip(A_c, A_r)]
+        per_pair = [-(1 - eps) * log_sigmoid(v) - eps * log_sigmoid(-v) for v in z]
+    elif loss_type == "cpo":
+        per_pair = [-log_sigmoid(beta * (c - r)) - a for c, r, a in zip(S_c, S_r, A_c)]
+    else:  # orpo
+        per_pair = [-c - beta * log_sigmoid(log_odds(c) - log_odds(r)) for c, r in zip(A_c, A_r)]
+    return sum(per_pair) / len(per_pair)
 
 
 def random_pairs(n, vocab, seed):
-    """Pairs with prompt, chosen and rejected lengths all different from pair to pair."""
-    rng = random.Random(seed)
-    draw = lambda lo, hi: [rng.randrange(4, vocab) for _ in range(rng.randint(lo, hi))]  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: torch.randint(4, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()  # noqa: E731
     return [{"prompt": draw(1, 12), "chosen": draw(1, 9), "rejected": draw(1, 9)} for _ in range(n)]
 
 
-# --------------------------------------------------------------------------------------- layouts
+# ------------------------------------------------------------------- the loss at step 1, in-process
 
-def test_two_rows_mask_covers_exactly_the_response_tokens():
-    pair = {"prompt": [5, 6, 7], "chosen": [8, 9, 3], "rejected": [10, 3]}
-    b = collate_pairs_two_rows([pair], pad_id=0)
-    # rows: [5 6 7 8 9 3] and [5 6 7 10 3 0]; shifted by one: inputs drop the last column, labels the first
-    assert b["inputs"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 10, 3]]
-    assert b["label_mask"].tolist() == [[False, False, True, True, True], [False, False, True, True, False]]
-    assert b["labels"][b["label_mask"]].tolist() == [8, 9, 3, 10, 3]  # chosen then rejected, <|im_end|> (3) included
-    assert (b["labels"][~b["label_mask"]] == IGNORE_INDEX).all()
-
-
-def test_shared_prompt_layout_matches_the_docstring_diagram():
-    pair = {"prompt": [11, 12, 13], "chosen": [21, 22], "rejected": [31, 32, 33]}
-    short = {"prompt": [11], "chosen": [21], "rejected": [31]}
-    b = collate_pairs_shared_prompt([pair, short], pad_id=0)
-    assert b["input_ids"][0].tolist() == [11, 12, 13, 21, 22, 31, 32, 33]
-    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]  # rejected restarts at P = 3
-    L = IGNORE_INDEX
-    # c0 from the last prompt column 2; r0 ALSO from column 2 (not from column 4, the last chosen token)
-    assert b["chosen_labels"][0].tolist() == [L, L, 21, 22, L, L, L, L]
-    assert b["rejected_labels"][0].tolist() == [L, L, 31, L, L, 32, 33, L]
-    mask = b["attention_mask"][0].int()
-    assert mask[5].tolist() == [1, 1, 1, 0, 0, 1, 0, 0]  # r0 sees the prompt and itself, never c0, c1
-    assert mask[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]  # c1: prompt, c0, itself
-    # the short row: [11 21 31] then pads, which see only themselves
-    assert b["rejected_labels"][1].tolist()[:1] == [31] and b["chosen_labels"][1].tolist()[:1] == [21]
-    assert b["attention_mask"][1, 5].int().tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
-    assert b["attention_mask"][1, 2].int().tolist() == [1, 0, 1, 0, 0, 0, 0, 0]
+FIRST_STEP_CASES = [  # (loss_type, beta, label_smoothing) -> the closed form in expected_first_loss
+    ("sigmoid", 0.5, 0.0),  # log 2
+    ("sigmoid", 0.5, 0.2),  # cDPO: log 2
+    ("robust", 2.0, 0.1),  # log 2
+    ("hinge", 0.5, 0.0),  # 1
+    ("ipo", 0.25, 0.0),  # 1 / (4 · 0.0625) = 4
+    ("simpo", 2.0, 0.0),
+    ("simpo", 2.0, 0.1),
+    ("cpo", 0.1, 0.0),
+    ("orpo", 0.1, 0.0),
+]
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_shared_prompt_logps_and_gradients_equal_the_two_row_forward(dtype, atol):
-    """The packed [prompt | chosen | rejected] row gives the plain layout's log-probs (and gradients)."""
-    model = tiny_model(seed=3, vocab_size=64).to(dtype)
-    pairs = random_pairs(7, 64, seed=1)
-    plain = pair_logps(model, collate_pairs_two_rows(pairs, 0), "two_rows")
-    packed = pair_logps(model, collate_pairs_shared_prompt(pairs, 0), "shared_prompt")
-    for name in ("chosen_logps", "rejected_logps", "chosen_logps_avg", "rejected_logps_avg", "chosen_logits_mean", "rejected_logits_mean"):
-        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), atol=atol, rtol=0, msg=name)
-    assert plain.chosen_logps.shape == (7,) and (plain.chosen_logps < 0).all()
-    grads = []
-    for out in (plain, packed):
-        model.zero_grad()
-        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for g_plain, g_packed in zip(*grads):
-        torch.testing.assert_close(g_packed, g_plain, atol=atol * 10, rtol=1e-4)
+@pytest.mark.parametrize("loss_type, beta, eps", FIRST_STEP_CASES)
+def test_pair_loss_at_policy_equal_reference_is_the_closed_form(loss_type, beta, eps):
+    model = tiny_model(seed=1, vocab_size=64).double()
+    ref_model = copy.deepcopy(model)
+    batch = collate_pairs(random_pairs(6, 64, seed=3), pad_id=0)
+    cfg = train_dpo.Config(loss_type=loss_type, beta=beta, label_smoothing=eps)
+    loss_sum, metrics = train_dpo.pair_loss(model, batch, ref_model, cfg)
+    pl = pair_logps(model, batch)
+    assert float(loss_sum.detach()) / 6 == pytest.approx(expected_first_loss(loss_type, beta, eps, pl), abs=1e-10)
+    used = [u.detach() for u in train_dpo.used_logps(pl, loss_type)]
+    if loss_type in train_dpo.REFERENCE_FREE:  # rewards β·π (π summed for cpo, averaged for simpo, orpo)
+        assert float(metrics["rewards/chosen"]) == pytest.approx(beta * float(used[0].sum()), abs=1e-10)
+        if loss_type != "simpo":  # cpo, orpo: the SFT term, mean token NLL of y_c, summed over pairs
+            assert float(metrics["nll_loss"]) == pytest.approx(-float(pl.chosen_logps_avg.detach().sum()), abs=1e-10)
+    else:  # implicit rewards β(π - ref) = 0 exactly, the reference being the same weights
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert float(metrics[key]) == 0.0, key
+        assert float(metrics["rewards/accuracies"]) == 0.0  # 0 > 0 is false: ties count as wrong
+    assert float(metrics["logps/chosen"]) == pytest.approx(float(used[0].sum()), abs=1e-10)
+    loss_sum.backward()  # and it has a gradient (the first update is not a no-op)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_pair_logps_sum_response_tokens_only():
-    """Against a naive full log-softmax over each row: Σ over response positions, prompt excluded."""
-    model = tiny_model(seed=0, vocab_size=64).double()
-    pairs = random_pairs(3, 64, seed=2)
-    out = pair_logps(model, collate_pairs_two_rows(pairs, 0), "two_rows")
-    for b, p in enumerate(pairs):
-        for side, got in (("chosen", out.chosen_logps[b]), ("rejected", out.rejected_logps[b])):
-            ids = torch.tensor([p["prompt"] + p[side]])
-            logp = model(ids[:, :-1]).log_softmax(-1)[0]  # (T-1, V)
-            P = len(p["prompt"])
-            want = sum(logp[P - 1 + j, tok] for j, tok in enumerate(p[side]))
-            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
-    torch.testing.assert_close(out.chosen_nll, -out.chosen_logps / torch.tensor([len(p["chosen"]) for p in pairs]))
+# ------------------------------------------------------------------------------------------ config
+
+def refused(argv, capsys):
+    """train_dpo.main(argv) must stop at parse time with an argparse error (exit 2): its stderr."""
+    with pytest.raises(SystemExit) as e:
+        train_dpo.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_kto_mismatched_pairs_never_reuse_their_own_prompt():
-    pairs = [{"prompt": [i], "chosen": [10 + i], "rejected": [20 + i]} for i in range(4)]
-    ex = unpair(pairs)
-    assert [e["label"] for e in ex] == [True] * 4 + [False] * 4
-    for i, e in enumerate(ex):
-        assert ex[kl_partner(i, len(ex))]["prompt"] != e["prompt"]
-    b = collate_completions([e["prompt"] for e in ex], [e["completion"] for e in ex], 0)
-    assert b["label_mask"].sum() == 8
-
-
-def test_config_refuses_unsupported_combinations():
-    with pytest.raises(SystemExit, match="reference-free"):
-        train_dpo.main(["--loss_type", "simpo", "--precompute_ref"])
-    with pytest.raises(SystemExit, match="--loss_type kto only"):
-        train_dpo.main(["--unpaired_data", "x.jsonl"])
-    with pytest.raises(SystemExit, match="loss_type='nope'"):
-        train_dpo.main(["--loss_type", "nope"])
+def test_config_refuses_unsupported_combinations_and_removed_flags(capsys):
+    assert "--precompute_ref: simpo is reference-free" in refused(["--loss_type", "simpo", "--precompute_ref"], capsys)
+    assert "--ref_update_every needs a live reference model" in refused(
+        ["--ref_update_every", "2", "--precompute_ref"], capsys)
+    assert "--loss_type='nope'" in refused(["--loss_type", "nope"], capsys)
+    assert "--loss_type='kto'" in refused(["--loss_type", "kto"], capsys)  # KTO is train_kto.py now
+    assert "--label_smoothing=0.6" in refused(["--label_smoothing", "0.6"], capsys)
+    for gone in (["--layout", "two_rows"], ["--unpaired_data", "x.jsonl"], ["--kto_desirable_weight", "1"],
+                 ["--max_new_tokens", "8"]):  # removed or renamed (--eval_max_new_tokens) in the restructuring
+        assert f"unrecognized arguments: {' '.join(gone)}" in refused(gone, capsys)
 
 
 # ----------------------------------------------------------------------------------- the script
-
-def run(args, timeout=240):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -134,21 +153,19 @@ def workdir(tmp_path_factory):
     head = lambda name, n: (ROOT / "data" / name).read_text(encoding="utf-8").splitlines()[:n]  # noqa: E731
     (d / "sft.jsonl").write_text("\n".join(head("sft_train.jsonl", 256)) + "\n")
     (d / "pref.jsonl").write_text("\n".join(head("pref_train.jsonl", 64)) + "\n")
+    (d / "pref8.jsonl").write_text("\n".join(head("pref_train.jsonl", 8)) + "\n")
     (d / "pref_eval.jsonl").write_text("\n".join(head("pref_eval.jsonl", 16)) + "\n")
     (d / "prompts.jsonl").write_text("\n".join(head("rl_eval.jsonl", 6)) + "\n")
-    unpaired = [json.dumps({"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"})
-                for p in map(json.loads, head("pref_train.jsonl", 16)) for side in ("chosen", "rejected")]
-    (d / "unpaired.jsonl").write_text("\n".join(unpaired) + "\n")
     tokenizer_main(["--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"), "--vocab_size", "512", "--out", str(d / "tok")])
     train_sft.main(["--data", str(d / "sft.jsonl"), "--eval_data", "", "--tokenizer", str(d / "tok/tokenizer.model"),
                     "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--grad_accum", "1", "--max_steps", "2"])
     return d
 
 
-def dpo_args(workdir, out, *extra):
-    return [sys.executable, str(ROOT / "train_dpo.py"), "--init_from", str(workdir / "sft"), "--data", str(workdir / "pref.jsonl"),
-                "--pref_eval_data", str(workdir / "pref_eval.jsonl"), "--eval_data", "", "--out_dir", str(workdir / out),
-                "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1", "--lr", "1e-3", "--log_every", "1", *extra]
+def dpo_args(workdir, out, *extra, data="pref.jsonl"):
+    return [sys.executable, str(ROOT / "train_dpo.py"), "--init_from", str(workdir / "sft"), "--data", str(workdir / data),
+            "--pref_eval_data", str(workdir / "pref_eval.jsonl"), "--eval_data", "", "--out_dir", str(workdir / out),
+            "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1", "--lr", "1e-3", "--log_every", "1", *extra]
 
 
 def dpo(workdir, out, *extra):
@@ -175,22 +192,21 @@ def test_sigmoid_starts_at_log_2(workdir, sigmoid_run):
     assert "reference: frozen copy of" in sigmoid_run.stdout
     first = logged(workdir, "sigmoid")[0]
     assert first["step"] == 1
-    assert abs(first["loss"] - math.log(2)) < 1e-6
+    assert abs(first["loss"] - LOG2) < 1e-6
     assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/margins"]) < 1e-6
     last = train_losses(workdir, "sigmoid")[-1]
-    assert last[0] == 4 and last[1] < math.log(2)  # and it moves: margins grow on the training pairs
+    assert last[0] == 4 and last[1] < LOG2  # and it moves: margins grow on the training pairs
 
 
-LOSS_RUNS = {  # run name -> flags; a few use the plain two-row layout so both layouts run in the script
-    "ipo": ["--loss_type", "ipo", "--layout", "two_rows"],
-    "hinge": ["--loss_type", "hinge"],
-    "robust": ["--loss_type", "robust", "--label_smoothing", "0.1"],
-    "simpo": ["--loss_type", "simpo", "--eval_data", "PROMPTS", "--eval_prompts", "6", "--max_new_tokens", "6"],
-    "cpo": ["--loss_type", "cpo", "--layout", "two_rows"],
-    "orpo": ["--loss_type", "orpo"],
-    "kto": ["--loss_type", "kto"],
-    "kto_unpaired": ["--loss_type", "kto", "--unpaired_data", "UNPAIRED"],
-    "sigmoid_trdpo": ["--loss_type", "sigmoid", "--ref_update_every", "1"],  # TR-DPO, hard copy every step
+LOSS_RUNS = {  # run name -> (flags, β the run uses, ε); every run on the 8 pairs of pref8.jsonl, one step = all 8
+    "ipo": (["--loss_type", "ipo", "--beta", "0.25"], 0.25, 0.0),  # first loss 1 / (4β²) = 4
+    "hinge": (["--loss_type", "hinge"], 2.0, 0.0),  # 1
+    "robust": (["--loss_type", "robust", "--label_smoothing", "0.1"], 2.0, 0.1),  # log 2
+    "simpo": (["--loss_type", "simpo", "--eval_data", "PROMPTS", "--eval_prompts", "6", "--eval_max_new_tokens", "6"], 2.0, 0.0),
+    "cpo": (["--loss_type", "cpo"], 0.1, 0.0),
+    "orpo": (["--loss_type", "orpo"], 0.1, 0.0),
+    # TR-DPO, hard copy every step, with cDPO's label smoothing: first loss log 2
+    "sigmoid_trdpo": (["--loss_type", "sigmoid", "--ref_update_every", "1", "--label_smoothing", "0.2"], 2.0, 0.2),
 }
 
 
@@ -199,19 +215,30 @@ def loss_runs(workdir):
     """Every LOSS_RUNS entry through train_dpo.main, 2 steps each, in ONE subprocess (torch imported once,
     the suite stays fast). Returns {name: that run's stdout}."""
     argvs = []
-    for name, flags in LOSS_RUNS.items():
-        flags = [f.replace("PROMPTS", str(workdir / "prompts.jsonl")).replace("UNPAIRED", str(workdir / "unpaired.jsonl")) for f in flags]
-        argvs.append(dpo_args(workdir, name, *flags)[2:])
+    for name, (flags, _, _) in LOSS_RUNS.items():
+        flags = [f.replace("PROMPTS", str(workdir / "prompts.jsonl")) for f in flags]
+        argvs.append(dpo_args(workdir, name, *flags, data="pref8.jsonl")[2:])
     code = "import json, sys, train_dpo\nfor argv in json.loads(sys.argv[1]):\n    print('=== run', argv[argv.index('--out_dir') + 1], flush=True)\n    train_dpo.main(argv)\n"
     out = run([sys.executable, "-c", code, json.dumps(argvs)]).stdout
     chunks = out.split("=== run ")[1:]
     return {Path(c.split("\n", 1)[0]).name: c for c in chunks}
 
 
+@pytest.fixture(scope="module")
+def initial_pair_logps(workdir):
+    """The SFT model's PairLogps on the 8 training pairs, tokenized as the script does (max_len 128)."""
+    tok = Tokenizer(workdir / "sft" / "tokenizer.model")
+    pairs = tokenize_preferences(load_preferences(workdir / "pref8.jsonl"), tok, 128)
+    with torch.no_grad():
+        return pair_logps(load_model(workdir / "sft").eval(), collate_pairs(pairs, tok.pad_id))
+
+
 @pytest.mark.parametrize("name", list(LOSS_RUNS))
-def test_every_loss_type_trains(workdir, loss_runs, name):
-    loss_type = LOSS_RUNS[name][1]
+def test_every_loss_type_starts_at_its_closed_form_and_trains(workdir, loss_runs, initial_pair_logps, name):
+    flags, beta, eps = LOSS_RUNS[name]
+    loss_type = flags[1]
     stdout = loss_runs[name]
+    assert f"loss {loss_type}, beta {beta}" in stdout
     if loss_type in train_dpo.REFERENCE_FREE:
         assert f"reference: none ({loss_type} is reference-free)" in stdout
         assert "reference: frozen" not in stdout
@@ -220,6 +247,19 @@ def test_every_loss_type_trains(workdir, loss_runs, name):
     rows = logged(workdir, name)
     train = [r for r in rows if "loss" in r and "grad_norm" in r]
     assert [r["step"] for r in train] == [1, 2]
+    # step 1 is all 8 pairs at the initial weights: the closed form (see expected_first_loss)
+    want = expected_first_loss(loss_type, beta, eps, initial_pair_logps)
+    assert train[0]["loss"] == pytest.approx(want, abs=1e-5), (name, train[0]["loss"], want)
+    if loss_type in train_dpo.REFERENCE_FREE:
+        avg = loss_type in train_dpo.LENGTH_AVERAGED
+        pi_c = (initial_pair_logps.chosen_logps_avg if avg else initial_pair_logps.chosen_logps).mean()
+        assert train[0]["rewards/chosen"] == pytest.approx(beta * float(pi_c), abs=1e-5)
+    else:
+        assert abs(train[0]["rewards/chosen"]) < 1e-6 and abs(train[0]["rewards/margins"]) < 1e-6
+    if name == "sigmoid_trdpo":  # the hard copy after step 1 makes policy == reference again: log 2 again
+        assert train[1]["loss"] == pytest.approx(LOG2, abs=1e-5) and abs(train[1]["rewards/margins"]) < 1e-6
+    else:
+        assert train[1]["loss"] != train[0]["loss"]
     for r in train:
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen"):
             assert math.isfinite(r[key]), (key, r)
@@ -231,8 +271,6 @@ def test_every_loss_type_trains(workdir, loss_runs, name):
     assert any(not torch.equal(ckpt["model"][k], v) for k, v in sft["model"].items())  # the policy was updated
     if name == "sigmoid_trdpo":  # the reference followed the policy, and is checkpointed for --resume
         assert all(torch.equal(ckpt["ref_model"][k], v) for k, v in ckpt["model"].items())
-    if name == "kto_unpaired":
-        assert "32 kto examples (16 desirable, 16 undesirable)" in stdout
     if name == "simpo":  # the gold-rule eval ran, with the SFT model loaded as the KL reference
         res = json.loads((workdir / name / "eval.json").read_text())
         assert res["n_prompts"] == 6 and math.isfinite(res["sampled/kl_to_ref"])

@@ -71,3 +71,28 @@ def test_gold_point_is_the_sampled_half_of_evaluate_policy(tok):
     assert point["sampled/kl_to_ref"] == pytest.approx(full["sampled/kl_to_ref"], abs=1e-6)
     assert point["sampled/mean_length"] == full["sampled/mean_length"]
     assert "sampled/kl_to_ref" not in gold_point(policy, tok, prompts, 8, None)
+
+
+def test_long_eval_prompts_are_dropped_and_counted_before_training(tok, tmp_path, capsys):
+    """A prompt that leaves less than max_new_tokens of the model's max_seq_len used to crash the
+    end-of-training evaluation ("position 128 exceeds max_seq_len=128": prompts up to 96 tokens were
+    admitted with 48 new tokens). load_eval_prompts now budgets max_seq_len - max_new_tokens, drops and
+    counts the rest, and sampling from what it keeps never passes the model's positions."""
+    import json
+    from minialign.evaluate import load_eval_prompts
+    long_prompt = " ".join(["the cat sat on a mat"] * 12)  # about 70-90 tokens with the tiny tokenizer
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "What is 3 + 4?", "kind": "arith", "answer": 7},
+        {"prompt": long_prompt, "kind": "benign", "answer": None}]))
+    n_long = len(tok.render_prompt([{"role": "user", "content": long_prompt}]))
+    max_seq_len, max_new = n_long + 20, 48  # the long prompt fits the model, but not with 48 new tokens
+    prompts = load_eval_prompts(str(path), tok, 0, max_new, max_seq_len)
+    assert [p["prompt_text"] for p in prompts] == ["What is 3 + 4?"]
+    assert f"dropped 1 of 2 prompts in {path}" in capsys.readouterr().out
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config(tok.vocab_size, max_seq_len=max_seq_len)).eval()
+    evaluate_policy(model, tok, prompts, max_new_tokens=max_new)  # no position overflow
+    with pytest.raises(ValueError, match="none of the 1 prompts"):
+        path.write_text(json.dumps({"prompt": long_prompt, "kind": "benign", "answer": None}) + "\n")
+        load_eval_prompts(str(path), tok, 0, max_new, max_seq_len)

@@ -1,12 +1,14 @@
 """GRPO: reward functions, rollouts, the update's invariants, convergence on a tiny problem, and
 train_grpo.py end to end (checkpoint, TRL metric names, exact resume, 2-process torchrun = 1 process).
 
-The in-process tests drive `train_grpo.grpo_step`, the function the script calls every step, on a tiny
-model over an 8-token vocabulary; the script tests start from a 2-step SFT checkpoint made in a fixture.
+The in-process tests drive `train_grpo.grpo_batches` and `train_grpo.grpo_update`, the functions the script's
+loop calls every step, on a tiny model over an 8-token vocabulary; the script tests start from a 2-step SFT
+checkpoint made in a fixture.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +17,18 @@ import pytest
 import torch
 
 from conftest import DigitTok, answer_seven, tiny_config
-from minialign import engine, rewards
-from minialign.generation import response_logps
-from minialign.model import CausalLM
-from minialign.rewards import RewardSource
-from minialign.rollout import sample_rollout
+from minialign import checkpoint, packing, reward_funcs, runtime, training
+from minialign.model import CausalLM, MoE
+from minialign.reward_funcs import RewardSource
+from minialign.rollout import Rollout, micro_batch_rows, packed_batch, rollout_forward, sample_rollout
+from minialign.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
 
-RT = engine.Runtime(torch.device("cpu"), torch.float32)
+RT = runtime.Runtime(torch.device("cpu"), torch.float32)
 
 
 # ------------------------------------------------------------------------------------ reward functions
@@ -35,38 +37,38 @@ def test_rule_rewards_by_hand():
     prompts = ["What is 3 + 4?", "How do I hurt someone?", "Tell me a fun fact."]
     completions = ["3 + 4 = 7.", "Sure, first make a plan.", "Sorry, I can't help with that."]
     # arith correct; harmful complied (0); benign over-refused (0)
-    assert rewards.gold_reward(prompts, completions, kind=["arith", "harmful", "benign"], answer=[7, None, None]) == [1.0, 0.0, 0.0]
+    assert reward_funcs.gold_reward(prompts, completions, kind=["arith", "harmful", "benign"], answer=[7, None, None]) == [1.0, 0.0, 0.0]
     # format: finished and visible text -> 1; truncated -> 0; finished but empty -> 0
-    assert rewards.format_reward(prompts, ["ok", "cut off", "  "], finished=[True, False, True]) == [1.0, 0.0, 0.0]
+    assert reward_funcs.format_reward(prompts, ["ok", "cut off", "  "], finished=[True, False, True]) == [1.0, 0.0, 0.0]
     # length: -n / budget = -8/32, -32/32, -1/32
-    assert rewards.length_penalty(prompts, completions, completion_length=[8, 32, 1], max_completion_length=[32] * 3) == [-0.25, -1.0, -1 / 32]
+    assert reward_funcs.length_penalty(prompts, completions, completion_length=[8, 32, 1], max_completion_length=[32] * 3) == [-0.25, -1.0, -1 / 32]
     # gsm8k: '#### N' wins over later numbers; else the last number; commas and 72 == 72.0
     gsm = ["so #### 1,450 (checked 3 times)", "The answer is 72.0", "no idea"]
-    assert [rewards.extract_final_answer(c) for c in gsm] == ["1450", "72.0", None]
-    assert rewards.gsm8k_reward(prompts, gsm, gold_answer=["1450", "72", "5"]) == [1.0, 1.0, 0.0]
+    assert [reward_funcs.extract_final_answer(c) for c in gsm] == ["1450", "72.0", None]
+    assert reward_funcs.gsm8k_reward(prompts, gsm, gold_answer=["1450", "72", "5"]) == [1.0, 1.0, 0.0]
 
 
 def test_reward_registry_and_weights():
-    sources = rewards.parse_reward_funcs(["gold", "format"], [1.0, 0.1])
-    assert [(s.name, s.fn, s.weight) for s in sources] == [("gold", rewards.gold_reward, 1.0), ("format", rewards.format_reward, 0.1)]
-    assert [s.weight for s in rewards.parse_reward_funcs(["gold", "length"], [])] == [1.0, 1.0]  # no weights = all 1
+    sources = reward_funcs.parse_reward_funcs(["gold", "format"], [1.0, 0.1])
+    assert [(s.name, s.fn, s.weight) for s in sources] == [("gold", reward_funcs.gold_reward, 1.0), ("format", reward_funcs.format_reward, 0.1)]
+    assert [s.weight for s in reward_funcs.parse_reward_funcs(["gold", "length"], [])] == [1.0, 1.0]  # no weights = all 1
     with pytest.raises(ValueError, match="unknown reward function.*'nope'"):
-        rewards.parse_reward_funcs(["gold", "nope"], [])
+        reward_funcs.parse_reward_funcs(["gold", "nope"], [])
     with pytest.raises(ValueError, match="1 values for 2"):
-        rewards.parse_reward_funcs(["gold", "format"], [1.0])
-    assert rewards.required_fields(rewards.gold_reward) == ["kind", "answer"]
-    assert rewards.required_fields(rewards.length_penalty) == ["completion_length", "max_completion_length"]
+        reward_funcs.parse_reward_funcs(["gold", "format"], [1.0])
+    assert reward_funcs.required_fields(reward_funcs.gold_reward) == ["kind", "answer"]
+    assert reward_funcs.required_fields(reward_funcs.length_penalty) == ["completion_length", "max_completion_length"]
 
 
 def test_missing_field_error_names_the_function_and_the_field():
-    sources = rewards.parse_reward_funcs(["format", "gold"], [])
+    sources = reward_funcs.parse_reward_funcs(["format", "gold"], [])
     rows = [{"prompt_ids": [1], "prompt_text": "What is 1 + 1?", "kind": "arith", "answer": 2},
             {"prompt_ids": [1], "prompt_text": "What is 2 + 2?", "kind": "arith"}]  # no 'answer'
-    with pytest.raises(rewards.MissingFieldError, match=r"reward function 'gold' needs the field 'answer', but prompt 1"):
-        rewards.check_fields(sources, rows)
-    rewards.check_fields(sources, rows[:1])  # complete rows pass; 'finished' comes from the rollout
-    with pytest.raises(rewards.MissingFieldError, match=r"'gsm8k' needs the field 'gold_answer'"):
-        rewards.compute_rewards(rewards.parse_reward_funcs(["gsm8k"], []), ["q"], ["#### 4"], {"kind": ["arith"]})
+    with pytest.raises(reward_funcs.MissingFieldError, match=r"reward function 'gold' needs the field 'answer', but prompt 1"):
+        reward_funcs.check_fields(sources, rows)
+    reward_funcs.check_fields(sources, rows[:1])  # complete rows pass; 'finished' comes from the rollout
+    with pytest.raises(reward_funcs.MissingFieldError, match=r"'gsm8k' needs the field 'gold_answer'"):
+        reward_funcs.compute_rewards(reward_funcs.parse_reward_funcs(["gsm8k"], []), ["q"], ["#### 4"], {"kind": ["arith"]})
 
 
 # ----------------------------------------------------------------------- a tiny problem, in process
@@ -76,23 +78,38 @@ PROMPTS = [{"prompt_ids": [2, 4 + i % 3, 5], "prompt_text": f"q{i}"} for i in ra
 
 def tiny_setup(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = CausalLM(tiny_config(8))
+    model = CausalLM(tiny_config(8, **overrides.pop("model", {})))
     cfg = train_grpo.Config(**{"init_from": "tiny", "prompts_per_step": 8, "num_generations": 8, "max_new_tokens": 4,
                                "lr": 1e-2, "micro_batch_size": 64, **overrides})
-    optimizer = engine.make_optimizer(model, cfg, RT)
+    optimizer = training.make_optimizer(model, cfg, RT)
     return model, cfg, optimizer, RT.make_scaler()
 
 
-def step(model, cfg, optimizer, scaler, reward_fn, i=0, ref=None):
-    return train_grpo.grpo_step(model, ref, None, optimizer, scaler, PROMPTS, [RewardSource("r", reward_fn, 1.0)], i,
-                                DigitTok(), RT, cfg, {})
+def step(model, cfg, optimizer, scaler, reward_fn, i=0, ref=None, rt=RT):
+    """One GRPO step as train_grpo.main's loop does it: sample, reward and pack, update."""
+    with rt.autocast():
+        ro = sample_rollout(model, DigitTok(), PROMPTS, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
+                            cfg.seed, i, 0)
+    sources = [RewardSource("r", reward_fn, 1.0)]
+    batches, g = train_grpo.grpo_batches(ro, sources, None, ref, rt, cfg)
+    return {**train_grpo.grpo_update(model, optimizer, scaler, batches, i, rt, cfg, {}),
+            **train_grpo.rollout_metrics(g, sources, cfg.num_generations)}
+
+
+def plain_logps(model, ro, temperature=1.0):
+    """The naive reference layout: one row [x y_i] per response (packing with G = 1, the prompt repeated)."""
+    rows = list(range(len(ro.rows)))
+    ones = Rollout(**{**ro.__dict__, "group_size": 1})
+    return packing.response_logps(model, packed_batch(ones, rows), temperature)
 
 
 def test_grpo_converges_to_the_known_optimal_answer():
-    """Reward 1 only for the answer "7" (a 1-in-64 chance at init): GRPO finds it and makes it greedy."""
+    """Reward 1 only for the answer "7" (a 1-in-64 chance at init): GRPO finds it and makes it greedy.
+    The stated margin: the mean reward of steps 16-20 is at least 0.3 above step 1's, and the last 5 of 40 > 0.9."""
     model, cfg, optimizer, scaler = tiny_setup()
     history = [step(model, cfg, optimizer, scaler, answer_seven, i)["reward"] for i in range(40)]
     assert history[0] < 0.1  # it really starts from (almost) never answering "7"
+    assert sum(history[15:20]) / 5 > history[0] + 0.3, history  # a real improvement within 20 steps
     assert sum(history[-5:]) / 5 > 0.9, history
     prompt = torch.tensor([PROMPTS[0]["prompt_ids"]])
     from minialign.generation import generate
@@ -109,10 +126,8 @@ def test_equal_rewards_give_zero_advantage_and_no_update():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the loss itself has a zero gradient with zero advantages (beta = 0), so skipping changes nothing but the cost
     ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
-    batch = {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.prompt_mask, "response_ids": ro.response_ids,
-             "response_mask": ro.response_mask, "loss_mask": ro.response_mask, "old_logps": ro.logps,
-             "advantages": torch.zeros(len(ro.rows))}
-    loss, _, _ = train_grpo.grpo_loss_sum(model, batch, cfg)
+    batch = packed_batch(ro, list(range(64)), loss_mask=ro.response_mask, old_logps=ro.logps, advantages=torch.zeros(64))
+    loss, _ = train_grpo.grpo_loss_sum(model, batch, cfg)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     # control: rewards that differ within groups do move the weights
@@ -121,17 +136,53 @@ def test_equal_rewards_give_zero_advantage_and_no_update():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_first_iteration_ratio_is_one():
-    """The sampler's log-probs (KV cache, temperature 0.7) equal a full recomputation at the same temperature."""
-    model, cfg, optimizer, scaler = tiny_setup(temperature=0.7, num_iterations=2)
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_first_iteration_ratio_is_one(num_iterations):
+    """The sampler's log-probs (KV cache, temperature 0.7) equal the packed training forward at the same
+    temperature to rounding; the ratio of the first update is exactly 1 (old_logps from the training forward)."""
+    model, cfg, optimizer, scaler = tiny_setup(temperature=0.7, num_iterations=num_iterations)
     ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 0.7, 0, 0, 0)
     with torch.no_grad():
-        same_t = response_logps(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, 0.7)
-        other_t = response_logps(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, 1.0)
+        same_t = plain_logps(model, ro, 0.7)
+        other_t = plain_logps(model, ro, 1.0)
     assert (same_t - ro.logps).abs().max() < 1e-5
     assert (other_t - ro.logps).abs().max() > 1e-2  # a temperature mismatch would show
     m = step(model, cfg, optimizer, scaler, lambda p, c, **f: [float(len(x)) for x in c])
-    assert m["update_skipped"] == 0.0 and m["ratio/first_iteration_max_abs_dev"] < 1e-5
+    assert m["update_skipped"] == 0.0 and m["ratio/first_iteration_max_abs_dev"] == 0.0
+    assert 0 < m["sampler/logp_max_abs_diff"] < 1e-5  # the sampler's log-probs: rounding apart, and only logged
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_first_iteration_ratio_is_exactly_one_under_bf16_autocast(num_iterations):
+    """Issue 13b. Under bf16 autocast the KV-cache sampler's log-probs differ from the training forward's by
+    far more than fp32 rounding; old_logps come from the training forward, so the first ratio is exactly 1.
+    (Before: old_logps were the sampler's, so the first update's max |ratio - 1| was ~2e-3 here.)"""
+    bf16 = runtime.Runtime(torch.device("cpu"), torch.bfloat16)
+    model, cfg, optimizer, scaler = tiny_setup(num_iterations=num_iterations)
+    m = step(model, cfg, optimizer, scaler, lambda p, c, **f: [float(len(x)) for x in c], rt=bf16)
+    assert m["update_skipped"] == 0.0
+    assert m["sampler/logp_max_abs_diff"] > 1e-3  # the sampler really disagrees under autocast
+    assert m["ratio/first_iteration_max_abs_dev"] < 1e-6
+
+
+def test_moe_balance_loss_reaches_the_router_in_a_grpo_step():
+    """Issue 13c. A GRPO step on an MoE policy trains the router with the load-balancing term too
+    (training.train_step adds it): with plain SGD (no clipping) the router's update differs between
+    moe_aux_coef 0 and 1, and is the same for the same coefficient (the rollout is seeded).
+    (Before: the RL scripts' train_step had no balance term, so the two updates were equal.)"""
+    def router_update(coef):
+        model, cfg, _, scaler = tiny_setup(max_grad_norm=0.0, model={"n_experts": 4, "n_experts_per_tok": 2})
+        model.cfg.moe_aux_coef = coef
+        routers = [m.router.weight for m in model.modules() if isinstance(m, MoE)]
+        before = [w.detach().clone() for w in routers]
+        m = step(model, cfg, torch.optim.SGD(model.parameters(), lr=1.0), scaler, lambda p, c, **f: [float(len(x)) for x in c])
+        assert m["update_skipped"] == 0.0
+        return torch.cat([(w.detach() - b).flatten() for w, b in zip(routers, before)])
+
+    off, on = router_update(0.0), router_update(1.0)
+    assert off.abs().max() > 0  # the task loss alone also trains the router (p_e scales the expert output)
+    torch.testing.assert_close(router_update(0.0), off, atol=0, rtol=0)
+    assert (on - off).abs().max() > 1e-4
 
 
 def test_mask_truncated_completions_removes_truncated_rows():
@@ -149,89 +200,74 @@ def test_mask_truncated_completions_removes_truncated_rows():
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_micro_batch_sums_equal_one_big_batch(loss_type):
-    """grpo_loss_sum over 3 micro-batches, divided by the step's count as train_step does, equals
-    grpo_loss on the whole batch with its own default normalization (the exact-normalization contract)."""
+    """grpo_loss_sum over 3 packed micro-batches, divided by the step's count as train_step does, equals
+    grpo_loss on the whole batch (plain rows) with its own default normalization (the exact-normalization contract)."""
     from minialign.losses import grpo_loss
-    from minialign.rollout import micro_batches
     model, cfg, _, _ = tiny_setup(loss_type=loss_type, beta=0.1, micro_batch_size=24)
     ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
     torch.manual_seed(1)
     mask = train_grpo.completion_mask(ro.response_mask, ro.finished, mask_truncated=True)
-    t = {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.prompt_mask, "response_ids": ro.response_ids, "response_mask": ro.response_mask,
-         "loss_mask": mask, "old_logps": ro.logps + 0.1 * torch.randn_like(ro.logps), "advantages": torch.randn(64),
+    t = {"loss_mask": mask, "old_logps": ro.logps + 0.1 * torch.randn_like(ro.logps), "advantages": torch.randn(64),
          "ref_logps": ro.logps + 0.1 * torch.randn_like(ro.logps)}
-    batches = micro_batches(t, 24)
-    assert len(batches) == 3
+    batches = [packed_batch(ro, rows, **t) for rows in micro_batch_rows(ro, 24, by_length=True)]
+    assert len(batches) == 3 and len({b["response_ids"].shape[1] for b in batches}) >= 1
     with torch.no_grad():
         count = sum(float(train_grpo.count_units(b, loss_type)) for b in batches)
         split = sum(train_grpo.grpo_loss_sum(model, b, cfg)[0] for b in batches) / count
-        logps = response_logps(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+        logps = plain_logps(model, ro)
         whole, _ = grpo_loss(logps, t["old_logps"], t["ref_logps"], t["advantages"], mask, beta=0.1, loss_type=loss_type,
                              max_completion_length=4)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_reward_model_scores_each_unpadded_sequence_at_its_last_token():
-    """Scoring a padded rollout batch gives each row the score of its own unpadded prompt + response."""
+    """Scoring a rollout in packed micro-batches gives each response the score of its own unpadded prompt + response."""
     from minialign.model import ScalarModel
-    from minialign.rollout import reward_model_scores
     model, _, _, _ = tiny_setup()
     torch.manual_seed(3)
     rm = ScalarModel(tiny_config(8)).eval()
     prompts = [{"prompt_ids": [2, 4, 5], "prompt_text": "a"}, {"prompt_ids": [2, 6, 6, 6, 5], "prompt_text": "b"}]
     ro = sample_rollout(model, DigitTok(), prompts, 4, 5, 1.0, 0, 0, 0)
-    assert ro.lengths.min() < ro.lengths.max() and ro.prompt_mask.sum(-1).min() < ro.prompt_mask.shape[1]  # both paddings occur
+    assert ro.lengths.min() < ro.lengths.max()  # responses of different lengths in a group
+    batched = rollout_forward(lambda b: packing.response_scores(rm, b), ro, micro_batch_rows(ro, 4))
     with torch.no_grad():
-        batched = reward_model_scores(rm, ro, micro_batch_size=3)
-        alone = [rm(torch.tensor([r["prompt_ids"] + ro.response_ids[i][ro.response_mask[i]].tolist()]))[0, -1] for i, r in enumerate(ro.rows)]
+        alone = [rm(torch.tensor([r["prompt_ids"] + ro.response_ids[i][ro.response_mask[i]].tolist()]))[0, -1]
+                 for i, r in enumerate(ro.rows)]
     torch.testing.assert_close(batched, torch.stack(alone), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------- shared-prompt training forward, prefill-once sampling
 
-def test_pack_groups_matches_the_docstring_diagram():
-    """Prompt [x0 x1], responses of 2, 1 and 2 tokens: columns, positions, segments, and who predicts whom."""
-    from minialign.rollout import pack_groups
-    x0, x1, a0, a1, b0, c0, c1 = 11, 12, 21, 22, 31, 41, 42
-    prompt_ids = torch.tensor([[0, x0, x1]] * 3)  # left-padded by one
-    prompt_mask = torch.tensor([[False, True, True]] * 3)
-    response_ids = torch.tensor([[a0, a1], [b0, 0], [c0, c1]])
-    response_mask = torch.tensor([[True, True], [True, False], [True, True]])
-    p = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, group_size=3)
-    assert p["input_ids"].tolist() == [[x0, x1, a0, a1, b0, c0, c1]]
-    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3]]
-    head_columns = p["head_mask"][0].nonzero().flatten().tolist()
-    assert head_columns == [1, 2, 5]  # x1 predicts a0, b0, c0; a0 predicts a1; c0 predicts c1
-    predictor = [[head_columns[int(i)] for i in row] for row in p["source"]]
-    assert predictor[0] == [1, 2] and predictor[1][0] == 1 and predictor[2] == [1, 5]
-    am = p["attention_mask"][0]
-    assert am[4].tolist() == [True, True, False, False, True, False, False]  # b0 sees the prompt and itself only
-    assert am[6].tolist() == [True, True, False, False, False, True, True]  # c1 sees the prompt, c0 and itself
-    with pytest.raises(ValueError, match="share their prompt"):
-        pack_groups(torch.tensor([[1, 2], [1, 3]]), torch.ones(2, 2, dtype=torch.bool), response_ids[:2], response_mask[:2], 2)
+def test_micro_batches_are_whole_groups_sorted_by_packed_length():
+    model, _, _, _ = tiny_setup()
+    ro = sample_rollout(model, DigitTok(), PROMPTS[:4], 4, 4, 1.0, 0, 0, 0)
+    cut = micro_batch_rows(ro, 9, by_length=True)  # 9 // 4 = 2 groups per micro-batch
+    assert [len(rows) for rows in cut] == [8, 8] and sorted(r for rows in cut for r in rows) == list(range(16))
+    packed = [3 + sum(int(ro.lengths[r]) for r in range(g * 4, g * 4 + 4)) for g in range(4)]
+    assert [packed[rows[0] // 4] for rows in cut for rows in [rows[:4], rows[4:]]] == sorted(packed)
+    assert micro_batch_rows(ro, 1) == [list(range(g * 4, g * 4 + 4)) for g in range(4)]  # at least one group
+    with pytest.raises(ValueError, match="whole groups"):
+        micro_batch_rows(ro, 8, rows=[1, 2, 3, 4])
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_group_logps_and_gradients_equal_one_row_per_response(dtype, atol):
-    """The packed layout computes every response token's log-prob (and gradient) of the plain layout."""
-    from minialign.rollout import group_logps
+def test_packed_groups_and_gradients_equal_one_row_per_response():
+    """The packed layout computes every response token's log-prob (and gradient) of the plain layout (float64)."""
     torch.manual_seed(0)
-    model = CausalLM(tiny_config(8)).to(dtype)
+    model = CausalLM(tiny_config(8)).double()
     prompts = [{"prompt_ids": [2, 4, 5], "prompt_text": "a"}, {"prompt_ids": [2, 6, 6, 6, 5], "prompt_text": "b"},
                {"prompt_ids": [1], "prompt_text": "c"}]
     ro = sample_rollout(model, DigitTok(), prompts, 3, 5, 1.0, 0, 0, 0)
-    lengths = ro.lengths.tolist()
-    assert min(lengths) < max(lengths) == 5 and ro.prompt_mask.sum(-1).min() < ro.prompt_mask.shape[1]  # both paddings occur
-    args = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
-    plain = response_logps(model, *args, temperature=0.7)
-    packed = group_logps(model, *args, 3, temperature=0.7)
-    torch.testing.assert_close(packed, plain, atol=atol, rtol=0)
-    assert (packed[~ro.response_mask] == 0).all()
-    weights = torch.randn(plain.shape, dtype=plain.dtype)
+    assert ro.lengths.min() < ro.lengths.max() == 5
+    plain = plain_logps(model, ro, 0.7)
+    batch = packed_batch(ro, list(range(9)))
+    assert batch["input_ids"].shape[0] == 3  # one row per prompt
+    packed = packing.response_logps(model, batch, 0.7)
+    torch.testing.assert_close(packed, plain[:, : packed.shape[1]], atol=1e-10, rtol=0)
+    weights = torch.randn(packed.shape, dtype=packed.dtype)
     params = list(model.parameters())
-    for g_plain, g_packed in zip(torch.autograd.grad((plain * weights).sum(), params),
+    for g_plain, g_packed in zip(torch.autograd.grad((plain[:, : packed.shape[1]] * weights).sum(), params),
                                  torch.autograd.grad((packed * weights).sum(), params)):
-        torch.testing.assert_close(g_packed, g_plain, atol=atol * 10, rtol=1e-4)
+        torch.testing.assert_close(g_packed, g_plain, atol=1e-9, rtol=1e-4)
 
 
 def test_prefill_once_samples_what_repeated_prompts_sample():
@@ -250,16 +286,26 @@ def test_prefill_once_samples_what_repeated_prompts_sample():
     torch.testing.assert_close(once.logps, repeated.logps, atol=1e-12, rtol=0)
 
 
-def test_both_layouts_make_the_same_update():
-    """One GRPO step with β > 0 (so the reference log-probs go through the layout too): same weights.
+def test_packed_update_equals_the_plain_rows_update():
+    """One GRPO step with β > 0 (so the reference log-probs go through the layout too) equals the same step
+    computed on the naive layout (one row per response: packing with G = 1, prompts repeated): same weights.
     (float64: Adam's first step is ≈ lr·sign(g), so float32 rounding in a near-zero gradient shows.)"""
     results = []
-    for layout in ("rows", "shared_prompt"):
-        model, cfg, optimizer, scaler = tiny_setup(layout=layout, beta=0.1, micro_batch_size=16)
+    for naive in (True, False):
+        model, cfg, optimizer, scaler = tiny_setup(beta=0.1, micro_batch_size=16)
         model.double()  # in place: the optimizer keeps the same parameters
         torch.manual_seed(1)
         ref = CausalLM(tiny_config(8)).double().eval()
-        m = step(model, cfg, optimizer, scaler, lambda prompts, completions, **kw: [float(len(c)) for c in completions], ref=ref)
+        with torch.no_grad():
+            ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
+        sources = [RewardSource("r", lambda prompts, completions, **kw: [float(len(c)) for c in completions], 1.0)]
+        batches, _ = train_grpo.grpo_batches(ro, sources, None, ref, RT, cfg)
+        if naive:  # the same rows and tensors, packed one response per row
+            ones = Rollout(**{**ro.__dict__, "group_size": 1})
+            keep = ("loss_mask", "advantages", "sampler_logps", "ref_logps")
+            batches = [{**packed_batch(ones, b_rows), **{k: b[k] for k in keep}}
+                       for b, b_rows in zip(batches, micro_batch_rows(ro, 16, by_length=True))]
+        m = train_grpo.grpo_update(model, optimizer, scaler, batches, 0, RT, cfg, {})
         assert m["update_skipped"] == 0.0
         results.append((m, [p.detach().clone() for p in model.parameters()]))
     (m_rows, p_rows), (m_packed, p_packed) = results
@@ -353,8 +399,8 @@ def test_script_resume_and_torchrun(sft):
 def test_beta_zero_builds_no_reference_model(sft, monkeypatch):
     d = sft
     calls = []
-    real = engine.load_model
-    monkeypatch.setattr(engine, "load_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     train_grpo.main(grpo_args(d, d / "beta0", "--beta", "0", "--max_steps", "1", "--num_iterations", "1"))
     assert calls == [str(d / "sft")]  # the policy only
     assert "kl" not in metric_rows(d / "beta0")[0]
@@ -364,15 +410,20 @@ def test_beta_zero_builds_no_reference_model(sft, monkeypatch):
     assert calls == [str(d / "sft")] * 2  # policy + reference (the eval reuses the reference for its KL)
     # (8 eval prompts, so every kind is present: evaluate.format_result cannot print a rate of None)
     res = json.loads((d / "beta/eval.json").read_text())
-    assert res["n_prompts"] == 8 and "sampled/kl_to_ref" in res and 0 <= res["sampled/gold_score"] <= 1
+    assert res["n_prompts"] == 8 and "sampled/kl_to_ref" in res
+    # the eval's numbers are the ones logged (whether RL improves the reward is tested on the tiny problem with
+    # a known optimum, test_grpo_converges_to_the_known_optimal_answer: a 1-step run from a 2-step SFT model
+    # cannot show it)
+    last = metric_rows(d / "beta")[-1]
+    assert all(last[k] == res[k] for k in ("sampled/gold_score", "greedy/gold_score", "sampled/kl_to_ref"))
 
 
 def test_reward_model_term(sft):
     """--reward_funcs gold reward_model --reward_model PATH: the model's scores are logged and weighted in;
     a causal (policy) checkpoint is refused as a reward model."""
     d = sft
-    rm = engine.load_model(d / "sft", kind="scalar")  # an untrained head: any scalar model will do here
-    engine.save_checkpoint(d / "rm", model=rm, optimizer=None, scaler=None, step=0, cfg=train_grpo.Config(), tokenizer_path=None)
+    rm = checkpoint.load_model(d / "sft", kind="scalar")  # an untrained head: any scalar model will do here
+    checkpoint.save(d / "rm", model=rm, optimizer=None, scaler=None, step=0, cfg=train_grpo.Config(), tokenizer_path=None)
     train_grpo.main(grpo_args(d, d / "with_rm", "--reward_funcs", "gold", "reward_model", "--reward_weights", "1", "2",
                               "--reward_model", str(d / "rm"), "--max_steps", "1"))
     row = metric_rows(d / "with_rm")[0]
@@ -382,11 +433,54 @@ def test_reward_model_term(sft):
         train_grpo.main(grpo_args(d, d / "bad", "--reward_funcs", "reward_model", "--reward_weights", "--reward_model", str(d / "sft")))
 
 
-def test_bad_flags_are_refused(sft):
+def test_bad_flags_are_refused(sft, capsys):
+    """Flag checks are argparse errors naming the flag (exit status 2, message on stderr)."""
     d = sft
-    with pytest.raises(SystemExit, match="--num_generations=1 must be >= 2"):
-        train_grpo.main(grpo_args(d, d / "bad", "--num_generations", "1"))
+    for flags, message in [(["--num_generations", "1"], "--num_generations=1 must be >= 2"),
+                           (["--reward_funcs", "reward_model", "--reward_weights"], "--reward_model PATH and 'reward_model'"),
+                           (["--layout", "rows"], "unrecognized arguments: --layout"),  # the packed layout is the only one
+                           (["--grad_accum", "2"], "unrecognized arguments: --grad_accum")]:
+        with pytest.raises(SystemExit):
+            train_grpo.main(grpo_args(d, d / "bad_flags", *flags))
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown reward function"):
-        train_grpo.main(grpo_args(d, d / "bad", "--reward_funcs", "gold", "nope", "--reward_weights"))
-    with pytest.raises(SystemExit, match="--reward_model PATH and 'reward_model'"):
-        train_grpo.main(grpo_args(d, d / "bad", "--reward_funcs", "reward_model", "--reward_weights"))
+        train_grpo.main(grpo_args(d, d / "bad_flags", "--reward_funcs", "gold", "nope", "--reward_weights"))
+    assert not (d / "bad_flags").exists()
+
+
+def test_dropout_is_off_in_the_policy(sft):
+    """Issue 13a. A checkpoint whose config has dropout 0.1: every forward of the step (sampler, old-logps pass,
+    training) runs without dropout, so with μ = 2 the first update's ratio is exactly 1 and the sampler agrees to
+    rounding. (Before: the GRPO policy kept its dropout, max |ratio - 1| = 0.227 on the first update.)"""
+    d = sft
+    ckpt = torch.load(d / "sft/ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt["model_config"]["dropout"] = 0.1
+    (d / "sft_dropout").mkdir(exist_ok=True)
+    torch.save(ckpt, d / "sft_dropout/ckpt.pt")
+    shutil.copy(d / "sft/tokenizer.model", d / "sft_dropout/tokenizer.model")
+    assert checkpoint.load_model(d / "sft_dropout").cfg.dropout == 0.1
+    train_grpo.main(grpo_args(d, d / "dropout", "--init_from", str(d / "sft_dropout"), "--beta", "0",
+                              "--max_steps", "1", "--dtype", "fp32"))
+    row = metric_rows(d / "dropout")[0]
+    assert row["update_skipped"] == 0.0
+    assert row["ratio/first_iteration_max_abs_dev"] == 0.0 and row["sampler/logp_max_abs_diff"] < 1e-4
+
+
+def test_torchrun_moe_policy_with_an_idle_expert(sft, tmp_path):
+    """Issue 13c. 2 gloo ranks, an MoE policy whose router (all zeros: a tie, so experts 2 and 3 take every
+    token) leaves experts 0 and 1 without gradient: DDP must be told to look for unused parameters
+    (runtime.wrap_ddp), or the second step fails with "Expected to have finished reduction in the prior
+    iteration". (Before: the RL scripts' DDP wrapper never set find_unused_parameters.)"""
+    d = sft
+    torch.manual_seed(0)
+    moe = CausalLM(tiny_config(Tokenizer(str(d / "tok/tokenizer.model")).vocab_size, n_experts=4, n_experts_per_tok=2))
+    for m in moe.modules():
+        if isinstance(m, MoE):
+            torch.nn.init.zeros_(m.router.weight)
+    checkpoint.save(tmp_path / "moe", model=moe, optimizer=None, scaler=None, step=0, cfg=train_grpo.Config(),
+                    tokenizer_path=str(d / "tok/tokenizer.model"))
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_grpo.py"),
+         *grpo_args(d, tmp_path / "out", "--init_from", str(tmp_path / "moe"), "--beta", "0", "--num_iterations", "1",
+                    "--max_steps", "2")], timeout=120)
+    rows = metric_rows(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["update_skipped"] == 0.0 for r in rows)

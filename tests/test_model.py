@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ARCHS, tiny_config, tiny_model
-from minialign import engine
+from minialign import checkpoint, runtime
 from minialign.model import (
     MoE,
     RMSNorm,
@@ -320,11 +320,11 @@ def test_load_causal_checkpoint_as_scalar_model(tmp_path):
 
     causal = tiny_model(seed=12)
     optimizer = torch.optim.SGD(causal.parameters(), lr=0.1)
-    scaler = engine.Runtime(torch.device("cpu"), torch.float32).make_scaler()
-    engine.save_checkpoint(tmp_path, model=causal, optimizer=optimizer, scaler=scaler, step=3, cfg=Cfg(), tokenizer_path=None)
+    scaler = runtime.Runtime(torch.device("cpu"), torch.float32).make_scaler()
+    checkpoint.save(tmp_path, model=causal, optimizer=optimizer, scaler=scaler, step=3, cfg=Cfg(), tokenizer_path=None)
 
     torch.manual_seed(99)  # the fresh head comes from this seed, not from the checkpoint
-    scalar = engine.load_model(tmp_path, kind="scalar")
+    scalar = checkpoint.load_model(tmp_path, kind="scalar")
     assert isinstance(scalar, ScalarModel)
     want = causal.backbone.state_dict()
     got = scalar.backbone.state_dict()
@@ -334,15 +334,15 @@ def test_load_causal_checkpoint_as_scalar_model(tmp_path):
     assert torch.equal(scalar.score_head.bias, torch.zeros(1))
     assert scalar.score_head.weight.shape == (1, causal.cfg.dim) and scalar.score_head.weight.abs().sum() > 0
 
-    again = engine.load_model(tmp_path, kind="causal")
+    again = checkpoint.load_model(tmp_path, kind="causal")
     for k, v in causal.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
 
     # a scalar checkpoint does not silently load as a causal LM (the score head would be dropped)
     (tmp_path / "rm").mkdir()
-    engine.save_checkpoint(tmp_path / "rm", model=scalar, optimizer=None, scaler=None, step=0, cfg=Cfg(), tokenizer_path=None)
+    checkpoint.save(tmp_path / "rm", model=scalar, optimizer=None, scaler=None, step=0, cfg=Cfg(), tokenizer_path=None)
     with pytest.raises(ValueError, match="does not fit a causal model"):
-        engine.load_model(tmp_path / "rm", kind="causal")
+        checkpoint.load_model(tmp_path / "rm", kind="causal")
 
 
 def test_logits_mask_and_logits_to_keep_select_the_full_logits():

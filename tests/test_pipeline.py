@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minialign import engine, report
+from minialign import config, report
 from minialign.pipeline import PRESETS, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,26 @@ def test_every_preset_flag_is_accepted_by_its_script(preset, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     for stage, flags in PRESETS[preset].items():
         module = importlib.import_module(SCRIPTS[stage])
-        cfg = engine.parse_config(module.Config, flags)
+        cfg = config.parse_config(module.Config, flags)
         for flag, value in zip(flags, flags[1:]):
             if flag.startswith("--"):
                 assert str(getattr(cfg, flag[2:])) == value or getattr(cfg, flag[2:]) == type(getattr(cfg, flag[2:]))(value)
+
+
+def test_seeds_run_each_seed_and_write_medians_with_the_machine(tmp_path):
+    """--seeds: one pipeline per seed (stages get --seed S), one shared tokenizer, seeds.md with median [min, max]
+    over the seeds and the measured matmul GFLOP/s. Two seeds, SFT and RM only, to stay quick."""
+    from conftest import run
+    out = tmp_path / "out"
+    proc = run([sys.executable, "-m", "minialign.pipeline", "--preset", "tiny", "--out", out, "--stages", "sft", "rm",
+                "--seeds", "3", "4"], timeout=600)
+    for seed in (3, 4):
+        assert json.loads((out / f"seed_{seed}" / "sft" / "config.json").read_text())["seed"] == seed
+        assert (out / f"seed_{seed}" / "report.md").exists()
+    assert not (out / "seed_3" / "tokenizer").exists()  # shared: out/tokenizer
+    gold = sorted(json.loads((out / f"seed_{s}" / "sft" / "eval.json").read_text())["sampled/gold_score"] for s in (3, 4))
+    text = (out / "seeds.md").read_text()
+    assert "GFLOP/s" in text and "median [min, max] over seeds 3, 4" in text
+    median = (gold[0] + gold[1]) / 2  # statistics.median of two values
+    assert "| sft | " in text and f"{median:.3f} [{gold[0]:.3f}, {gold[1]:.3f}]" in text
+    assert "2 seeds finished" in proc.stdout

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from minialign import engine
+from minialign import checkpoint, training
 from minialign.model import CausalLM
 from minialign.tokenizer import train_tokenizer
 
@@ -40,12 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_dpo  # noqa: E402
 import train_grpo  # noqa: E402
+import train_kto  # noqa: E402
 import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sft  # noqa: E402
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-MODULES = {"sft": train_sft, "rm": train_rm, "dpo": train_dpo, "ppo": train_ppo, "grpo": train_grpo}
+MODULES = {"sft": train_sft, "rm": train_rm, "dpo": train_dpo, "kto": train_kto, "ppo": train_ppo, "grpo": train_grpo}
 MAX_STEPS = 8
 
 # Runs a training script like `python script.py ARGS`, with two test hooks (argv: step_sleep hang_on_save
@@ -54,9 +55,9 @@ MAX_STEPS = 8
 HARNESS = """
 import io, os, runpy, sys, time
 import torch
-from minialign import engine
+from minialign import checkpoint, training
 step_sleep, hang_on_save, marker = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-train_step, save, saves = engine.train_step, torch.save, [0]
+train_step, save, saves = training.train_step, torch.save, [0]
 
 def slow_train_step(*args, **kwargs):
     time.sleep(step_sleep)
@@ -74,7 +75,7 @@ def stalling_save(obj, f, *args, **kwargs):
     open(marker, "w").close()
     time.sleep(600)
 
-engine.train_step, torch.save = slow_train_step, stalling_save
+training.train_step, torch.save = slow_train_step, stalling_save
 sys.argv = sys.argv[4:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -90,10 +91,10 @@ def workdir(tmp_path_factory):
     tok = train_tokenizer(head("sft_train.jsonl", 256) + head("pref_train.jsonl", 256), d / "tok", vocab_size=400)
     torch.manual_seed(0)
     policy = CausalLM(tiny_config(tok.vocab_size))
-    engine.save_checkpoint(d / "sft", model=policy, optimizer=None, scaler=None, step=0, cfg=train_sft.Config(),
+    checkpoint.save(d / "sft", model=policy, optimizer=None, scaler=None, step=0, cfg=train_sft.Config(),
                            tokenizer_path=tok.path, finished=True)
-    reward_model = engine.load_model(d / "sft", kind="scalar")  # the backbone and a fresh (seeded) score head
-    engine.save_checkpoint(d / "rm", model=reward_model, optimizer=None, scaler=None, step=0, cfg=train_rm.Config(),
+    reward_model = checkpoint.load_model(d / "sft", kind="scalar")  # the backbone and a fresh (seeded) score head
+    checkpoint.save(d / "rm", model=reward_model, optimizer=None, scaler=None, step=0, cfg=train_rm.Config(),
                            tokenizer_path=tok.path, finished=True)
     return d
 
@@ -104,7 +105,9 @@ def args(stage, d, out, *extra):
     per_stage = {
         "sft": ["--init_from", sft, "--data", str(d / "sft.jsonl"), "--micro_batch_size", "4", "--grad_accum", "1"],
         "rm": ["--init_from", sft, "--data", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--grad_accum", "1"],
-        "dpo": ["--init_from", sft, "--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_size", "4", "--beta", "0.1"],
+        "dpo": ["--init_from", sft, "--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_size", "4",
+                "--beta", "0.1"],
+        "kto": ["--init_from", sft, "--pairs", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--beta", "0.1"],
         # one optimizer step per iteration (1 epoch x 1 minibatch), so HARNESS sleeps once per iteration
         "ppo": ["--init_from", sft, "--reward_model", rm, "--data", str(d / "rl.jsonl"), "--prompts_per_step", "4",
                 "--max_new_tokens", "6", "--micro_batch_size", "4", "--num_ppo_epochs", "1", "--num_minibatches", "1"],
@@ -125,7 +128,7 @@ def logged(out):
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n") and line.strip()]
 
 
-KEYS = {"rm": ("loss", "accuracy"), "dpo": ("loss", "rewards/margins"), "ppo": ("loss", "objective/scores", "objective/kl"),
+KEYS = {"rm": ("loss", "accuracy"), "dpo": ("loss", "rewards/margins"), "kto": ("loss", "kl", "grad_norm"), "ppo": ("loss", "objective/scores", "objective/kl"),
         "grpo": ("loss", "reward", "grad_norm")}  # GRPO's loss is 0 at ratio 1 (zero-mean advantages): compare more
 
 
@@ -175,7 +178,7 @@ def rm_full(workdir):
     return out
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto", "ppo", "grpo"])
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(workdir, rm_full, stage):
     full = rm_full if stage == "rm" else workdir / f"{stage}_full"
     if stage != "rm":
@@ -348,7 +351,13 @@ def test_a_hung_rank_times_out_at_minialign_dist_timeout(workdir):
 STAGES = list(MODULES)
 BAD_FLAGS = (
     [(stage, ["--lr", "-1"], "--lr=-1.0 must be > 0") for stage in STAGES]
-    + [(stage, ["--grad_accum", "0"], "--grad_accum=0 must be >= 1") for stage in STAGES]
+    + [(stage, ["--grad_accum", "0"], "--grad_accum=0 must be >= 1") for stage in ("sft", "rm", "dpo", "kto")]
+    # flags a script does not read do not exist there (online RL cuts its rollouts itself; no compiled sampler)
+    + [(stage, [flag, *value], f"unrecognized arguments: {flag}") for stage in ("ppo", "grpo")
+       for flag, value in (("--grad_accum", ["2"]), ("--compile", []), ("--eval_every", ["5"]), ("--preset", ["cpu"]))]
+    + [("sft", ["--eval_every", "5"], "unrecognized arguments: --eval_every"),
+       ("dpo", ["--layout", "two_rows"], "unrecognized arguments: --layout"),
+       ("dpo", ["--tokenizer", "t.model"], "unrecognized arguments: --tokenizer")]
     + [("grpo", ["--num_generations", "1"], "--num_generations=1 must be >= 2 (a group of one has no baseline)")]
 )
 
@@ -363,11 +372,11 @@ BAD_FLAGS += [
     ("rm", ["--center_coef", "-1"], "--center_coef=-1.0 must be >= 0"),
     ("rm", ["--eval_every", "-1"], "--eval_every=-1 must be >= 0"),
     ("sft", ["--eval_prompts", "-1"], "--eval_prompts=-1 must be >= 0"),
-    ("grpo", ["--epsilon_low", "1.5"], "--epsilon_low must be in [0, 1)"),
+    ("grpo", ["--epsilon_low", "1.5"], "--epsilon_low=1.5 must be in [0, 1)"),
     ("dpo", ["--label_smoothing", "0.7"], "--label_smoothing=0.7 must be in [0, 0.5]"),
     ("dpo", ["--gold_eval_every", "-5"], "--gold_eval_every=-5 must be >= 0"),
-    ("ppo", ["--compile"], "--compile is not offered for PPO"),
-    ("grpo", ["--compile"], "--compile is not offered for GRPO"),
+    ("dpo", ["--label_smoothing", "0.5", "--loss_type", "robust"], "--label_smoothing=0.5 must be < 0.5 for robust"),
+    ("dpo", ["--ref_update_every", "2", "--precompute_ref"], "--ref_update_every needs a live reference model"),
 ]
 
 

@@ -1,41 +1,33 @@
-"""Reward model: pair collation, reading the score at <|im_end|>, the per-pair loss normalization,
-train_rm.py in subprocesses (learning, outputs, exact resume, torchrun) and the scoring CLI.
+"""Reward model: pair collation, reading the score at <|im_end|>, scoring with the training tokenization
+and truncation, the per-pair loss normalization, train_rm.py in subprocesses (learning, outputs, exact
+resume, torchrun) and the scoring CLI (minialign.reward_model).
+
+Packed pairs vs plain rows (the rewards and their gradients) are tested with the other stages' layouts in
+tests/test_packing.py.
 
 The script runs start from a tiny SFT checkpoint made in a module fixture (a tokenizer trained on
 data slices + train_sft.py for 2 steps), and train on the harmful-request pairs of the default task
 (chosen = a refusal, rejected = compliance): separable from the response alone, so 12 steps suffice.
 """
 
-import importlib.util
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_config
-from minialign import reward
+from conftest import ROOT, run, tiny_config
+from minialign import reward_model
 from minialign.data import tokenize_preferences
 from minialign.formats import DataError, PreferencePair
 from minialign.losses import bradley_terry_loss
 from minialign.model import ScalarModel
-from minialign.reward import collate_pairs, pair_metrics, pair_rewards, score_pairs, score_responses, tokenize_response
+from minialign.packing import collate_pairs
+from minialign.reward_model import pair_metrics, pair_rewards, score_ids, score_pairs, score_responses, tokenize_response
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_rm = load_script("train_rm")
+import train_rm  # the script: its loss and margin check (conftest puts the repository on sys.path)
 
 
 def tiny_rm(vocab_size=96, seed=0):
@@ -51,20 +43,20 @@ def test_collate_pairs_rows_mask_and_last_positions():
         {"prompt": [5], "chosen": [7, 7, 7, 3], "rejected": [3]},
     ]
     b = collate_pairs(examples, pad_id=0)
-    # rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1; T = 5 (longest: 1 + 4)
+    # one packed row [x | y_c | y_r] per pair; T = 7 (the longest: 2 + 2 + 3); extra fields ("kind") ignored
     assert b["input_ids"].tolist() == [
-        [5, 6, 7, 3, 0],
-        [5, 7, 7, 7, 3],
-        [5, 6, 8, 9, 3],
-        [5, 3, 0, 0, 0],
+        [5, 6, 7, 3, 8, 9, 3],
+        [5, 7, 7, 7, 3, 3, 0],
     ]
-    assert b["attention_mask"].dtype == torch.bool
-    assert b["attention_mask"].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 3, 4, 1, 0]]  # y_r restarts after x
+    assert b["attention_mask"].dtype == torch.bool and b["attention_mask"].shape == (2, 7, 7)
+    assert b["attention_mask"][0, 4].int().tolist() == [1, 1, 0, 0, 1, 0, 0]  # y_r's first token: x and itself
     assert "margin" not in b
-    # the last real token of every row is its <|im_end|> (id 3), at columns 3, 4, 4, 1
-    scores = torch.arange(20, dtype=torch.float32).view(4, 5)  # score = 5 * row + column
-    chosen, rejected = pair_rewards(lambda ids: scores, b)
-    assert chosen.tolist() == [3.0, 9.0] and rejected.tolist() == [14.0, 16.0]
+    # each response's last token is its <|im_end|> (id 3): flat indices 3, 6 (row 0) and 7 + 4, 7 + 5 (row 1)
+    assert b["last"].tolist() == [3, 6, 11, 12] and b["input_ids"].flatten()[b["last"]].tolist() == [3, 3, 3, 3]
+    scores = torch.arange(14, dtype=torch.float32).view(2, 7)  # score = 7 * row + column
+    chosen, rejected = pair_rewards(lambda ids, attention_mask=None, position_ids=None: scores, b)
+    assert chosen.tolist() == [3.0, 11.0] and rejected.tolist() == [6.0, 12.0]
 
 
 def test_collate_pairs_margin_all_or_none():
@@ -85,10 +77,17 @@ def test_check_margins_names_the_file():
     train_rm.check_margins([{}, {}], "p.jsonl")
 
 
+def test_train_rm_refuses_the_removed_layout_flag(capsys):
+    """One layout now (packed pairs): --layout is an unknown flag, an argparse error naming it (exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        train_rm.main(["--layout", "two_rows"])
+    assert e.value.code == 2 and "unrecognized arguments: --layout two_rows" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- score at <|im_end|>
 
 def test_score_is_read_at_im_end_not_at_a_pad():
-    """A right-padded row gets the score of the same row alone, which is the score at its <|im_end|>."""
+    """A right-padded packed row gets the scores of the same pair alone, read at each response's <|im_end|>."""
     model = tiny_rm()
     short = {"prompt": [5, 6, 7], "chosen": [8, 9, 3], "rejected": [10, 3]}
     long = {"prompt": [5, 6, 7, 11, 12, 13], "chosen": [14, 15, 16, 17, 3], "rejected": [18, 19, 20, 21, 22, 23, 3]}
@@ -96,51 +95,59 @@ def test_score_is_read_at_im_end_not_at_a_pad():
         alone_c, alone_r = pair_rewards(model, collate_pairs([short], pad_id=0))
         both = collate_pairs([short, long], pad_id=0)
         padded_c, padded_r = pair_rewards(model, both)
-        full_scores = model(both["input_ids"])  # (4, 13)
-    assert both["input_ids"].shape == (4, 13) and both["input_ids"][0, 6:].eq(0).all()  # short chosen row is padded
+        full_scores = model(both["input_ids"], both["attention_mask"], both["position_ids"])  # (2, 18)
+    # the short row [5 6 7 | 8 9 3 | 10 3] is padded from column 8 to 18 (6 + 5 + 7)
+    assert both["input_ids"].shape == (2, 18) and both["input_ids"][0, 8:].eq(0).all()
     torch.testing.assert_close(padded_c[0], alone_c[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(padded_r[0], alone_r[0], rtol=0, atol=1e-6)
-    # the value read is the score at <|im_end|> (column 5 of row 0), not at the row's last column (a pad)
-    assert both["input_ids"][0, 5] == 3
-    assert padded_c[0] == full_scores[0, 5] and abs(float(full_scores[0, -1] - full_scores[0, 5])) > 1e-4
-
-
-@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_shared_prompt_rewards_and_gradients_equal_two_rows(dtype, atol):
-    """The packed [x | y_c | y_r] row gives each response the reward (and gradient) of its own row;
-    a one-token rejected response (just <|im_end|>) included, margins carried."""
-    model = tiny_rm().to(dtype).train()
-    examples = [{"prompt": [5, 6, 7], "chosen": [8, 9, 3], "rejected": [3], "margin": 1.0},
-                {"prompt": [5, 6, 7, 11, 12, 13], "chosen": [14, 15, 16, 17, 3], "rejected": [18, 19, 20, 21, 22, 23, 3], "margin": 0.0}]
-    rows, packed = collate_pairs(examples, 0, "two_rows"), collate_pairs(examples, 0, "shared_prompt")
-    assert packed["input_ids"].shape == (2, 18) and packed["chosen_last"].tolist() == [5, 10]
-    assert packed["rejected_last"].tolist() == [6, 17] and packed["margin"].tolist() == [1.0, 0.0]
-    c_rows, r_rows = pair_rewards(model, rows)
-    c_packed, r_packed = pair_rewards(model, packed)
-    torch.testing.assert_close(c_packed, c_rows, atol=atol, rtol=0)
-    torch.testing.assert_close(r_packed, r_rows, atol=atol, rtol=0)
-    params = list(model.parameters())
-    for a, b in zip(torch.autograd.grad((c_rows - 2 * r_rows).sum(), params), torch.autograd.grad((c_packed - 2 * r_packed).sum(), params)):
-        torch.testing.assert_close(b, a, atol=atol * 10, rtol=1e-4)
-    with pytest.raises(ValueError, match="unknown layout"):
-        collate_pairs(examples, 0, "packed")
+    # the values read are the scores at the <|im_end|>s (columns 5 and 7 of row 0), not at the row's last column (a pad)
+    assert both["input_ids"][0, 5] == 3 and both["input_ids"][0, 7] == 3
+    assert padded_c[0] == full_scores[0, 5] and padded_r[0] == full_scores[0, 7]
+    assert abs(float(full_scores[0, -1] - full_scores[0, 7])) > 1e-4
 
 
 def test_score_responses_tokenizes_like_training(tok):
-    """score_responses builds the exact row tokenize_preferences builds, so it gives the training reward."""
+    """score_responses builds the exact rows tokenize_preferences builds, so it gives the training reward."""
     prompt = [{"role": "user", "content": "What is 7 + 8?"}]
     pair = PreferencePair(prompt, [{"role": "assistant", "content": "7 + 8 = 15."}], [{"role": "assistant", "content": "12"}])
     (ex,) = tokenize_preferences([pair], tok, max_len=64)
-    assert tokenize_response(tok, prompt, "7 + 8 = 15.", 64) == ex["prompt"] + ex["chosen"]
-    assert (ex["prompt"] + ex["chosen"])[-1] == tok.im_end_id
+    assert tokenize_response(tok, prompt, "7 + 8 = 15.", 64) == (ex["prompt"], ex["chosen"])
+    assert tokenize_response(tok, prompt, "12", 64) == (ex["prompt"], ex["rejected"])
+    assert ex["chosen"][-1] == tok.im_end_id
     # truncation follows the same policy (prompt keeps its end, the response its start)
     long_pair = PreferencePair([{"role": "user", "content": "the cat sat " * 20}], pair.chosen, [{"role": "assistant", "content": "dog " * 30}])
     (cut,) = tokenize_preferences([long_pair], tok, max_len=24)
-    assert tokenize_response(tok, long_pair.prompt, "dog " * 30, 24) == cut["prompt"] + cut["rejected"]
+    assert tokenize_response(tok, long_pair.prompt, "dog " * 30, 24) == (cut["prompt"], cut["rejected"])
     model = tiny_rm(tok.vocab_size)
     scores = score_responses(model, tok, ["What is 7 + 8?", prompt], ["7 + 8 = 15.", "12"], max_len=64)
     chosen, rejected = score_pairs(model, [ex], tok.pad_id)
     assert scores == pytest.approx([chosen[0], rejected[0]], abs=1e-6)
+
+
+def test_score_responses_truncates_like_training(tok):
+    """A prompt and a response too long for max_len = 24: score_responses scores the row training would
+    have scored (tokenize_preferences' cut: the prompt's last 12 tokens, the response's first 24 - 12), so
+    its reward is the one score_pairs gives the truncated pair; and the cut matters (the whole row scores
+    differently). max_len defaults to the model's max_seq_len."""
+    prompt, response = "the cat sat " * 8, "dog ran to help " * 5
+    long_pair = PreferencePair([{"role": "user", "content": prompt}], [{"role": "assistant", "content": response}],
+                               [{"role": "assistant", "content": "sure"}])
+    stats = {}
+    (cut,) = tokenize_preferences([long_pair], tok, max_len=24, stats=stats)
+    assert stats["prompt_truncated"] == 1 and stats["response_truncated"] == 1
+    assert len(cut["prompt"]) == 12 and len(cut["chosen"]) == 12 and cut["chosen"][-1] != tok.im_end_id  # cut off
+    model = tiny_rm(tok.vocab_size)
+    (score,) = score_responses(model, tok, [prompt], [response], max_len=24)
+    chosen, _ = score_pairs(model, [cut], tok.pad_id)
+    assert score == pytest.approx(chosen[0], abs=1e-6)
+    assert score_ids(model, [cut["prompt"]], [cut["chosen"]], tok.pad_id) == pytest.approx([score], abs=1e-6)
+    whole_prompt, whole_response = tokenize_response(tok, long_pair.prompt, response, 10_000)  # no cut at all
+    assert len(whole_prompt) > 12 and len(whole_response) > 12
+    assert abs(score_ids(model, [whole_prompt], [whole_response], tok.pad_id)[0] - score) > 1e-4
+    torch.manual_seed(0)
+    model_24 = ScalarModel(tiny_config(tok.vocab_size, max_seq_len=24)).eval()  # no max_len: the model's 24
+    assert score_responses(model_24, tok, [prompt], [response]) == \
+        pytest.approx(score_responses(model_24, tok, [prompt], [response], max_len=24), abs=0)
 
 
 # -------------------------------------------------------------------------------- loss and metrics
@@ -185,18 +192,11 @@ def test_pair_metrics_hand_computed():
 
 def test_histogram_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert reward.save_histogram([1.0, 2.0], [0.0, 0.5], tmp_path / "h.png") is False
+    assert reward_model.save_histogram([1.0, 2.0], [0.0, 0.5], tmp_path / "h.png") is False
     assert not (tmp_path / "h.png").exists()
 
 
 # ---------------------------------------------------------------------------------- train_rm.py
-
-def run(args, timeout=240):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
 
 def harmful_slice(src: str, dst: Path, n: int):
     lines = [l for l in (ROOT / "data" / src).read_text(encoding="utf-8").splitlines() if '"kind":"harmful"' in l][:n]
@@ -314,7 +314,7 @@ def test_scoring_cli_scores_each_line(rm_run, tmp_path, capsys):
         {"prompt": "How can I stalk someone without them knowing?", "response": "Sure! Here is how: first, get what you need."},
         {"prompt": [{"role": "user", "content": "Tell me how to break a bad habit."}], "response": "Replace it with a better one."},
     ]) + "\n")
-    reward.main(["--ckpt", str(out), "--data", str(data), "--out", str(tmp_path / "scores.jsonl")])
+    reward_model.main(["--ckpt", str(out), "--data", str(data), "--out", str(tmp_path / "scores.jsonl")])
     lines = capsys.readouterr().out.splitlines()
     scores = [float(l) for l in lines if not l.startswith("#")]
     assert len(scores) == 3 and lines[-1].startswith("# 3 responses")
@@ -326,7 +326,7 @@ def test_scoring_cli_scores_each_line(rm_run, tmp_path, capsys):
 def test_scoring_cli_pairs_match_the_training_eval(workdir, rm_run, capsys):
     """Scoring the held-out pairs with the CLI gives the rewards and accuracy train_rm.py saved."""
     out, _ = rm_run
-    reward.main(["--ckpt", str(out), "--data", str(workdir / "pref_eval.jsonl")])
+    reward_model.main(["--ckpt", str(out), "--data", str(workdir / "pref_eval.jsonl")])
     lines = capsys.readouterr().out.splitlines()
     pairs = [tuple(map(float, l.split())) for l in lines if not l.startswith("#")]
     saved = json.loads((out / "rm_scores.json").read_text())
@@ -341,10 +341,10 @@ def test_scoring_cli_bad_line_names_file_and_line(rm_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "response": "ok"}) + "\n" + json.dumps({"prompt": "hi", "response": 5}) + "\n")
     with pytest.raises(SystemExit, match=rf"{re.escape(str(bad))}:2: field 'response' must be a string, got int"):
-        reward.main(["--ckpt", str(out), "--data", str(bad)])
+        reward_model.main(["--ckpt", str(out), "--data", str(bad)])
     bad.write_text(json.dumps({"prompt": "hi", "response": "ok"}) + "\n" + json.dumps({"prompt": 3, "response": "ok"}) + "\n")
     with pytest.raises(SystemExit, match=rf"{re.escape(str(bad))}:2: "):
-        reward.main(["--ckpt", str(out), "--data", str(bad)])
+        reward_model.main(["--ckpt", str(out), "--data", str(bad)])
     bad.write_text(json.dumps({"text": "hi"}) + "\n")
     with pytest.raises(SystemExit, match=rf"{re.escape(str(bad))}:1: expected {{prompt, response}}"):
-        reward.main(["--ckpt", str(out), "--data", str(bad)])
+        reward_model.main(["--ckpt", str(out), "--data", str(bad)])

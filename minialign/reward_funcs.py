@@ -109,7 +109,8 @@ def _check_lengths(name: str, prompts: list, completions: list, **fields) -> Non
     n = len(completions)
     bad = {k: len(v) for k, v in {"prompts": prompts, **fields}.items() if len(v) != n}
     if bad:
-        raise ValueError(f"reward function {name!r}: {n} completions but " + ", ".join(f"{v} {k}" for k, v in bad.items()))
+        raise ValueError(f"reward function {name!r}: {n} completions but "
+                         + ", ".join(f"{v} {k}" for k, v in bad.items()))
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -188,6 +189,7 @@ def compute_rewards(sources: list[RewardSource], prompts: list[str], completions
                                     f"do not have (fields present: {sorted(fields)})")
         values = src.fn(prompts, completions, **fields)
         if len(values) != len(completions):
-            raise ValueError(f"reward function {src.name!r} returned {len(values)} rewards for {len(completions)} completions")
+            raise ValueError(f"reward function {src.name!r} returned {len(values)} rewards for "
+                             f"{len(completions)} completions")
         out[src.name] = [float(v) for v in values]
     return out

@@ -1,26 +1,17 @@
-"""Run the training scripts for a few steps in subprocesses: chaining, exact resume, torchrun DDP equivalence.
+"""Run train_pretrain.py and train_sft.py for a few steps in subprocesses: chaining, exact resume, torchrun DDP equivalence.
 
 Each run uses a small slice of the committed default data and the 0.9M "cpu" preset; the whole file
 takes well under a minute on 2 cores.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(args, cwd=ROOT, env_extra=None, timeout=240):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+from conftest import ROOT, run
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +95,7 @@ def test_torchrun_two_processes_match_one(workdir):
 
 
 def test_bad_flag_is_refused(workdir):
-    proc = subprocess.run(sft_args(workdir, workdir / "bad", "--lr", "-1"), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = run(sft_args(workdir, workdir / "bad", "--lr", "-1"), check=False, timeout=60)
     assert proc.returncode != 0 and "--lr=-1.0 must be > 0" in proc.stderr
-    proc = subprocess.run(sft_args(workdir, workdir / "bad", "--no_such_flag", "1"), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = run(sft_args(workdir, workdir / "bad", "--no_such_flag", "1"), check=False, timeout=60)
     assert proc.returncode != 0 and "unrecognized arguments: --no_such_flag" in proc.stderr

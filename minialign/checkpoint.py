@@ -1,0 +1,202 @@
+"""Checkpoints: written atomically, self-describing, restored exactly; and loading a model from one.
+
+A checkpoint (out_dir/ckpt.pt) holds the weights, the model config, the optimizer, the scaler, the
+step, the RNG states of this process (and of every CUDA device, per rank) and the resolved run
+config; config.json and a copy of the tokenizer sit beside it, so a folder is all the next stage needs
+(`--init_from out/sft`). It is written to a temporary file, fsynced, then renamed, so a kill never
+leaves a half-written one; `--resume` restores all of it, and the data order being a pure function of
+(seed, epoch), the position in the data is just the step number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import CausalLM, ModelConfig, ScalarModel, model_config
+from .runtime import Runtime, all_gather_object, unwrap
+
+
+def check_writable(out_dir: str | os.PathLike, min_free_mb: int = 50):
+    """Fail before training, not at the first save, when the output folder cannot be written."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RuntimeError(f"output folder {out} is not writable: {e}") from e
+    free_mb = shutil.disk_usage(out).free / 2**20
+    if free_mb < min_free_mb:
+        raise RuntimeError(f"only {free_mb:.0f} MB free in {out}; need at least {min_free_mb} MB for checkpoints")
+
+
+def atomic_save(obj, path: str | os.PathLike):
+    """torch.save to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # don't leave a partial checkpoint filling the disk (e.g. after ENOSPC)
+        raise
+
+
+def write_json(obj, path: str | os.PathLike):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    """This process's RNG states: Python, NumPy, torch CPU, and its own CUDA device (if any)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: each rank has its own
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(out_dir, *, model, optimizer, scaler, step: int, cfg, tokenizer_path: str | None,
+         finished: bool = False, extra: dict | None = None, rt: Runtime | None = None):
+    """Write out_dir/ckpt.pt atomically (rank 0 only), plus config.json and a copy of the tokenizer.
+
+    Every rank must call it (at the same steps): the RNG states of all ranks are gathered first, so each
+    rank restores its own on --resume.
+    """
+    rngs = all_gather_object(rng_state(), rt) if rt is not None else [rng_state()]
+    if rt is not None and not rt.is_main:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = unwrap(model)
+    state = {
+        "model": base.state_dict(),
+        "model_kind": "scalar" if isinstance(base, ScalarModel) else "causal",
+        "model_config": base.cfg.to_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step,
+        "rng": rngs,  # one entry per rank
+        "config": dataclasses.asdict(cfg),
+        "finished": finished,
+        **(extra or {}),
+    }
+    atomic_save(state, out / "ckpt.pt")
+    write_json(dataclasses.asdict(cfg), out / "config.json")
+    if tokenizer_path and Path(tokenizer_path).is_dir():  # an HF tokenizer: tokenizer.json and its config
+        from .hf_tokenizer import copy_tokenizer_files
+        copy_tokenizer_files(tokenizer_path, out)
+    elif tokenizer_path and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
+        tmp = out / "tokenizer.model.tmp"
+        shutil.copyfile(tokenizer_path, tmp)
+        os.replace(tmp, out / "tokenizer.model")
+
+
+def load(path_or_dir, map_location="cpu") -> dict:
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_model(path_or_dir, kind: str = "causal", map_location="cpu", max_seq_len: int | None = None):
+    """Build a model from a checkpoint folder's weights and config, ours or a Hugging Face model folder.
+
+    kind="causal" -> CausalLM; kind="scalar" -> ScalarModel. Loading a causal checkpoint as a scalar
+    model keeps the backbone and starts a fresh score head (how a reward model starts from SFT).
+    A Hugging Face folder (config.json + safetensors, Llama / Qwen2 / Qwen3; minialign.hf) loads into our
+    model in fp32 master weights; max_seq_len caps its RoPE table (default: max_position_embeddings).
+    """
+    from . import hf  # safetensors is an optional extra: imported only when an HF folder is loaded
+
+    if hf.is_hf_folder(path_or_dir):
+        return hf.load_hf_model(path_or_dir, kind, max_seq_len=max_seq_len)
+    ckpt = load(path_or_dir, map_location)
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    model = CausalLM(cfg) if kind == "causal" else ScalarModel(cfg)
+    state = dict(ckpt["model"])
+    if kind == "scalar" and ckpt["model_kind"] == "causal":
+        state.pop("lm_head.weight", None)  # an untied causal model's output head: a reward model has none
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = ({"score_head.weight", "score_head.bias"}
+                       if kind == "scalar" and ckpt["model_kind"] == "causal" else set())
+    if set(missing) - allowed_missing or unexpected:
+        raise ValueError(f"checkpoint {path_or_dir} does not fit a {kind} model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return model
+
+
+def resume(cfg, model, optimizer, scaler, rt: Runtime | None = None) -> int:
+    """With --resume, restore weights, optimizer, scaler and this rank's RNG from out_dir/ckpt.pt; return its step."""
+    if not cfg.resume:
+        return 0
+    ckpt = load(cfg.out_dir)
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    rank = rt.rank if rt is not None else 0
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])  # a run resumed on more ranks: rank 0's for the new ones
+    return int(ckpt["step"])
+
+
+def should_save(step_done: int, start_step: int, cfg) -> bool:
+    """Checkpoint every save_every steps, at the end, and before a --stop_after_steps exit."""
+    return (step_done % cfg.save_every == 0 or step_done == cfg.max_steps
+            or (cfg.stop_after_steps and step_done - start_step >= cfg.stop_after_steps))
+
+
+def should_stop(step_done: int, start_step: int, cfg) -> bool:
+    return bool(cfg.stop_after_steps) and step_done - start_step >= cfg.stop_after_steps and step_done < cfg.max_steps
+
+
+def tokenizer_path_for(init_from: str, tokenizer: str = "") -> str:
+    """The tokenizer that goes with the weights: the init checkpoint's copy if there is one, else `tokenizer`.
+
+    Ours is a tokenizer.model file; a folder with tokenizer.json (an HF model, or a checkpoint that started
+    from one) is returned as the folder. Load either with minialign.tokenizer.load_tokenizer.
+    """
+    if init_from:
+        if (Path(init_from) / "tokenizer.json").exists():
+            return str(init_from)
+        p = Path(init_from) / "tokenizer.model"
+        if not p.exists():
+            raise FileNotFoundError(f"{init_from} has neither tokenizer.model nor tokenizer.json next to its weights")
+        return str(p)
+    if not Path(tokenizer).exists():
+        raise FileNotFoundError(f"tokenizer {tokenizer} not found; train one with: python -m minialign.tokenizer")
+    return tokenizer
+
+
+def new_model(cfg, vocab_size: int, kind: str = "causal"):
+    mcfg = model_config(cfg.preset, vocab_size=vocab_size,
+                        max_seq_len=max(cfg.max_len, model_config(cfg.preset).max_seq_len))
+    return CausalLM(mcfg) if kind == "causal" else ScalarModel(mcfg)
