@@ -115,12 +115,43 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                     help="stages to run after the tokenizer (in this order)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[],
+                    help="run the pipeline once per seed into OUT/seed_S and write OUT/seeds.md (medians and ranges)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
-    steps = PRESETS[args.preset]
-    py = sys.executable
     t0 = time.time()
+    run_stage("tokenizer", [sys.executable, "-m", "minialign.tokenizer", "--out", str(out / "tokenizer")], out,
+              args.force)
     tok = str(out / "tokenizer/tokenizer.model")
+    if not args.seeds:
+        table = run_stages(out, tok, args.stages, PRESETS[args.preset], [], args.force)
+        print(f"\n{table}\n\npipeline finished in {time.time() - t0:.0f}s; report: {out / 'report.md'}"
+              + ("" if importlib.util.find_spec("matplotlib") else " (no plots: pip install matplotlib)"))
+        return
+    for seed in args.seeds:
+        print(f"===== seed {seed} =====", flush=True)
+        run_stages(out / f"seed_{seed}", tok, args.stages, PRESETS[args.preset], ["--seed", str(seed)], args.force)
+    gflops = report.matmul_gflops()
+    table = report.seed_table([out / f"seed_{seed}" for seed in args.seeds])
+    given = argv if argv is not None else sys.argv[1:]
+    cmd = "python -m minialign.pipeline " + " ".join(shlex.quote(str(a)) for a in given)
+    (out / "seeds.md").write_text(
+        f"# minialign pipeline over {len(args.seeds)} seeds\n\nEach cell: median [min, max] over seeds "
+        f"{', '.join(map(str, args.seeds))} (preset {args.preset}). Command: `{cmd}`. This machine: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, fp32 matmul {gflops:.0f} GFLOP/s "
+        f"(measured at the end, torch {torch_version()}); total wall time {time.time() - t0:.0f} s.\n\n{table}\n")
+    print(f"\n{table}\n\n{len(args.seeds)} seeds finished in {time.time() - t0:.0f}s; fp32 matmul {gflops:.0f} "
+          f"GFLOP/s; summary: {out / 'seeds.md'}")
+
+
+def torch_version() -> str:
+    import torch
+    return torch.__version__
+
+
+def run_stages(out: Path, tok: str, stages, steps: dict, extra: list[str], force: bool) -> str:
+    """Every stage as its script, in order, into out/<stage>; then out/report.md. Returns the table."""
+    py = sys.executable
     commands = {
         "sft": ["train_sft.py", "--tokenizer", tok],
         "rm": ["train_rm.py", "--init_from", str(out / "sft")],
@@ -128,12 +159,9 @@ def main(argv=None):
         "ppo": ["train_ppo.py", "--init_from", str(out / "sft"), "--reward_model", str(out / "rm")],
         "grpo": ["train_grpo.py", "--init_from", str(out / "sft")],
     }
-    run_stage("tokenizer", [py, "-m", "minialign.tokenizer", "--out", str(out / "tokenizer")], out, args.force)
-    for stage in args.stages:
-        run_stage(stage, [py, *commands[stage], "--out_dir", str(out / stage), *steps[stage]], out, args.force)
-    table = report.write_report(out)
-    print(f"\n{table}\n\npipeline finished in {time.time() - t0:.0f}s; report: {out / 'report.md'}"
-          + ("" if importlib.util.find_spec("matplotlib") else " (no plots: pip install matplotlib)"))
+    for stage in stages:
+        run_stage(stage, [py, *commands[stage], "--out_dir", str(out / stage), *steps[stage], *extra], out, force)
+    return report.write_report(out)
 
 
 if __name__ == "__main__":
