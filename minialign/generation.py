@@ -105,24 +105,3 @@ def generate(
         logits = model(tokens[:, t : t + 1], ones, kv_cache=cache)[:, -1].float()
     model.train(was_training)
     return Generation(tokens[:, :n], mask[:, :n], logps[:, :n], done)
-
-
-def response_logps(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0):
-    """Log-probs (B, N) of given responses after left-padded prompts, under softmax(logits / temperature).
-
-    The training-side twin of `generate`: for a rollout it reproduces `Generation.logps` (same
-    temperature) up to float error. Gradients flow unless called under no_grad. Only the N response
-    positions go through the output head and the log-softmax.
-    prompt_ids, prompt_mask (B, P); response_ids, response_mask (B, N); masks bool. Returns float32,
-    0 where response_mask is False.
-    """
-    from .losses import token_logps
-
-    P, N = prompt_ids.shape[1], response_ids.shape[1]
-    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + N)
-    mask = torch.cat([prompt_mask, response_mask], dim=1)
-    # logits at position P-1+t predict response token t; the head only needs those N positions
-    logits = model(ids[:, :-1], mask[:, :-1], logits_to_keep=N)  # (B, N, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return token_logps(logits, response_ids).masked_fill(~response_mask, 0.0)

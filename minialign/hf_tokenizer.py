@@ -47,8 +47,9 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+from .tokenizer import ROLES, Tokenizer
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-ROLES = ("system", "user", "assistant")
 
 # the plain ChatML template (no default system message), written with our exported tokenizer
 CHATML_TEMPLATE = (
@@ -194,25 +195,15 @@ class HFTokenizer:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def render_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
-        """A conversation -> (ids, loss_mask). loss_mask True = an assistant token the model is trained on."""
+        """A conversation -> (ids, loss_mask): our ChatML rendering (minialign.tokenizer.Tokenizer.render_chat)
+        with this vocabulary, after the template's default system message when it injects one."""
         if self.default_system is not None and messages and messages[0]["role"] == "user":
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
-        ids, mask = [], []
-        for m in messages:
-            role, content = m["role"], m["content"]
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-            header = self._role_header[role]
-            body = self.encode(content) + [self.im_end_id]
-            trained = role == "assistant"
-            ids += header + body + self._newline
-            mask += [False] * len(header) + [trained] * len(body) + [False] * len(self._newline)
-        return ids, mask
+        return Tokenizer.render_chat(self, messages)
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """Messages (ending with a user turn) + the assistant header: what generation starts from."""
-        ids, _ = self.render_chat(messages)
-        return ids + self._role_header["assistant"]
+        return Tokenizer.render_prompt(self, messages)
 
 
 def write_hf_tokenizer(sp_model_file, out_folder, model_max_length: int = 2048) -> Path:

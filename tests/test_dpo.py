@@ -297,3 +297,19 @@ def test_resume_reproduces_the_loss_sequence(workdir, sigmoid_run):
     a = torch.load(workdir / "parts" / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
     b = torch.load(workdir / "sigmoid" / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dropout_is_off_in_the_policy(workdir):
+    """Issue 13: an SFT checkpoint trained with dropout 0.1. DPO disables dropout in the policy (as in the
+    reference), so at step 1 policy == reference exactly and the loss is log 2 to rounding. (Before: the
+    policy ran in train mode with dropout 0.1 while the reference did not: the first loss was off by ~1e-2.)"""
+    ckpt = torch.load(workdir / "sft" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt["model_config"]["dropout"] = 0.1
+    drop = workdir / "sft_dropout"
+    drop.mkdir(exist_ok=True)
+    torch.save(ckpt, drop / "ckpt.pt")
+    (drop / "tokenizer.model").write_bytes((workdir / "sft" / "tokenizer.model").read_bytes())
+    run([*dpo_args(workdir, "dpo_dropout", "--max_steps", "1", "--beta", "0.1", "--pref_eval_data", ""),
+         "--init_from", str(drop)])
+    first = logged(workdir, "dpo_dropout")[0]
+    assert abs(first["loss"] - LOG2) < 1e-6 and abs(first["rewards/margins"]) < 1e-6

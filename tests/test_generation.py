@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from minialign.generation import generate, response_logps
+from minialign.generation import generate
+from minialign.packing import pack_padded
+from minialign.packing import response_logps as packed_response_logps
 
 V = 96
 PAD = 0
@@ -57,6 +59,12 @@ def test_greedy_matches_full_forward_loop():
     assert gen.response_ids.tolist() == want.tolist()
     assert len(set(want.flatten().tolist())) > 5  # the reference is not a trivial repeat
     assert gen.response_mask.all() and not gen.finished.any()
+
+
+def response_logps(model, ids, mask, response_ids, response_mask, temperature):
+    """The training forward's log-probs of sampled responses (minialign.packing, one plain row each), (B, N)."""
+    got = packed_response_logps(model, pack_padded(ids, mask, response_ids, response_mask, 1, PAD), temperature)
+    return torch.nn.functional.pad(got, (0, response_ids.shape[1] - got.shape[1]))  # back to the sampler's width
 
 
 def test_greedy_logps_are_temperature_one_logps():

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from minialign import checkpoint, training
+from minialign import checkpoint
 from minialign.model import CausalLM
 from minialign.tokenizer import train_tokenizer
 
