@@ -10,8 +10,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "tqdm"],
     extras_require={
         # the tests: matplotlib so they also draw the report's plots; transformers (+ the hf extra) for the
-        # Hugging Face parity and interop tests, which skip without them
-        "dev": ["pytest", "matplotlib", "safetensors", "tokenizers", "transformers"],
+        # Hugging Face parity and interop tests and tensorboard for the logger test, which skip without them
+        "dev": ["pytest", "matplotlib", "safetensors", "tokenizers", "transformers", "tensorboard"],
         "plots": ["matplotlib"],
         "hf": ["safetensors", "tokenizers"],  # load / export Hugging Face Llama and Qwen2 folders
         "tensorboard": ["tensorboard"],
