@@ -1,13 +1,17 @@
-"""GRPO: online RL without a value model, the baseline being the other completions for the same prompt.
+"""GRPO and the REINFORCE family (RLOO, REINFORCE++, ReMax): online RL without a value model.
 
 Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.losses.grpo_loss):
   1. take `prompts_per_step` prompts (split over ranks) and sample G = `num_generations` responses
      to each with the KV-cache sampler at `temperature` (minialign.rollout);
   2. reward each response: r = sum_k w_k r_k over `--reward_funcs` (rules, minialign.reward_funcs) and
      optionally a trained reward model (`--reward_funcs ... reward_model --reward_model out/rm`);
-  3. advantages relative to the group: A_i = (r_i - mean_G(r)) / (std_G(r) + eps)  (`--scale_rewards`);
+  3. advantages, `--advantage_estimator` (minialign.losses), from the rewards of the whole step (all ranks):
+        grpo          A_i = (r_i - mean_G(r)) / (std_G(r) + eps)          (`--scale_rewards`; Shao et al. 2024)
+        rloo          A_i = r_i - mean_{j≠i} r_j                          (leave-one-out; Ahmadian et al. 2024)
+        reinforce_pp  A_t = r - β Σ_{t'>=t} k1_t', normalized over the global batch, no baseline (Hu 2025)
+        remax         A_i = r_i - r(greedy response to the same prompt)   (one extra greedy generation; Li et al. 2023)
   4. `num_iterations` (μ) optimizer updates on this rollout, each minimizing over the step's tokens
-        -min(ratio · A, clip(ratio, 1 - ε_low, 1 + ε_high) · A) + β · KL_k3(π ‖ π_ref),
+        -min(ratio · A, clip(ratio, 1 - ε_low, 1 + ε_high) · A) + β · KL_k(π ‖ π_ref)    (KL in the loss),
         ratio = π(y_t) / π_old(y_t)
      where π_ref is the SFT model (built only when β > 0) and π_old the policy that sampled, computed
      by the TRAINING forward at the sampling temperature: with μ = 1 it is this update's own forward,
@@ -16,20 +20,26 @@ Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.losses.grpo
      the sampler's own log-probs differ by rounding and are only compared (sampler/logp_max_abs_diff).
      The reduction over tokens is `--loss_type` (grpo | dapo | dr_grpo), normalized by the count of
      the WHOLE step over micro-batches and ranks (see `grpo_loss_sum`).
+Where the KL goes (`--kl_in`, β > 0; see TRL #4967, OpenRLHF #1309): in the LOSS, k3 (GRPO's) has an unbiased
+value but a biased gradient, E[∇k3] = ∇KL(π_ref ‖ π) (the FORWARD KL); k1's is 0 in expectation; k2's is the reverse
+KL's on-policy. In the REWARD, -β·k1_t per token (k1 = log π_old/π_ref, a constant), A_t its return-to-go (the
+baselined score on the last token): the policy gradient of E[r] - β KL(π ‖ π_ref), unbiased (as PPO, REINFORCE++).
 Speed: each prompt is prefilled once for its G samples, and every training forward (policy, reference,
 reward model) packs a prompt's G responses into one row [x | y_1 | ... | y_G] (minialign.packing), so
 the prompt is computed once, not G times; the log-probs equal one row [x y_i] per response's to float error.
-A group whose rewards are all equal has zero advantages; when every group is like that (and β = 0)
+A group whose rewards are all equal has zero advantages (grpo, rloo); when every advantage is 0 (and no KL loss)
 there is nothing to learn and the update is skipped (logged as update_skipped), rather than letting
 Adam's momentum move the weights on a zero gradient. Responses cut off at max_new_tokens get no loss
 by default (--mask_truncated_completions): the gold rule does not read past a refusal or a benign
-answer's first words, so a response that rambles on to the budget is rewarded in full (see the flag).
+answer's first words, so a response that rambles on to the budget is rewarded in full (see the flag; remax
+needs it off: its advantages r_i - r(greedy) are mostly <= 0, and a truncated response would escape them).
 Dropout is off in every model (RL needs the same log-probs in every forward); an MoE policy gets its
 load-balancing loss from training.train_step.
 
 Run on one device:         python train_grpo.py                 (out/sft + data/rl_train.jsonl -> out/grpo)
 Run on N processes / GPUs: torchrun --nproc_per_node=N train_grpo.py   (prompts_per_step split over ranks)
 Other rewards:             python train_grpo.py --reward_funcs gold format --reward_weights 1.0 0.1
+RLOO, and what it writes:  python train_grpo.py --advantage_estimator rloo --log_completions_every 10
 GSM8K-style prompts:       python train_grpo.py --data gsm8k.jsonl --reward_funcs gsm8k --eval_data ''
 At the end the policy is scored with the default task's gold rule on data/rl_eval.jsonl (eval.json),
 with the KL to the SFT model it started from.
@@ -47,12 +57,13 @@ from tqdm import tqdm
 from minialign import checkpoint, config, logger, runtime, training
 from minialign.config import GoldCurveConfig, TrainConfig, at_least, knob, non_negative, one_of, positive
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
-from minialign.losses import GRPO_LOSS_TYPES, GROUP_SCALES, group_advantages, grpo_loss
+from minialign.losses import ADVANTAGE_ESTIMATORS, GRPO_LOSS_TYPES, GROUP_SCALES, grpo_loss, policy_gradient_loss
 from minialign.packing import response_logps, response_scores
 from minialign.reward_funcs import parse_reward_funcs
-from minialign.rollout import (disable_dropout, frozen, gather_columns, load_reward_model, load_rl_prompts,
-                               micro_batch_rows, packed_batch, rl_problems, rollout_forward, sample_rollout,
-                               source_rewards, step_prompt_indices)
+from minialign.rollout import (completion_mask, completions_log, count_units, disable_dropout, frozen, gather_columns,
+                               greedy_rewards, greedy_rollout, load_reward_model, load_rl_prompts, log_completions,
+                               micro_batch_rows, packed_batch, rl_problems, rollout_forward, rollout_metrics,
+                               sample_rollout, source_rewards, step_advantages, step_prompt_indices)
 from minialign.tokenizer import load_tokenizer
 
 
@@ -79,15 +90,27 @@ class Config(TrainConfig, GoldCurveConfig):
                                   "ratio)", at_least(1))
     loss_type: str = knob("grpo", "grpo (per-sequence token mean) | dapo (token mean over the step) | dr_grpo "
                                   "(tokens / (sequences x max_new_tokens))", one_of(*GRPO_LOSS_TYPES))
-    scale_rewards: str = knob("group", "advantage scale: group std (GRPO) | batch std | none (Dr. GRPO)",
+    advantage_estimator: str = knob("grpo", "baseline: grpo (group mean, std) | rloo (mean of the other G-1) | "
+                                            "reinforce_pp (none; returns-to-go normalized over the global batch) | "
+                                            "remax (greedy response's reward; needs --no-mask_truncated_completions)",
+                                    one_of(*ADVANTAGE_ESTIMATORS))
+    scale_rewards: str = knob("group", "grpo's advantage scale: group std (GRPO) | batch std | none (Dr. GRPO)",
                               one_of(*GROUP_SCALES))
     epsilon_low: float = knob(0.2, "ratio clip below: 1 - epsilon_low", (lambda v: 0 <= v < 1, "must be in [0, 1)"))
     epsilon_high: float = knob(0.2, "ratio clip above: 1 + epsilon_high (DAPO's clip-higher uses 0.28)", non_negative)
-    beta: float = knob(0.0, "KL (k3) coefficient to the SFT reference; 0 = no reference model at all", non_negative)
+    beta: float = knob(0.0, "β of the KL to the SFT reference (see --kl_in); 0 = no reference model", non_negative)
+    kl_in: str = knob("auto", "where β·KL enters: loss (--kl_estimator; k3's gradient is biased, it descends the "
+                              "forward KL) | reward (-β·k1_t per token: unbiased for the reverse KL; TRL #4967, "
+                              "OpenRLHF #1309) | auto = as each paper: loss for grpo, reward for the others",
+                      one_of("auto", "loss", "reward"))
+    kl_estimator: str = knob("auto", "KL estimate in the loss: k1 (zero gradient in expectation) | k2 (reverse-KL "
+                                     "gradient on-policy) | k3 (GRPO's; forward-KL gradient) | auto = k3 in the "
+                                     "loss, k1 in the reward (the only one it takes)", one_of("auto", "k1", "k2", "k3"))
     mask_truncated_completions: bool = knob(True, "responses that hit max_new_tokens without <|im_end|> get no loss "
                                                   "(DAPO). The harmful and benign rules do not read past a response's "
                                                   "first words, so rambling to the budget is rewarded; measured at the "
-                                                  "defaults: KL to SFT 2.2 nats with the mask, 5.8 without, same gold")
+                                                  "defaults: KL to SFT 2.2 nats with the mask, 5.8 without, same gold; "
+                                                  "remax needs it off (gold 0.52 on, 0.95 off; see the docstring)")
     max_steps: int = knob(150, "optimizer steps (= rollouts; each does num_iterations updates)", at_least(1))
     lr: float = knob(5e-4, "peak learning rate (measured on the default task: 1e-3 drifts further from SFT and "
                            "scores lower)", positive)
@@ -95,21 +118,25 @@ class Config(TrainConfig, GoldCurveConfig):
     micro_batch_size: int = knob(64, "responses per forward pass per rank, as whole groups (at least one): "
                                      "micro_batch_size // G packed rows [x | y_1 | ... | y_G]", at_least(1))
     log_every: int = knob(5, "log metrics every N steps", at_least(1))
+    log_completions_every: int = knob(0, "every N steps append each completion, its rewards, advantage and length to "
+                                         "out_dir/completions.jsonl (all ranks) and print 3 (0 = off)", non_negative)
     eval_max_new_tokens: int = knob(48, "generation length for the evaluation (48, as for SFT)", at_least(1))
 
+    def kl_placement(self) -> str:  # "loss" or "reward": --kl_in with auto resolved for the estimator
+        return self.kl_in if self.kl_in != "auto" else ("loss" if self.advantage_estimator == "grpo" else "reward")
+
+    def loss_kl(self) -> tuple[float, str]:  # (β, estimator) of the LOSS's KL term; β = 0: none (or in the reward)
+        beta = self.beta if self.kl_placement() == "loss" else 0.0
+        return beta, "k3" if self.kl_estimator == "auto" else self.kl_estimator
+
     def problems(self, world_size: int) -> list[str]:
-        return rl_problems(self, world_size)
-
-
-def completion_mask(response_mask: torch.Tensor, finished: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
-    """(R, N) bool, True = the token counts in the loss. With mask_truncated, responses that did not
-    emit <|im_end|> count for nothing (DAPO: a truncated answer is not a wrong one)."""
-    return response_mask & finished[:, None] if mask_truncated else response_mask
-
-
-def count_units(batch, loss_type: str):
-    """Counted units of a micro-batch: tokens for dapo, sequences with a counted token otherwise."""
-    return batch["loss_mask"].sum() if loss_type == "dapo" else batch["loss_mask"].any(-1).sum()
+        out = rl_problems(self, world_size)
+        if self.scale_rewards != "group" and self.advantage_estimator != "grpo":
+            out.append(f"--scale_rewards={self.scale_rewards} is read by --advantage_estimator grpo only")
+        if self.kl_placement() == "reward" and self.kl_estimator not in ("auto", "k1"):
+            out.append(f"--kl_estimator={self.kl_estimator} with the KL in the reward (--kl_in): the reward takes k1 "
+                       "only (a detached k2 or k3 reward does not give the KL's gradient); use --kl_in loss")
+        return out
 
 
 def grpo_loss_sum(model, batch, cfg):
@@ -123,7 +150,7 @@ def grpo_loss_sum(model, batch, cfg):
         dapo       1/T · Σ_i Σ_t ℓ_it                          T tokens            1
         dr_grpo    1/(S · L) · Σ_i Σ_t ℓ_it                    S sequences         L = max_new_tokens
     where a sequence counts when it has at least one counted token (grpo_loss's convention), ℓ is the
-    per-token clipped objective + β k3, and S, T are over the step. The metrics (clip ratios, kl) are
+    per-token clipped objective + β k (KL in the loss), and S, T are over the step. The metrics (clip ratios, kl) are
     returned as sums over tokens; the caller rescales them to token means. The forward's detached
     log-probs are kept in batch["logps"] for the first-update checks.
     """
@@ -131,32 +158,40 @@ def grpo_loss_sum(model, batch, cfg):
     old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()  # μ = 1: π_old is this forward
     batch["logps"] = logps.detach()
     normalizer = cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else 1
-    loss_sum, metrics = grpo_loss(logps, old_logps, batch.get("ref_logps"), batch["advantages"], batch["loss_mask"],
-                                  cfg.epsilon_low, cfg.epsilon_high, cfg.beta, cfg.loss_type, cfg.max_new_tokens,
-                                  normalizer)
+    beta, kl_estimator = cfg.loss_kl()  # β = 0 when the KL is in the reward
+    loss_fn = grpo_loss if batch["advantages"].dim() == 1 else policy_gradient_loss  # (r,) per response | (r, n)
+    loss_sum, metrics = loss_fn(logps, old_logps, batch.get("ref_logps"), batch["advantages"], batch["loss_mask"],
+                                cfg.epsilon_low, cfg.epsilon_high, beta, cfg.loss_type, cfg.max_new_tokens, normalizer,
+                                kl_estimator)
     n_tokens = batch["loss_mask"].sum()
     return loss_sum, {k: v * n_tokens for k, v in metrics.items()}
 
 
-def grpo_batches(ro, sources, reward_model, ref_model, rt, cfg) -> tuple[list[dict], dict]:
-    """Rewards (gathered over ranks), group advantages and reference log-probs of a rollout -> (the packed
-    micro-batches the updates train on, the step's per-response statistics over all ranks by name)."""
-    R = len(ro.rows)
+def grpo_batches(ro, sources, reward_model, ref_model, rt, cfg, policy=None, greedy=None) -> tuple[list[dict], dict]:
+    """Rewards (gathered over ranks), advantages, and the reference log-probs (KL in the loss) or per-token k1
+    (KL in the reward; `policy` gives log π_old) of a rollout -> (the packed micro-batches the updates train on,
+    the step's per-response statistics over all ranks by name). greedy: ReMax's greedy rollout, or None."""
     mb_rows = micro_batch_rows(ro, cfg.micro_batch_size, by_length=cfg.group_by_length)  # whole groups
-    rm_scores = b_ref_logps = None
+    rm_scores = b_ref_logps = b_kl = None
     with rt.autocast():
         if reward_model is not None:
             rm_scores = rollout_forward(lambda b: response_scores(reward_model, b), ro, mb_rows)  # (R,)
         if ref_model is not None:
             b_ref_logps = rollout_forward(lambda b: response_logps(ref_model, b, cfg.temperature), ro, mb_rows)
+        if ref_model is not None and cfg.kl_placement() == "reward":  # k1_t = log π_old(y_t) - log π_ref(y_t)
+            b_old_logps = rollout_forward(lambda b: response_logps(policy, b, cfg.temperature), ro, mb_rows)
+            b_kl = (b_old_logps - b_ref_logps).masked_fill(~ro.response_mask, 0.0)  # (R, N)
     rewards = source_rewards(sources, ro, rm_scores)  # {name: (R,)}, unweighted
-    g = gather_columns({**{f"rewards/{k}": v for k, v in rewards.items()}, "length": ro.lengths,
-                        "finished": ro.finished}, rt)  # over all ranks, in global prompt order
+    columns = {**{f"rewards/{k}": v for k, v in rewards.items()}, "length": ro.lengths, "finished": ro.finished}
+    g = gather_columns({**columns, **({"kl": b_kl.sum(-1)} if b_kl is not None else {})}, rt)  # all ranks
     g["reward"] = sum(s.weight * g[f"rewards/{s.name}"] for s in sources)  # r = Σ_k w_k r_k
-    b_advantages = group_advantages(g["reward"], ro.group_size, cfg.scale_rewards)[rt.rank * R : (rt.rank + 1) * R]
-    tensors = {"loss_mask": completion_mask(ro.response_mask, ro.finished, cfg.mask_truncated_completions),
-               "advantages": b_advantages.float(), "sampler_logps": ro.logps}
-    if b_ref_logps is not None:
+    if greedy is not None:
+        g["greedy_reward"] = greedy_rewards(greedy, sources, reward_model, rt, cfg.micro_batch_size)
+    loss_mask = completion_mask(ro.response_mask, ro.finished, cfg.mask_truncated_completions)
+    b_advantages = step_advantages(g, b_kl, loss_mask, rt, cfg.advantage_estimator, cfg.num_generations,
+                                   cfg.scale_rewards, cfg.beta)  # (R,) or per token (R, N), over all ranks' rows
+    tensors = {"loss_mask": loss_mask, "advantages": b_advantages, "sampler_logps": ro.logps}
+    if b_ref_logps is not None and b_kl is None:
         tensors["ref_logps"] = b_ref_logps
     return [packed_batch(ro, rows, **tensors) for rows in mb_rows], g
 
@@ -166,9 +201,11 @@ def grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats) -> dict
     counts = runtime.all_reduce_sum_dict({
         "units": sum(float(count_units(b, cfg.loss_type)) for b in batches),
         "tokens": sum(float(b["loss_mask"].sum()) for b in batches),
-        "signal": sum(float(((b["advantages"] != 0) & b["loss_mask"].any(-1)).sum()) for b in batches),
+        "signal": sum(float(((b["advantages"] != 0).view(len(b["loss_mask"]), -1) & b["loss_mask"]).any(-1).sum())
+                      for b in batches),  # responses with a nonzero advantage at a counted token
     }, rt)
-    skip = counts["units"] == 0 or (counts["signal"] == 0 and cfg.beta == 0)  # the same decision on every rank
+    kl_loss = cfg.loss_kl()[0] > 0
+    skip = counts["units"] == 0 or (counts["signal"] == 0 and not kl_loss)  # the same decision on every rank
     if cfg.num_iterations > 1 and not skip:  # π_old: the same training-layout forward, before any update
         with torch.no_grad(), rt.autocast():
             for b in batches:
@@ -193,28 +230,12 @@ def grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats) -> dict
                            "forwards of the same micro-batches disagree (dropout on? a nondeterministic kernel?)")
     metrics = {k: v / max(updates, 1) for k, v in sums.items()}
     to_token_mean = counts["units"] / counts["tokens"] if counts["tokens"] else 0.0  # train_step divided by units
-    for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean") + (("kl",) if cfg.beta else ()):
+    for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean") + (("kl",) if kl_loss else ()):
         metrics[k] = metrics.get(k, 0.0) * to_token_mean
     return {"loss": metrics.get("loss", 0.0), "grad_norm": metrics.get("grad_norm", 0.0), **metrics,
             "ratio/first_iteration_max_abs_dev": first["ratio_dev"],  # must be 0
             "sampler/logp_max_abs_diff": first["sampler_diff"],  # KV-cache sampler vs training forward (rounding)
             "update_skipped": float(skip)}
-
-
-def rollout_metrics(g: dict, sources, group_size: int) -> dict:
-    """TRL's reward and completion metrics from the step's per-response statistics (all ranks)."""
-    grouped = g["reward"].view(-1, group_size)  # (prompts, G)
-    metrics = {"reward": float(g["reward"].mean()),
-               "reward_std": float(grouped.std(dim=1).mean())}  # mean within-group std (TRL's reward_std)
-    for s in sources:
-        metrics[f"rewards/{s.name}/mean"] = float(g[f"rewards/{s.name}"].mean())
-        metrics[f"rewards/{s.name}/std"] = float(g[f"rewards/{s.name}"].std())
-    return {**metrics,
-            "frac_reward_zero_std": float((grouped == grouped[:, :1]).all(dim=1).double().mean()),
-            "completions/mean_length": float(g["length"].mean()),
-            "completions/min_length": float(g["length"].min()),
-            "completions/max_length": float(g["length"].max()),
-            "completions/clipped_ratio": float(1 - g["finished"].mean())}  # no <|im_end|> within max_new_tokens
 
 
 def main(argv=None):
@@ -239,8 +260,10 @@ def main(argv=None):
     if cfg.max_len > policy.cfg.max_seq_len:
         raise SystemExit(f"train_grpo.py: error: --max_len={cfg.max_len} exceeds the model's "
                          f"max_seq_len={policy.cfg.max_seq_len}")
+    kl = f" (KL in the {cfg.kl_placement()}, {cfg.loss_kl()[1] if cfg.kl_placement() == 'loss' else 'k1'})"
     runtime.print0(rt, f"policy: {policy.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; reference: "
-                       f"{'frozen copy of ' + cfg.init_from if ref_model is not None else 'none (beta = 0)'}; reward: "
+                       f"{'frozen copy of ' + cfg.init_from + kl if ref_model is not None else 'none (beta = 0)'}; "
+                       f"advantages: {cfg.advantage_estimator}; reward: "
                    + " + ".join(f"{s.weight:g} x {s.name}" for s in sources))
 
     # ---- data: prompts fit max_len together with the generation budget
@@ -264,6 +287,7 @@ def main(argv=None):
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
     model = runtime.wrap_ddp(policy, rt)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
+    completions = completions_log(cfg.out_dir, rt, start_step if cfg.resume else None)  # rank 0's path
 
     # ---- held-out prompts for the gold rule, loaded before training (too-long ones dropped and counted now);
     # with --gold_eval_every rank 0 also scores the policy against the SFT model as it trains
@@ -285,11 +309,15 @@ def main(argv=None):
         with rt.autocast():
             ro = sample_rollout(policy, tok, step_prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                                 cfg.seed, step, rt.rank * share, cfg.prompts_per_generate)
-        # 2-3. rewards, group advantages, reference log-probs, packed micro-batches; 4. the μ updates
-        batches, g = grpo_batches(ro, sources, reward_model, ref_model, rt, cfg)
+            greedy = (greedy_rollout(policy, tok, step_prompts, cfg.max_new_tokens, cfg.prompts_per_generate)
+                      if cfg.advantage_estimator == "remax" else None)  # ReMax's baseline, one per prompt (untrained)
+        # 2-3. rewards, advantages, reference log-probs or KL rewards, packed micro-batches; 4. the μ updates
+        batches, g = grpo_batches(ro, sources, reward_model, ref_model, rt, cfg, policy, greedy)
         metrics = {**grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats),
                    **rollout_metrics(g, sources, cfg.num_generations)}
         bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+            log_completions(completions, step + 1, ro, g, sources, rt, bar)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {**metrics, "learning_rate": lr}, bar)
         if gold_ref is not None and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:

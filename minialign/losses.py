@@ -1,4 +1,5 @@
-"""Loss functions for alignment: reward models, the DPO family, PPO (with GAE) and GRPO.
+"""Loss functions for alignment: reward models, the DPO family, PPO (with GAE), GRPO and the REINFORCE family
+(RLOO, REINFORCE++, ReMax advantages).
 
 Every function here is pure: tensors and floats in, tensors out. Nothing calls a model, reads a
 config or prints. Read a function top to bottom and you have read the algorithm; the equation each
@@ -67,6 +68,17 @@ References
 [DAPO]   Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale"
          (clip-higher; token-level loss).
 [DrGRPO] Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO).
+[RLOO]   Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+         Human Feedback in LLMs" (arXiv 2402.14740): the RLOO estimator, the leave-one-out baseline of
+         Kool et al. 2019; the KL as -β log(π/π_ref) in the reward.
+[RPP]    Hu 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward
+         Models" (arXiv 2501.03262): token-level k1 KL penalty in the reward, advantage = return-to-go,
+         normalized over the global batch; no baseline. (OpenRLHF's advantage_estimator="reinforce".)
+[ReMax]  Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for
+         Aligning Large Language Models", Algorithm 1 (baseline: the reward of the greedy response).
+[KLG]    Where the KL enters and the bias of its gradient: TRL issue #4967 ("k1 in reward" is unbiased for
+         the reverse KL, "k3 in loss" is not), OpenRLHF PR #1309 (k1's gradient vanishes in the loss,
+         k3's descends the forward KL, k2's is the reverse-KL gradient on-policy); see policy_gradient_loss.
 Where an equation number is not given, the section named holds the formula.
 """
 
@@ -94,6 +106,12 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "group_advantages",
+    "rloo_advantages",
+    "remax_advantages",
+    "kl_reward",
+    "returns_to_go",
+    "reinforce_pp_advantages",
+    "policy_gradient_loss",
     "grpo_loss",
 ]
 
@@ -104,6 +122,8 @@ CPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_KINDS = ("k1", "k2", "k3", "abs")
 GROUP_SCALES = ("group", "batch", "none")
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "remax")
+LOSS_KL_KINDS = ("k1", "k2", "k3")  # the KL estimators offered for the loss term (see policy_gradient_loss)
 
 Number = Union[int, float]
 Normalizer = Union[None, int, float, torch.Tensor]  # global count for the optimizer step; None = this call's count
@@ -830,7 +850,140 @@ def group_advantages(
     return advantages.reshape(-1)
 
 
-def grpo_loss(
+def _check_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    _check("rewards", rewards, (None,), kind="any")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards.numel() = {rewards.numel()} is not divisible by group_size = {group_size}")
+    return rewards.to(_dtype(rewards)).view(-1, group_size)  # (N, G)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out: each completion's baseline is the mean reward of the OTHER G - 1 completions.
+
+    Formula (Ahmadian et al. 2024, the RLOO estimator; the leave-one-out baseline of Kool et al. 2019), per group:
+        A_i = r_i - 1/(G-1) · Σ_{j≠i} r_j   ( = G/(G-1) · (r_i - mean(r)) )
+    The baseline does not contain r_i, so it is independent of sample i and the estimate is unbiased
+    (GRPO's mean contains r_i; its (1 - 1/G) shrinkage is what G/(G-1) undoes). No std scaling. A group
+    of equal rewards gets exactly 0 (as in group_advantages: no ±1-ulp leftovers).
+
+    Args:
+        rewards: (N·G,) one scalar reward per completion, the G completions of a prompt contiguous.
+        group_size: G >= 2.
+
+    Returns:
+        (N·G,) advantages, float32 (float64 for float64 rewards).
+    """
+    grouped = _check_groups(rewards, group_size)  # (N, G)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # 1/(G-1) Σ_{j≠i} r_j
+    advantages = grouped - baseline  # r_i - baseline_i
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (N, 1)
+    return advantages.masked_fill(all_equal, 0.0).reshape(-1)
+
+
+def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """ReMax: the baseline of every completion of a prompt is the reward of that prompt's GREEDY response.
+
+    Formula (Li et al. 2023, Algorithm 1), completion i of prompt b:
+        A_i = r_i - r(x_b, ȳ_b),   ȳ_b = argmax decoding of the current policy (not trained on)
+    The greedy response does not depend on the sampled ones, so the baseline is unbiased; it costs one
+    greedy generation per prompt instead of a value model. (The paper samples one response per prompt;
+    here each of the G samples is compared with the same greedy baseline.) Unlike the group baselines the
+    advantages are not centred: their mean is E[r] - r(ȳ), negative when the greedy response is usually the
+    better one, so a response the loss does not see (a masked truncated one) escapes a mostly negative push.
+
+    Args:
+        rewards: (N·G,) one scalar reward per sampled completion, the G completions of a prompt contiguous.
+        greedy_rewards: (N,) the reward of each prompt's greedy response, with the same reward functions.
+        group_size: G >= 1.
+
+    Returns:
+        (N·G,) advantages, float32 (float64 for float64 input).
+    """
+    _check("rewards", rewards, (None,), kind="any")
+    _check("greedy_rewards", greedy_rewards, (None,), kind="any")
+    if group_size < 1 or rewards.numel() != greedy_rewards.numel() * group_size:
+        raise ValueError(f"rewards.numel() = {rewards.numel()} must be greedy_rewards.numel() = "
+                         f"{greedy_rewards.numel()} x group_size = {group_size}")
+    dtype = _dtype(rewards, greedy_rewards)
+    grouped = rewards.to(dtype).view(-1, group_size)  # (N, G)
+    return (grouped - greedy_rewards.to(dtype)[:, None]).reshape(-1)  # r_i - r(x, ȳ)
+
+
+def kl_reward(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards with the KL penalty folded in: -β·kl_t at every token, plus the score at the last.
+
+    Formula (the RLHF reward of Ouyang et al. 2022 / Ziegler et al. 2019, per token as in PPO and [RPP]):
+        r_t = -β · kl_t + [t = last counted token] · score,     so   Σ_t r_t = score - β Σ_t kl_t
+    With kl_t = k1 = log π_old(y_t) - log π_ref(y_t) the sum is score - β · (an unbiased estimate of
+    KL(π ‖ π_ref) of the sequence), and the policy gradient of that reward is the unbiased gradient of
+    E[score] - β KL(π ‖ π_ref) (TRL #4967). Everything here is a constant for the loss (detached).
+    A row with no counted token gets nothing (its score is dropped).
+
+    Args:
+        scores: (B,) sequence-level score of each response (or an advantage from a group baseline).
+        kl: (B, T) per-token KL estimate (k1) at each response token.
+        mask: (B, T) bool, True = the token counts; the score goes on each row's last True position.
+        beta: β >= 0.
+
+    Returns:
+        (B, T) per-token rewards, 0 where mask is False, float32 (float64 for float64 input).
+    """
+    _check("kl", kl, (None, None))
+    B, T = kl.shape
+    _check("scores", scores, (B,), kind="any")
+    _check("mask", mask, (B, T), kind="bool")
+    dtype = _dtype(scores, kl)
+    (kl,) = _zero_padding(mask, kl.to(dtype).detach())
+    last = mask & (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True))  # (B, T): each row's last counted token
+    rewards = -beta * kl + last.to(dtype) * scores.to(dtype).detach()[:, None]  # r_t = -β kl_t + [t = L] s
+    return rewards.masked_fill(~mask, 0.0)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Per-token return-to-go: G_t = Σ_{t' >= t} γ^(t'-t) r_t' over each response's counted tokens.
+
+    This is `gae` with V ≡ 0 and λ = 1 (δ_t = r_t, A_t = r_t + γ A_{t+1}), so it shares its convention:
+    a gap in the mask ends the episode, masked positions get 0. REINFORCE with a causal (reward-to-go)
+    credit assignment: token t is credited only with the rewards at and after it.
+
+    Args:
+        rewards: (B, T) per-token rewards (e.g. kl_reward).
+        mask: (B, T) bool, True = the token counts.
+        gamma: discount γ (1 for language: the episode is one response).
+
+    Returns:
+        (B, T) returns, 0 where mask is False.
+    """
+    _check("rewards", rewards, (None, None))
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)[0]  # A_t with V ≡ 0, λ = 1: G_t
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """REINFORCE++ advantages: returns-to-go of the KL-penalised reward, normalized over the whole batch.
+
+    Formula (Hu 2025, [RPP]; OpenRLHF's advantage_estimator="reinforce"):
+        A_t      = score - β Σ_{t' >= t} kl_t'                  (kl_reward, then returns_to_go)
+        A^norm_t = (A_t - mean(A)) / std(A)                      mean and std over every counted token of the
+                                                                 GLOBAL batch (all prompts, all ranks)
+    No per-prompt baseline: the batch normalization is what centres the advantages. Call it on the
+    whole step's rows (under DDP gather them first; train_grpo.py does), or the statistics are a rank's.
+
+    Args:
+        scores: (B,) sequence-level score of each response (the weighted reward).
+        kl: (B, T) per-token k1 (zeros when β = 0).
+        mask: (B, T) bool, True = the token counts (and enters the statistics).
+        beta: β >= 0 of the KL penalty.
+
+    Returns:
+        (B, T) advantages, 0 where mask is False, float32 (float64 for float64 input).
+    """
+    returns = returns_to_go(kl_reward(scores, kl, mask, beta), mask)  # score - β Σ_{t'>=t} kl_t'
+    return whiten(returns, mask)  # (A - mean) / std over the batch's counted tokens
+
+
+def policy_gradient_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     ref_logps: Optional[torch.Tensor],
@@ -842,12 +995,21 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: Optional[int] = None,
     normalizer: Normalizer = None,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict]:
-    """GRPO policy loss, per token, with decoupled clipping and a k3 KL penalty to the reference.
+    """The clipped policy-gradient loss of the critic-free family (GRPO, RLOO, REINFORCE++, ReMax), per token.
 
-    Per token (Shao et al. 2024 Eq. 3-4; separate ε_low / ε_high is DAPO's "clip-higher"):
+    Per token (Shao et al. 2024 Eq. 3; separate ε_low / ε_high is DAPO's "clip-higher"):
         ratio     = exp(logp - old_logp)
-        per_token = -min(ratio · A, clip(ratio, 1 - ε_low, 1 + ε_high) · A) + β · k3(logp, ref_logp)
+        per_token = -min(ratio · A_t, clip(ratio, 1 - ε_low, 1 + ε_high) · A_t) + β · k(logp, ref_logp)
+    with a per-token advantage A_t (grpo_loss broadcasts one advantage per completion) and k the
+    `kl_estimator` (kl_penalty). Differentiated in the loss, on tokens sampled from π ([KLG]):
+        k1 = log π/π_ref           E[∇k1] = E[∇log π] = 0: no KL gradient in expectation, only noise
+        k2 = ½ (log π/π_ref)²      E[∇k2] = E[log(π/π_ref) ∇log π] = ∇KL(π ‖ π_ref) per token, on-policy
+                                   (biased once the policy moved from the sampler, μ > 1)
+        k3 = π_ref/π - log(π_ref/π) - 1   (GRPO Eq. 4): unbiased VALUE, but E[∇k3] = E[(1 - π_ref/π) ∇log π]
+                                   = -E_{π_ref}[∇log π] = ∇KL(π_ref ‖ π): it descends the FORWARD KL
+    (the unbiased alternative is k1 in the reward: kl_reward, β = 0 here).
     Reduction (n_seq = rows with at least one counted token; fully masked rows contribute nothing):
         "grpo":    mean over each sequence's tokens, then Σ over sequences / (normalizer or n_seq)
         "dapo":    Σ over all counted tokens / (normalizer or mask.sum())            (DAPO)
@@ -859,30 +1021,32 @@ def grpo_loss(
         "clip_ratio/low_mean":    ratio < 1 - ε_low and A < 0 (clipped from below)
         "clip_ratio/high_mean":   ratio > 1 + ε_high and A > 0 (clipped from above)
         "clip_ratio/region_mean": either
-        "kl":                     mean k3 (only when beta > 0)
+        "kl":                     mean of the KL estimate (only when beta > 0)
 
     Args:
         logps: (B, T) log π of the completion tokens under the policy being trained.
         old_logps: (B, T) log π_old from sampling time, treated as constant (pass logps.detach()
             when each batch is used for one step only).
         ref_logps: (B, T) log π_ref, treated as constant; may be None when beta == 0 (never read then).
-        advantages: (B,) one advantage per completion (e.g. from group_advantages), treated as constant.
+        advantages: (B, T) per-token advantages (e.g. reinforce_pp_advantages), treated as constant.
         mask: (B, T) bool, True = completion token that counts.
         clip_eps_low: ε_low, lower clip range of the ratio.
         clip_eps_high: ε_high, upper clip range (DAPO uses 0.28).
-        beta: β, weight of the KL penalty; 0 disables it (DAPO, Dr. GRPO).
+        beta: β, weight of the KL penalty in the loss; 0 disables it (DAPO, Dr. GRPO, KL in the reward).
         loss_type: "grpo", "dapo" or "dr_grpo".
         max_completion_length: L, the generation budget; required for "dr_grpo" without normalizer.
         normalizer: optional global count for the optimizer step (see above).
+        kl_estimator: "k1", "k2" or "k3" (GRPO's).
 
     Returns:
         loss (0-dim), metrics dict.
     """
     _check_choice("loss_type", loss_type, GRPO_LOSS_TYPES)
+    _check_choice("kl_estimator", kl_estimator, LOSS_KL_KINDS)
     _check("logps", logps, (None, None))
     B, T = logps.shape
     _check("old_logps", old_logps, (B, T))
-    _check("advantages", advantages, (B,))
+    _check("advantages", advantages, (B, T))
     _check("mask", mask, (B, T), kind="bool")
     if beta != 0:
         if ref_logps is None:
@@ -891,8 +1055,8 @@ def grpo_loss(
     if loss_type == "dr_grpo" and normalizer is None and max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (or an explicit normalizer)")
     dtype = _dtype(logps, old_logps, advantages, ref_logps if beta != 0 else None)
-    logps, old_logps = _zero_padding(mask, logps.to(dtype), old_logps.to(dtype).detach())
-    A = advantages.to(dtype).detach().unsqueeze(1)  # (B, 1): the sequence's advantage for every token
+    logps, old_logps, A = _zero_padding(mask, logps.to(dtype), old_logps.to(dtype).detach(),
+                                        advantages.to(dtype).detach())
 
     ratio = torch.exp(logps - old_logps)  # r_{i,t} = π / π_old
     surrogate = ratio * A  # r · A
@@ -900,7 +1064,7 @@ def grpo_loss(
     per_token = -torch.min(surrogate, surrogate_clipped)  # Eq. 3: -min(r A, clip(r) A)
     if beta != 0:
         (ref_logps,) = _zero_padding(mask, ref_logps.to(dtype))
-        per_token_kl = kl_penalty(logps, ref_logps, kind="k3")  # Eq. 4: ref/π - log(ref/π) - 1
+        per_token_kl = kl_penalty(logps, ref_logps, kind=kl_estimator)  # k3 (Eq. 4): ref/π - log(ref/π) - 1
         per_token = per_token + beta * per_token_kl  # + β D_KL
 
     lengths = mask.sum(dim=1)  # (B,) counted tokens per sequence
@@ -924,3 +1088,46 @@ def grpo_loss(
     if beta != 0:
         metrics["kl"] = _masked_mean(per_token_kl, mask).detach()
     return loss, metrics
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    beta: float = 0.04,
+    loss_type: str = "grpo",
+    max_completion_length: Optional[int] = None,
+    normalizer: Normalizer = None,
+    kl_estimator: str = "k3",
+) -> tuple[torch.Tensor, dict]:
+    """GRPO policy loss, per token, with decoupled clipping and a k3 KL penalty to the reference.
+
+    Per token (Shao et al. 2024 Eq. 3-4; separate ε_low / ε_high is DAPO's "clip-higher"):
+        ratio     = exp(logp - old_logp)
+        per_token = -min(ratio · A, clip(ratio, 1 - ε_low, 1 + ε_high) · A) + β · k3(logp, ref_logp)
+    This is policy_gradient_loss with ONE advantage per completion, A_{i,t} = A_i at every token; see it
+    for the reductions ("grpo", "dapo", "dr_grpo"), the normalizer, the metrics, and the gradient of each
+    `kl_estimator` (k3, GRPO's, descends the forward KL; k1 in the reward is the unbiased alternative).
+
+    Args:
+        logps: (B, T) log π of the completion tokens under the policy being trained.
+        old_logps: (B, T) log π_old from sampling time, treated as constant (pass logps.detach()
+            when each batch is used for one step only).
+        ref_logps: (B, T) log π_ref, treated as constant; may be None when beta == 0 (never read then).
+        advantages: (B,) one advantage per completion (e.g. from group_advantages), treated as constant.
+        mask: (B, T) bool, True = completion token that counts.
+        clip_eps_low, clip_eps_high, beta, loss_type, max_completion_length, normalizer, kl_estimator:
+            as in policy_gradient_loss.
+
+    Returns:
+        loss (0-dim), metrics dict.
+    """
+    _check("logps", logps, (None, None))
+    B, T = logps.shape
+    _check("advantages", advantages, (B,))
+    return policy_gradient_loss(logps, old_logps, ref_logps, advantages[:, None].expand(B, T), mask, clip_eps_low,
+                                clip_eps_high, beta, loss_type, max_completion_length, normalizer, kl_estimator)

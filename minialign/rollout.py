@@ -14,6 +14,9 @@ A rollout of optimizer step s on rank r:
      the difference as a diagnostic (sampler/logp_max_abs_diff);
   3. reward fields: the prompt's fields plus whether each response finished (emitted <|im_end|>),
      its length and the budget (minialign.reward_funcs.ROLLOUT_FIELDS).
+ReMax's baseline is a `greedy_rollout`: one argmax response per prompt (a Rollout with G = 1), rewarded
+by the same functions and never trained on. `step_advantages` computes a step's advantages (train_grpo.py's
+--advantage_estimator) on every rank's rows; `log_completions` writes the learner-facing completions.jsonl.
 
 Training layout: every forward over a rollout (policy, reference, value, reward model) goes through
 minialign.packing: the rows of a micro-batch (`micro_batch_rows`: whole groups of G) become one packed
@@ -34,7 +37,9 @@ top-k / top-p are not offered (they would make the rollout off-policy, see minia
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,7 +49,8 @@ import torch.nn.functional as F
 from . import checkpoint, packing, runtime, training
 from .data import collate_prompts, tokenize_prompts
 from .generation import generate
-from .losses import whiten
+from .losses import (group_advantages, kl_reward, reinforce_pp_advantages, remax_advantages, returns_to_go,
+                     rloo_advantages, whiten)
 
 
 def step_prompt_indices(n_prompts: int, step: int, prompts_per_step: int, seed: int, rt) -> list[int]:
@@ -111,13 +117,33 @@ def sample_rollout(model, tok, prompts: list[dict], num_generations: int, max_ne
     if temperature <= 0:
         raise ValueError(f"RL sampling needs temperature > 0 (got {temperature}): greedy rollouts have no log-probs")
     device = next(model.parameters()).device
+
+    def generator_at(start: int) -> torch.Generator:  # the sampler of the generate() call starting at prompt `start`
+        return torch.Generator(device=device).manual_seed(sampling_seed(seed, step, first_prompt + start))
+
+    return _rollout(model, tok, prompts, num_generations, max_new_tokens, temperature, prompts_per_generate,
+                    generator_at)
+
+
+@torch.no_grad()
+def greedy_rollout(model, tok, prompts: list[dict], max_new_tokens: int, prompts_per_generate: int = 0) -> Rollout:
+    """One greedy (argmax, temperature 0) response per prompt: ReMax's baseline, rewarded, never trained on.
+    A Rollout with group_size 1 (so the reward functions and packed forwards take it like any other);
+    its logps are under temperature 1 and unused. Deterministic: no generator to seed."""
+    return _rollout(model, tok, prompts, 1, max_new_tokens, 0.0, prompts_per_generate, lambda start: None)
+
+
+def _rollout(model, tok, prompts, num_generations, max_new_tokens, temperature, prompts_per_generate,
+             generator_at) -> Rollout:
+    """generate() over chunks of prompts_per_generate prompts (sampler: generator_at(the chunk's first prompt))."""
+    device = next(model.parameters()).device
     chunk = prompts_per_generate or len(prompts)
     gens = []
     for start in range(0, len(prompts), chunk):
         p_ids, p_mask = collate_prompts([p["prompt_ids"] for p in prompts[start : start + chunk]], tok.pad_id)
-        gen = torch.Generator(device=device).manual_seed(sampling_seed(seed, step, first_prompt + start))
         gens.append(generate(model, p_ids.to(device), p_mask.to(device), max_new_tokens, tok.eos_id, tok.pad_id,
-                             temperature=temperature, generator=gen, num_samples=num_generations))  # prompt-major rows
+                             temperature=temperature, generator=generator_at(start),
+                             num_samples=num_generations))  # prompt-major rows
     N = max(g.response_ids.shape[1] for g in gens)
     response_ids = torch.cat([_pad_cols(g.response_ids, N, tok.pad_id) for g in gens])  # (R, N)
     response_mask = torch.cat([_pad_cols(g.response_mask, N, False) for g in gens])
@@ -205,12 +231,94 @@ def source_rewards(sources, ro: Rollout, reward_model_scores: torch.Tensor | Non
     return {s.name: torch.tensor(per_source[s.name], dtype=torch.float64, device=device) for s in sources}
 
 
+def completion_mask(response_mask: torch.Tensor, finished: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """(R, N) bool, True = the token counts in the loss. With mask_truncated, responses that did not
+    emit <|im_end|> count for nothing (DAPO: a truncated answer is not a wrong one)."""
+    return response_mask & finished[:, None] if mask_truncated else response_mask
+
+
+def count_units(batch, loss_type: str):
+    """Counted units of a GRPO micro-batch: tokens for dapo, sequences with a counted token otherwise."""
+    return batch["loss_mask"].sum() if loss_type == "dapo" else batch["loss_mask"].any(-1).sum()
+
+
+def step_advantages(g: dict, b_kl: torch.Tensor | None, loss_mask: torch.Tensor, rt, estimator: str, group_size: int,
+                    scale_rewards: str = "group", beta: float = 0.0) -> torch.Tensor:
+    """This rank's advantages by `estimator` (train_grpo.py's --advantage_estimator; minialign.losses), computed
+    on the step's rows of ALL ranks and then cut to this rank's, so a 2-process run equals a 1-process one.
+
+    g: the step's per-response statistics over all ranks ("reward", and "greedy_reward" for remax);
+    b_kl: this rank's (R, N) per-token k1 when the KL is in the reward (None otherwise);
+    loss_mask: (R, N) bool, True = the token counts. Returns (R,) float32 one advantage per response, or
+    (R, N) per token when b_kl is given or for reinforce_pp. Sets g["advantage"] (all ranks; a per-token
+    advantage at the first token: the whole response's return) for the completions log.
+    """
+    R, N, G, est = loss_mask.shape[0], loss_mask.shape[1], group_size, estimator
+    per_token = b_kl is not None or est == "reinforce_pp"
+    if per_token:  # the step's per-token k1 and counted tokens over every rank: (R_all, N_max)
+        mask = gather_token_rows(loss_mask, rt)
+        kl = gather_token_rows(b_kl, rt) if b_kl is not None else torch.zeros(mask.shape, device=mask.device)
+    beta = beta if b_kl is not None else 0.0  # no KL in the reward: nothing to subtract
+    if est == "reinforce_pp":
+        A = reinforce_pp_advantages(g["reward"], kl, mask, beta)  # whiten(r - β Σ_{t'>=t} k1_t') over the batch
+    else:
+        A = {"grpo": lambda: group_advantages(g["reward"], G, scale_rewards),  # (r - mean_G) / std_G
+             "rloo": lambda: rloo_advantages(g["reward"], G),  # r_i - mean_{j≠i} r_j
+             "remax": lambda: remax_advantages(g["reward"], g["greedy_reward"], G)}[est]()  # r_i - r(greedy)
+        if b_kl is not None:  # the baselined score on the last token, -β k1_t on every token; A_t = return-to-go
+            A = returns_to_go(kl_reward(A, kl, mask, beta), mask)
+    g["advantage"] = A[:, 0] if per_token else A
+    A = A[rt.rank * R : (rt.rank + 1) * R]
+    return (A[:, :N] if per_token else A).float()
+
+
+def greedy_rewards(greedy: Rollout, sources, reward_model, rt, micro_batch_size: int) -> torch.Tensor:
+    """ReMax's baseline: the weighted reward of each prompt's greedy response, over all ranks (prompts,)."""
+    rm_scores = None
+    if reward_model is not None:
+        with rt.autocast():
+            rm_scores = rollout_forward(lambda b: packing.response_scores(reward_model, b), greedy,
+                                        micro_batch_rows(greedy, micro_batch_size))
+    rewards = source_rewards(sources, greedy, rm_scores)
+    return gather_columns({"reward": sum(s.weight * rewards[s.name] for s in sources)}, rt)["reward"]
+
+
+def rollout_metrics(g: dict, sources, group_size: int) -> dict:
+    """TRL's reward and completion metrics from a GRPO step's per-response statistics over all ranks (g: by name,
+    train_grpo.grpo_batches); "kl" when the KL is in the reward (g["kl"]: each response's Σ_t k1_t)."""
+    grouped = g["reward"].view(-1, group_size)  # (prompts, G)
+    metrics = {"reward": float(g["reward"].mean()),
+               "reward_std": float(grouped.std(dim=1).mean())}  # mean within-group std (TRL's reward_std)
+    for s in sources:
+        metrics[f"rewards/{s.name}/mean"] = float(g[f"rewards/{s.name}"].mean())
+        metrics[f"rewards/{s.name}/std"] = float(g[f"rewards/{s.name}"].std())
+    if "kl" in g:  # KL in the reward: the rollout's mean k1 per response token
+        metrics["kl"] = float(g["kl"].sum() / g["length"].sum())
+    return {**metrics,
+            "frac_reward_zero_std": float((grouped == grouped[:, :1]).all(dim=1).double().mean()),
+            "completions/mean_length": float(g["length"].mean()),
+            "completions/min_length": float(g["length"].min()),
+            "completions/max_length": float(g["length"].max()),
+            "completions/clipped_ratio": float(1 - g["finished"].mean())}  # no <|im_end|> within max_new_tokens
+
+
 def gather_columns(columns: dict[str, torch.Tensor], rt) -> dict[str, torch.Tensor]:
     """Per-response statistics of this rank ((R,) each) -> the same names over every rank's rows
     ((R * world,) each, rank order = global prompt order), in one all-gather."""
     names = list(columns)
     table = torch.stack([columns[k].double() for k in names], dim=1)  # (R, K)
     return dict(zip(names, runtime.all_gather_rows(table, rt).T))
+
+
+def gather_token_rows(x: torch.Tensor, rt) -> torch.Tensor:
+    """This rank's (B, N) per-token tensor -> every rank's rows (B * world, N_max) in rank order, padded on the
+    right with 0 / False to the widest rank's N (B equal on every rank). Bool tensors stay bool."""
+    if not rt.ddp:
+        return x
+    width = int(runtime.all_reduce_max(x.shape[1], rt))
+    padded = F.pad(x.to(torch.uint8) if x.dtype == torch.bool else x, (0, width - x.shape[1]))
+    out = runtime.all_gather_rows(padded, rt)  # gloo gathers no bool
+    return out.bool() if x.dtype == torch.bool else out
 
 
 def whiten_all_ranks(x: torch.Tensor, mask: torch.Tensor, rt, shift_mean: bool = True) -> torch.Tensor:
@@ -295,3 +403,44 @@ def reward_fields(ro: Rollout) -> tuple[list[str], dict[str, list]]:
     fields["completion_length"] = ro.lengths.tolist()
     fields["max_completion_length"] = [ro.max_new_tokens] * len(ro.rows)
     return [r["prompt_text"] for r in ro.rows], fields
+
+
+# ---------------------------------------------------------------------------------- completions log
+
+def completions_log(out_dir, rt, resume_step: int | None):
+    """Path of out_dir/completions.jsonl on rank 0 (None on the others). A fresh run removes an old file;
+    a --resume drops the rows logged after the checkpoint (they will be logged again)."""
+    if not rt.is_main:
+        return None
+    path = Path(out_dir) / "completions.jsonl"
+    if path.exists() and resume_step is None:
+        path.unlink()
+    elif path.exists():
+        lines = [l for l in path.read_text().splitlines(keepends=True) if l.endswith("\n") and l.strip()]
+        path.write_text("".join(l for l in lines if json.loads(l)["step"] <= resume_step))
+    return path
+
+
+def log_completions(path, step: int, ro: Rollout, g: dict, sources, rt, bar=None, n_print: int = 3) -> None:
+    """Append one row per completion of the step (every rank's, gathered to rank 0) to `path`
+    (completions.jsonl), and print the first completion of the first `n_print` prompts via bar.write:
+        {step, prompt, completion, rewards/<name> (unweighted, one per reward function), reward (weighted sum),
+         advantage, length}
+    g: the step's per-response statistics over all ranks (train_grpo.grpo_batches), with "advantage"
+    (for a per-token advantage, its value at the first token; a truncated response that gets no loss under
+    --mask_truncated_completions still shows its estimator's advantage, or 0 per token). Called on every
+    rank (the gather is collective); only rank 0 writes."""
+    texts = runtime.all_gather_object([(r["prompt_text"], c) for r, c in zip(ro.rows, ro.completions)], rt)
+    if path is None:
+        return
+    texts = [t for part in texts for t in part]  # rank order = global prompt order, as g
+    names = [f"rewards/{s.name}" for s in sources]
+    rows = [{"step": step, "prompt": p, "completion": c, **{k: float(g[k][i]) for k in names},
+             "reward": float(g["reward"][i]), "advantage": float(g["advantage"][i]), "length": int(g["length"][i])}
+            for i, (p, c) in enumerate(texts)]
+    with open(path, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    for row in rows[:: ro.group_size][:n_print]:
+        (bar.write if bar is not None else print)(
+            f"  step {step} reward {row['reward']:+.3f} advantage {row['advantage']:+.3f} | "
+            f"{row['prompt'][:50]!r} -> {row['completion'][:70]!r}")

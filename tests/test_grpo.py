@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import DigitTok, answer_seven, tiny_config
-from minialign import checkpoint, packing, runtime, training
+from minialign import checkpoint, config, packing, runtime, training
 from minialign.model import CausalLM, MoE
 from minialign.reward_funcs import RewardSource
 from minialign.rollout import Rollout, micro_batch_rows, packed_batch, rollout_forward, sample_rollout
@@ -444,3 +444,158 @@ def test_torchrun_moe_policy_with_an_idle_expert(sft, tmp_path):
                     "--max_steps", "2")], timeout=120)
     rows = metric_rows(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2] and all(r["update_skipped"] == 0.0 for r in rows)
+
+
+# ------------------------------------------- the REINFORCE family: RLOO, REINFORCE++, ReMax, the KL in the reward
+
+def length_reward(prompts, completions, **fields):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp", "remax"])
+def test_every_estimator_converges_to_the_known_optimal_answer(estimator):
+    """The tiny problem of test_grpo_converges_to_the_known_optimal_answer (reward 1 only for "7"), learned by
+    each --advantage_estimator through the script's functions (ReMax with its greedy rollout every step)."""
+    from minialign.rollout import greedy_rollout
+    model, cfg, optimizer, scaler = tiny_setup(advantage_estimator=estimator)
+    sources, history = [RewardSource("r", answer_seven, 1.0)], []
+    for i in range(40):
+        ro = sample_rollout(model, DigitTok(), PROMPTS, cfg.num_generations, cfg.max_new_tokens, 1.0, cfg.seed, i, 0)
+        greedy = greedy_rollout(model, DigitTok(), PROMPTS, cfg.max_new_tokens) if estimator == "remax" else None
+        batches, g = train_grpo.grpo_batches(ro, sources, None, None, RT, cfg, model, greedy)
+        train_grpo.grpo_update(model, optimizer, scaler, batches, i, RT, cfg, {})
+        history.append(float(g["reward"].mean()))
+    assert history[0] < 0.1 and sum(history[-5:]) / 5 > 0.9, history
+
+
+def test_remax_baseline_is_the_greedy_responses_reward():
+    """ReMax: every sample of a prompt is compared with the reward of that prompt's greedy response, decoded
+    here independently by generate(temperature=0); the greedy responses are rewarded, not trained on."""
+    from minialign.generation import generate
+    from minialign.rollout import greedy_rollout
+    model, cfg, _, _ = tiny_setup(advantage_estimator="remax")
+    ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
+    greedy = greedy_rollout(model, DigitTok(), PROMPTS, 4, prompts_per_generate=3)
+    def digit_sum(prompts, completions, **fields):  # the digits of the answer + the prompt's number ("q3" -> 3)
+        return [float(sum(int(x) for x in c.split()) + int(p[1:])) for p, c in zip(prompts, completions)]
+
+    batches, g = train_grpo.grpo_batches(ro, [RewardSource("r", digit_sum, 1.0)], None, None, RT, cfg, model, greedy)
+    baselines = []
+    for b, p in enumerate(PROMPTS):
+        ids = torch.tensor([p["prompt_ids"]])
+        gen = generate(model, ids, torch.ones_like(ids, dtype=torch.bool), 4, eos_id=3, pad_id=0, temperature=0)
+        text = DigitTok().decode(gen.response_ids[0][gen.response_mask[0]].tolist())
+        baselines.append(digit_sum([p["prompt_text"]], [text])[0])
+        assert g["greedy_reward"][b] == baselines[-1]
+        assert torch.equal(g["advantage"][b * 8 : (b + 1) * 8], g["reward"][b * 8 : (b + 1) * 8] - baselines[-1])
+    assert len(set(baselines)) == 8  # one baseline per prompt
+    assert sum(len(b["advantages"]) for b in batches) == 64  # the 64 samples only
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_kl_in_the_reward_or_in_the_loss(kl_in):
+    """--kl_in reward: no reference log-probs in the loss; the per-token advantages are RLOO's on the last token
+    minus β·k1 per token, so the first token's is rloo_i - β Σ_t k1_t, with k1 recomputed here from plain-rows
+    forwards of the policy and the reference; "kl" is the rollout's mean k1 per token. --kl_in loss: the
+    advantages are per response, the reference goes into the loss (k2 here) and "kl" is its mean."""
+    from minialign.losses import rloo_advantages
+    model, cfg, optimizer, scaler = tiny_setup(advantage_estimator="rloo", beta=0.1, kl_in=kl_in,
+                                               kl_estimator="k2" if kl_in == "loss" else "auto",
+                                               mask_truncated_completions=False)
+    torch.manual_seed(1)
+    ref = CausalLM(tiny_config(8)).eval()
+    ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
+    with torch.no_grad():  # before any update: k1_t = log π_old(y_t) - log π_ref(y_t)
+        k1 = (plain_logps(model, ro) - plain_logps(ref, ro)).masked_fill(~ro.response_mask, 0.0)
+    sources = [RewardSource("r", length_reward, 1.0)]
+    batches, g = train_grpo.grpo_batches(ro, sources, None, ref, RT, cfg, model)
+    m = {**train_grpo.grpo_update(model, optimizer, scaler, batches, 0, RT, cfg, {}),
+         **train_grpo.rollout_metrics(g, sources, 8)}
+    assert m["update_skipped"] == 0.0
+    if kl_in == "loss":
+        assert all(b["advantages"].dim() == 1 and "ref_logps" in b for b in batches)
+        torch.testing.assert_close(g["advantage"], rloo_advantages(g["reward"], 8))
+        assert "kl" not in g and m["kl"] > 0  # k2 >= 0, and the reference differs
+        return
+    assert all(b["advantages"].dim() == 2 and "ref_logps" not in b for b in batches)
+    torch.testing.assert_close(g["kl"], k1.sum(-1).double(), rtol=1e-5, atol=1e-5)
+    assert m["kl"] == pytest.approx(float(k1.sum() / ro.response_mask.sum()), abs=1e-5)
+    expected = rloo_advantages(g["reward"], 8) - 0.1 * k1.sum(-1).double()  # rloo_i - β Σ_t k1_t
+    torch.testing.assert_close(g["advantage"], expected, rtol=1e-5, atol=1e-5)
+    assert (expected != rloo_advantages(g["reward"], 8)).all()  # the KL term is really there
+
+
+def test_rloo_script_resume_and_torchrun(sft):
+    """--advantage_estimator rloo (the KL in the reward, auto; β = 0.04, μ = 2): 4 steps in process equal 2 steps
+    + --resume, and 2 gloo ranks x 2 prompts equal 1 process x 4 prompts (the advantages and the KL rewards are
+    computed on every rank's rows)."""
+    d = sft
+    rloo = ("--advantage_estimator", "rloo", "--no-mask_truncated_completions")  # every response counts
+    train_grpo.main(grpo_args(d, d / "rloo_full", *rloo))
+    full = metric_rows(d / "rloo_full")
+    assert [r["step"] for r in full] == [1, 2, 3, 4] and not any(r["update_skipped"] for r in full)
+    assert full[0]["kl"] == 0 and all(r["kl"] != 0 for r in full[1:])  # the rollout's k1; step 1: π = π_ref
+    train_grpo.main(grpo_args(d, d / "rloo_parts", *rloo, "--stop_after_steps", "2"))
+    assert torch.load(d / "rloo_parts/ckpt.pt", weights_only=False)["config"]["advantage_estimator"] == "rloo"
+    train_grpo.main(grpo_args(d, d / "rloo_parts", *rloo, "--resume"))
+    keys = ("step", "loss", "reward", "kl", "grad_norm")
+    assert [[r[k] for k in keys] for r in metric_rows(d / "rloo_parts")] == [[r[k] for k in keys] for r in full]
+    for k, v in params(d / "rloo_full").items():
+        assert torch.equal(v, params(d / "rloo_parts")[k]), k
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train_grpo.py"), *grpo_args(d, d / "rloo_two", *rloo)], timeout=300)
+    a, b = params(d / "rloo_full"), params(d / "rloo_two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for r1, r2 in zip(full, metric_rows(d / "rloo_two")):
+        assert r1["reward"] == r2["reward"] and abs(r1["loss"] - r2["loss"]) < 1e-5 and abs(r1["kl"] - r2["kl"]) < 1e-5
+    assert max((a[k] - params(d / "sft")[k]).abs().max() for k in a) > 1e-3  # the weights did move
+
+
+def test_completions_log_with_remax_and_resume(sft, capsys):
+    """--log_completions_every 1: one row per completion (4 prompts x G = 4) per step with its prompt, completion,
+    each reward function's value, the weighted reward, advantage and length; 3 lines printed per step; ReMax's
+    advantages share the baseline within a group; a --resume drops the rows logged after the checkpoint."""
+    d = sft
+    args = ("--advantage_estimator", "remax", "--log_completions_every", "1", "--beta", "0", "--num_iterations", "1")
+    train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "3", "--stop_after_steps", "2"))
+    train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "3", "--resume"))
+    rows = [json.loads(l) for l in (d / "logged/completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] * 16 + [2] * 16 + [3] * 16
+    assert set(rows[0]) == {"step", "prompt", "completion", "rewards/gold", "rewards/length", "reward", "advantage",
+                            "length"}
+    for r in rows:
+        assert r["reward"] == pytest.approx(r["rewards/gold"] + 0.5 * r["rewards/length"]) and r["length"] >= 1
+        assert isinstance(r["prompt"], str) and r["prompt"] and isinstance(r["completion"], str)
+    for i in range(0, 48, 4):  # A_i - A_j = r_i - r_j inside a group: one baseline, the greedy reward
+        group = rows[i : i + 4]
+        baselines = {round(r["reward"] - r["advantage"], 9) for r in group}
+        assert len(baselines) == 1, group
+    out = capsys.readouterr().out
+    assert sum(f"step {s} reward" in line for s in (1, 2, 3) for line in out.splitlines()) == 9
+    # a fresh run (no --resume) starts a new file
+    train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "1"))
+    assert len((d / "logged/completions.jsonl").read_text().splitlines()) == 16
+
+
+def test_reinforce_family_bad_flags_are_refused(sft, capsys):
+    d = sft
+    for flags, message in [
+            (["--advantage_estimator", "ppo"], "--advantage_estimator='ppo' must be one of grpo, rloo, reinforce_pp"),
+            (["--advantage_estimator", "rloo", "--scale_rewards", "batch"],
+             "--scale_rewards=batch is read by --advantage_estimator grpo only"),
+            (["--kl_in", "reward", "--kl_estimator", "k3"], "--kl_estimator=k3 with the KL in the reward"),
+            (["--advantage_estimator", "reinforce_pp", "--kl_estimator", "k2"],  # auto: REINFORCE++'s is the reward
+             "--kl_estimator=k2 with the KL in the reward"),
+            (["--kl_in", "both"], "--kl_in='both' must be one of auto, loss, reward"),
+            (["--log_completions_every", "-1"], "--log_completions_every=-1 must be >= 0")]:
+        with pytest.raises(SystemExit):
+            train_grpo.main(grpo_args(d, d / "bad_rf_flags", *flags))
+        assert message in capsys.readouterr().err
+    assert not (d / "bad_rf_flags").exists()
+    # accepted: REINFORCE++ with the KL in the loss (OpenRLHF's --use_kl_loss variant), k2 there
+    cfg = config.parse_config(train_grpo.Config, ["--advantage_estimator", "reinforce_pp", "--kl_in", "loss",
+                                                  "--kl_estimator", "k2", "--beta", "0.01"])
+    assert cfg.kl_placement() == "loss" and cfg.loss_kl() == (0.01, "k2")
+    assert config.parse_config(train_grpo.Config, []).loss_kl() == (0.0, "k3")  # GRPO's default: k3 in the loss
+    assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "remax"]).kl_placement() == "reward"
