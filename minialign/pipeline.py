@@ -19,6 +19,12 @@ reward model's chosen vs rejected scores, the gold score per stage, and gold sco
     python -m minialign.pipeline --stages sft rm # only some stages (each needs the ones before it)
     python -m minialign.pipeline --seeds 1337 1 2 --out out_seeds   # the README's figures
 
+Optional stages, not in the main job (it stays within its time budget), run when named:
+    python -m minialign.pipeline --stages online_dpo iterative_dpo best_of_n    # after sft and rm exist
+  online_dpo     train_online_dpo.py --reward_funcs gold: DPO on the policy's own samples, judged by the rule
+  iterative_dpo  the same with --rounds 3 --ref previous: 3 rounds of (sample, judge, offline DPO)
+  best_of_n      python -m minialign.best_of_n with the reward model as the judge: gold vs analytic KL, N <= 16
+
 --seeds runs the whole pipeline once per seed (every stage gets --seed S) into OUT/seed_S/, sharing one
 tokenizer, and writes OUT/seeds.md: each number as the median [min, max] over the seeds, with this
 machine's measured fp32 matmul GFLOP/s so the wall times can be scaled to another machine.
@@ -37,9 +43,10 @@ import time
 from pathlib import Path
 
 from . import report
-from .report import STAGES
+from .report import OPTIONAL_STAGES, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
+EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stages
 
 # Extra flags per stage, on top of the scripts' own defaults.
 #   cpu  : the scripts' defaults, sized for a 2-core laptop CPU (the "cpu" model preset, 0.9M parameters,
@@ -74,6 +81,8 @@ PRESETS = {
 def stage_done(out: Path, stage: str) -> bool:
     if stage == "tokenizer":
         return (out / "tokenizer" / "tokenizer.model").exists()
+    if stage == "best_of_n":
+        return (out / "best_of_n" / "points.json").exists()
     ckpt = out / stage / "ckpt.pt"
     if not ckpt.exists():
         return False
@@ -83,6 +92,10 @@ def stage_done(out: Path, stage: str) -> bool:
 
 def summary(out: Path, stage: str) -> str:
     """The one line printed when a stage ends: what its evaluation says."""
+    if stage == "best_of_n":
+        res = report.read_json(out / "best_of_n" / "points.json")
+        return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl_analytic']:.2f})"
+                         for p in res["points"][:: max(1, len(res["points"]) - 1)]) if res else ""
     if stage == "rm":
         scores = report.read_json(out / "rm" / "rm_scores.json")
         return f"held-out pair accuracy {scores['eval_accuracy']:.3f}" if scores else ""
@@ -113,8 +126,9 @@ def main(argv=None):
                     help="cpu: 0.9M model, minutes on a 2-core laptop; gpu: MiniMind 26M on a CUDA machine; "
                          "tiny: seconds, for tests")
     ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
-                    help="stages to run after the tokenizer (in this order)")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=(*STAGES, *EXTRA_STAGES),
+                    help="stages to run after the tokenizer (in this order); the default is the main job, "
+                         f"{', '.join(EXTRA_STAGES)} are optional")
     ap.add_argument("--seeds", nargs="+", type=int, default=[],
                     help="run the pipeline once per seed into OUT/seed_S and write OUT/seeds.md (medians and ranges)")
     args = ap.parse_args(argv)
@@ -158,9 +172,15 @@ def run_stages(out: Path, tok: str, stages, steps: dict, extra: list[str], force
         "dpo": ["train_dpo.py", "--init_from", str(out / "sft")],
         "ppo": ["train_ppo.py", "--init_from", str(out / "sft"), "--reward_model", str(out / "rm")],
         "grpo": ["train_grpo.py", "--init_from", str(out / "sft")],
+        "online_dpo": ["train_online_dpo.py", "--init_from", str(out / "sft"), "--reward_funcs", "gold",
+                       "--gold_eval_every", "30"],
+        "iterative_dpo": ["train_online_dpo.py", "--init_from", str(out / "sft"), "--reward_funcs", "gold",
+                          "--rounds", "3", "--ref", "previous"],
+        "best_of_n": ["-m", "minialign.best_of_n", "--ckpt", str(out / "sft"), "--reward_model", str(out / "rm")],
     }
     for stage in stages:
-        run_stage(stage, [py, *commands[stage], "--out_dir", str(out / stage), *steps[stage], *extra], out, force)
+        run_stage(stage, [py, *commands[stage], "--out_dir", str(out / stage), *steps.get(stage, []), *extra], out,
+                  force)
     return report.write_report(out)
 
 

@@ -13,7 +13,12 @@ Plots (out/plots/):
   rm_scores.png         reward-model scores of held-out chosen vs rejected responses
   gold_per_stage.png    gold score (sampled at T=1 and greedy) of every policy on the same prompts
   gold_vs_kl.png        gold score against KL(policy || SFT) as DPO, PPO and GRPO train: what each
-                        method buys per nat of drift from the SFT model
+                        method buys per nat of drift from the SFT model; with out/best_of_n/points.json
+                        (python -m minialign.best_of_n) also best-of-N at N = 1, 2, 4, ... against its
+                        analytic KL, log N - (N - 1) / N
+
+The optional stages (train_online_dpo.py as online_dpo and, with --rounds, iterative_dpo) get their rows,
+curves and gold-vs-KL points like the others, and a table of gold score and KL after each round.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import math
 import statistics
 from pathlib import Path
 
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
-COLORS = {"sft": "tab:gray", "dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green"}
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")  # the main job
+OPTIONAL_STAGES = ("online_dpo", "iterative_dpo")  # reported when their folders exist
+REPORTED = (*STAGES, *OPTIONAL_STAGES)
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", *OPTIONAL_STAGES)
+COLORS = {"sft": "tab:gray", "dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green", "online_dpo": "tab:red",
+          "iterative_dpo": "tab:purple", "best_of_n": "tab:brown"}
 
 # (metric key, axis label) per stage: left panel = what the stage minimizes, right = what it is after
 CURVES = {
@@ -35,6 +43,8 @@ CURVES = {
     "dpo": [("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected)")],
     "ppo": [("objective/scores", "reward-model score"), ("objective/kl", "KL to SFT (per response)")],
     "grpo": [("reward", "rule reward (gold)"), ("completions/mean_length", "mean response length")],
+    "online_dpo": [("loss", "DPO loss on its own samples"), ("objective/scores", "judge score of the samples")],
+    "iterative_dpo": [("loss", "DPO loss on the round's pairs"), ("objective/scores", "judge score of the samples")],
 }
 
 
@@ -71,7 +81,7 @@ COLUMNS = [  # (header, key in stage_values)
 def stage_values(out: Path) -> dict[str, dict]:
     """{stage: {column key: value}} for every stage of a pipeline output folder that has results."""
     timings, values = load_timings(out), {}
-    for stage in STAGES:
+    for stage in REPORTED:
         if stage == "rm":
             scores = read_json(out / "rm" / "rm_scores.json")
             r = {"rm_accuracy": scores["eval_accuracy"]} if scores is not None else None
@@ -104,7 +114,7 @@ def seed_table(outs: list[Path]) -> str:
     """The table over several seeds' runs: each cell the median [min, max] over the seeds that have it."""
     per_seed = [stage_values(o) for o in outs]
     rows = []
-    for stage in STAGES:
+    for stage in REPORTED:
         if not any(stage in v for v in per_seed):
             continue
         cells = []
@@ -142,6 +152,34 @@ def gold_vs_kl_points(out: Path, stage: str) -> list[tuple[float, float]]:
     return pts
 
 
+def best_of_n_table(out: Path) -> str:
+    """out/best_of_n/points.json as a Markdown section ('' when absent)."""
+    res = read_json(out / "best_of_n" / "points.json")
+    if not res:
+        return ""
+    rows = [f"| {p['n']} | {p['gold_score']:.3f} | {p['judge_score']:.3f} | {p['kl_analytic']:.3f} |"
+            for p in res["points"]]
+    return (f"## Best-of-N\n\nN samples per prompt from {res['ckpt']} (T=1), the one {res['judge']} scores highest "
+            f"kept; gold score of the kept response on {res['n_prompts']} prompts of {res['data']}; "
+            "KL(best-of-N || policy) = log N - (N - 1) / N, analytic.\n\n"
+            + "\n".join(["| N | gold (kept) | judge score (kept) | KL (analytic) |", "|---|---|---|---|", *rows])
+            + "\n")
+
+
+def rounds_table(out: Path, stage: str) -> str:
+    """The rows a --rounds run of train_online_dpo.py logs after each round, as a Markdown section ('' if none)."""
+    rows = [r for r in read_metrics(out / stage / "metrics.jsonl") if "round" in r and "sampled/gold_score" in r]
+    if not rows:
+        return ""
+    lines = [f"| {r['round']} | {r['step']} | {r['sampled/gold_score']:.3f} | "
+             f"{r.get('sampled/kl_to_ref', math.nan):.3f} | {r['pairs/used']} | {r['pairs/ties_skipped']} |"
+             for r in rows]
+    return (f"## {stage}: after each round\n\nGold score (T=1) and KL to SFT on the run's --gold_eval_prompts "
+            "held-out prompts; the pairs the round trained on and the prompts it skipped as ties.\n\n"
+            + "\n".join(["| round | step | gold (T=1) | KL to SFT | pairs used | ties skipped |",
+                          "|---|---|---|---|---|---|", *lines]) + "\n")
+
+
 def write_plots(out: Path) -> list[str]:
     """Write out/plots/*.png; returns the file names written ([] without matplotlib)."""
     try:
@@ -157,7 +195,7 @@ def write_plots(out: Path) -> list[str]:
     written = []
 
     # training curves: one row per stage that has metrics
-    stages = [s for s in STAGES if read_metrics(out / s / "metrics.jsonl")]
+    stages = [s for s in REPORTED if read_metrics(out / s / "metrics.jsonl")]
     if stages:
         fig, axes = plt.subplots(len(stages), 2, figsize=(10, 2.4 * len(stages)), squeeze=False)
         for row, stage in zip(axes, stages):
@@ -207,9 +245,10 @@ def write_plots(out: Path) -> list[str]:
         plt.close(fig)
         written.append("gold_per_stage.png")
 
-    curves = {s: gold_vs_kl_points(out, s) for s in ("dpo", "ppo", "grpo")}
+    curves = {s: gold_vs_kl_points(out, s) for s in ("dpo", "ppo", "grpo", *OPTIONAL_STAGES)}
     curves = {s: p for s, p in curves.items() if p}
-    if curves:
+    best_of_n = read_json(out / "best_of_n" / "points.json")
+    if curves or best_of_n:
         fig, ax = plt.subplots(figsize=(6, 4))
         sft_gold = evals["sft"]["sampled/gold_score"] if "sft" in evals else None
         if sft_gold is not None:
@@ -219,6 +258,11 @@ def write_plots(out: Path) -> list[str]:
                 pts = [(0.0, sft_gold), *pts]
             ax.plot(*zip(*pts), "o-", color=COLORS[stage], label=stage, markersize=4)
             ax.plot(*pts[-1], "*", color=COLORS[stage], markersize=14)
+        if best_of_n:  # no training: N samples, the judge's favourite kept; KL analytic
+            pts = [(p["kl_analytic"], p["gold_score"]) for p in best_of_n["points"]]
+            ax.plot(*zip(*pts), "D--", color=COLORS["best_of_n"], markersize=4,
+                    label=f"best-of-N by {best_of_n['judge']}, N={best_of_n['points'][0]['n']}.."
+                          f"{best_of_n['points'][-1]['n']}")
         ax.set_xlabel("KL(policy || SFT) per response, nats")
         ax.set_ylabel("gold score sampled at T=1")
         ax.set_title("gold score vs drift from SFT (star: final evaluation)", fontsize=10)
@@ -246,6 +290,7 @@ def write_report(out: Path) -> str:
         "RM accuracy is on the held-out pairs (data/pref_eval.jsonl). "
         "Wall seconds are from the run that produced each stage.\n",
         tab + "\n",
+        *[t for t in [rounds_table(out, s) for s in OPTIONAL_STAGES] + [best_of_n_table(out)] if t],
     ]
     if plots:
         captions = {"training_curves.png": "Training curves",
