@@ -188,12 +188,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
+        self.packed_qkv = self.packed_o = None  # set only while sampling on CPU (minialign.packed_linear)
 
     def forward(self, x, cos, sin, attn_mask, kv_cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.packed_qkv is not None:
+            q, k, v = self.packed_qkv(x).split(self.packed_qkv.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
@@ -204,14 +209,21 @@ class Attention(nn.Module):
             kv_cache.v[self.layer_idx, :, :, start : start + T] = v
             k = kv_cache.k[self.layer_idx, :, :, : start + T]
             v = kv_cache.v[self.layer_idx, :, :, : start + T]
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,  # bool, True = may attend; None = plain causal
-            is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if kv_cache is not None and T == 1 and not self.training:
+            # one decode step: the n_heads / n_kv_heads query heads that share a KV head are at the same position,
+            # so they go through SDPA as that KV head's queries (no GQA expansion; ~1.7x faster on CPU)
+            g = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=attn_mask)
+            y = y.reshape(B, 1, -1)  # query head h = kv_head * g + j, as enable_gqa's grouping
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,  # bool, True = may attend; None = plain causal
+                is_causal=attn_mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            ).transpose(1, 2).reshape(B, T, -1)  # (B, T, H * hd)
+        return self.o_proj(y) if self.packed_o is None else self.packed_o(y)
 
 
 class SwiGLU(nn.Module):
@@ -220,9 +232,13 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.packed_gate_up = self.packed_down = None  # set only while sampling on CPU (minialign.packed_linear)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.packed_gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.packed_gate_up(x).chunk(2, dim=-1)
+        return self.packed_down(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
@@ -322,14 +338,19 @@ class Backbone(nn.Module):
                 if position_ids is None:
                     position_ids = default_position_ids(attention_mask)
             S = past + T
-            causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
-            attn_mask = causal[None] & key_mask[:, None, :]  # (B, T, S)
-            # a query at a pad position would see no key at all (SDPA -> NaN); let it see itself.
-            # Its output is never used: pads are masked out of every loss.
-            diag = (torch.arange(S, device=input_ids.device)[None, :]
-                    == torch.arange(past, past + T, device=input_ids.device)[:, None])
-            attn_mask = attn_mask | diag[None]
-            attn_mask = attn_mask[:, None]  # (B, 1, T, S)
+            if kv_cache is not None and T == 1:
+                # a decode step: the one new query is causally after every key, and it always sees itself
+                attn_mask = key_mask.clone()
+                attn_mask[:, -1] = True
+                attn_mask = attn_mask[:, None, None]  # (B, 1, 1, S)
+            else:
+                causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
+                attn_mask = causal[None] & key_mask[:, None, :]  # (B, T, S)
+                # a query at a pad position would see no key at all (SDPA -> NaN); let it see itself.
+                # Its output is never used: pads are masked out of every loss.
+                diag = (torch.arange(S, device=input_ids.device)[None, :]
+                        == torch.arange(past, past + T, device=input_ids.device)[:, None])
+                attn_mask = (attn_mask | diag[None])[:, None]  # (B, 1, T, S)
         if int(position_ids.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos = self.rope_cos[position_ids][:, None]  # (B, 1, T, hd)
@@ -363,6 +384,7 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.backbone = Backbone(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.packed_head = None  # set only while sampling on CPU (minialign.packed_linear)
         _init_weights(self, cfg.n_layers)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep: int = 0,
@@ -381,6 +403,8 @@ class CausalLM(nn.Module):
             h = h[:, -logits_to_keep:]
         if logits_mask is not None:
             h = h[logits_mask]  # (M, dim)
+        if self.packed_head is not None:
+            return self.packed_head(h)
         head = self.backbone.embed.weight if self.lm_head is None else self.lm_head.weight  # (V, dim)
         return F.linear(h, head)  # (B, T, V) or (M, V)
 
