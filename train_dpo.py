@@ -38,6 +38,11 @@ prompts and responses, fp32 CPU, 1 thread, pairs/s) it measured: live reference 
 training (a progress bar), then frees the reference model: one model in memory. Resuming recomputes
 them (deterministic). --ref_update_every N (TR-DPO, Gorbatovski et al. 2024) instead moves the live
 reference towards the policy every N steps: ref <- α·π + (1-α)·ref (α = 1: a hard copy).
+--lora_r R trains adapters only (minialign.lora); the reference is then the policy with its adapters
+off: one model in memory without precomputing (--precompute_ref still saves the reference forward of
+each step; --ref_update_every is refused: that frozen base cannot move). LoRA r 8, alpha 16 wants a larger
+lr: from an SFT model at sampled gold 0.617, full fine-tuning gave 0.925 (KL 0.85); LoRA lr 1e-3 0.878,
+2e-3 0.885, 4e-3 0.908 (KL 1.4), 8e-3 0.815 (KL 6.7), r 32 alpha 64 lr 2e-3 0.868.
 
 Evaluation: TRL's metrics on held-out pairs (eval_ prefix) every --eval_every steps and at the end;
 then the default task's gold rule on --eval_prompts held-out prompts (minialign.evaluate), with the
@@ -55,16 +60,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, runtime, training
-from minialign.config import (GoldCurveConfig, OfflineConfig, PairsConfig, in_range, knob, non_negative, one_of,
-                              parse_config)
+from minialign import checkpoint, logger, lora, runtime, training
+from minialign.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, in_range, knob, non_negative,
+                              one_of, parse_config)
 from minialign.data import to_device, tokenize_preferences
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.formats import load_preferences
 from minialign.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from minialign.packing import collate_pairs, length_sorted_chunks, pair_count, pair_lengths
 from minialign.preference import pair_logps
-from minialign.rollout import disable_dropout, frozen
+from minialign.rollout import disable_dropout
 from minialign.tokenizer import load_tokenizer
 
 LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "cpo", "orpo")
@@ -76,7 +81,7 @@ DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo"
 
 
 @dataclass
-class Config(OfflineConfig, PairsConfig, GoldCurveConfig):
+class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
     out_dir: str = knob("out/dpo", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("data/pref_train.jsonl", "preference pairs (JSONL(.gz) or JSON; formats in minialign.formats)")
@@ -222,16 +227,17 @@ def main(argv=None):
     tok = load_tokenizer(tok_path)
 
     # ---- models: the policy, and the frozen reference (same weights) unless the loss is reference-free
-    model = disable_dropout(checkpoint.load_model(cfg.init_from)).to(rt.device)
-    runtime.print0(rt, f"policy: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; "
-                       f"loss {cfg.loss_type}, beta {cfg.beta}")
+    model = disable_dropout(checkpoint.load_model(cfg.init_from))
+    model = lora.from_config(model, cfg, cfg.init_from).to(rt.device)  # --lora_r 0: unchanged
+    runtime.print0(rt, f"policy from {cfg.init_from}: {lora.describe(model)}; loss {cfg.loss_type}, beta {cfg.beta}")
     ref_model = None
     if cfg.loss_type in REFERENCE_FREE:
         runtime.print0(rt, f"reference: none ({cfg.loss_type} is reference-free)")
-    else:
-        ref_model = frozen(checkpoint.load_model(cfg.init_from), rt)
+    else:  # LoRA: the policy with its adapters off; else a frozen copy of the same weights
+        ref_model = lora.sft_reference(model, cfg, rt)
         freed = ", precomputed then freed" if cfg.precompute_ref else ""
-        runtime.print0(rt, f"reference: frozen copy of {cfg.init_from}{freed}")
+        what = "the policy with its adapters off" if cfg.lora_r else f"frozen copy of {cfg.init_from}"
+        runtime.print0(rt, f"reference: {what}{freed}")
 
     # ---- data
     stats = {}
@@ -270,7 +276,7 @@ def main(argv=None):
     def sft_reference():  # the SFT model for KL: the live reference while it is still that model, else a fresh copy
         if ref_model is not None and not cfg.ref_update_every:
             return ref_model
-        return frozen(checkpoint.load_model(cfg.init_from), rt)
+        return lora.sft_reference(model, cfg, rt)  # LoRA: the adapters-off policy
 
     # held-out prompts for the gold rule, loaded before training (too-long ones dropped and counted now)
     eval_prompts = gold_ref = None

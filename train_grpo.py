@@ -41,6 +41,7 @@ Run on N processes / GPUs: torchrun --nproc_per_node=N train_grpo.py   (prompts_
 Other rewards:             python train_grpo.py --reward_funcs gold format --reward_weights 1.0 0.1
 RLOO, and what it writes:  python train_grpo.py --advantage_estimator rloo --log_completions_every 10
 GSM8K-style prompts:       python train_grpo.py --data gsm8k.jsonl --reward_funcs gsm8k --eval_data ''
+With LoRA:                 python train_grpo.py --lora_r 8 --lr 3e-3   (gold 0.950, full 0.955; reference: adapters off)
 At the end the policy is scored with the default task's gold rule on data/rl_eval.jsonl (eval.json),
 with the KL to the SFT model it started from.
 
@@ -54,13 +55,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, config, logger, runtime, training
-from minialign.config import GoldCurveConfig, TrainConfig, at_least, knob, non_negative, one_of, positive
+from minialign import checkpoint, config, logger, lora, runtime, training
+from minialign.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, knob, non_negative, one_of,
+                              positive)
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.losses import ADVANTAGE_ESTIMATORS, GRPO_LOSS_TYPES, GROUP_SCALES, grpo_loss, policy_gradient_loss
 from minialign.packing import response_logps, response_scores
 from minialign.reward_funcs import parse_reward_funcs
-from minialign.rollout import (completion_mask, completions_log, count_units, disable_dropout, frozen, gather_columns,
+from minialign.rollout import (completion_mask, completions_log, count_units, disable_dropout, gather_columns,
                                greedy_rewards, greedy_rollout, load_reward_model, load_rl_prompts, log_completions,
                                micro_batch_rows, packed_batch, rl_problems, rollout_forward, rollout_metrics,
                                sample_rollout, source_rewards, step_advantages, step_prompt_indices)
@@ -68,7 +70,7 @@ from minialign.tokenizer import load_tokenizer
 
 
 @dataclass
-class Config(TrainConfig, GoldCurveConfig):
+class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
     out_dir: str = knob("out/grpo", "output folder")
     init_from: str = knob("out/sft", "policy (and reference) checkpoint to start from",
                           (bool, "is required (GRPO starts from an SFT policy, e.g. out/sft)"))
@@ -251,8 +253,8 @@ def main(argv=None):
     tok = load_tokenizer(tok_path)
 
     # ---- models: policy; reference only when beta > 0; reward model only when asked for; dropout off in all
-    policy = disable_dropout(checkpoint.load_model(cfg.init_from)).to(rt.device)
-    ref_model = frozen(checkpoint.load_model(cfg.init_from), rt) if cfg.beta > 0 else None
+    policy = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
+    ref_model = lora.sft_reference(policy, cfg, rt) if cfg.beta > 0 else None  # LoRA: the policy, adapters off
     reward_model = load_reward_model(cfg.reward_model, rt, "train_grpo.py") if cfg.reward_model else None
     if reward_model is not None and reward_model.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_grpo.py: error: the reward model's vocabulary ({reward_model.cfg.vocab_size}) differs "
@@ -261,8 +263,9 @@ def main(argv=None):
         raise SystemExit(f"train_grpo.py: error: --max_len={cfg.max_len} exceeds the model's "
                          f"max_seq_len={policy.cfg.max_seq_len}")
     kl = f" (KL in the {cfg.kl_placement()}, {cfg.loss_kl()[1] if cfg.kl_placement() == 'loss' else 'k1'})"
-    runtime.print0(rt, f"policy: {policy.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; reference: "
-                       f"{'frozen copy of ' + cfg.init_from + kl if ref_model is not None else 'none (beta = 0)'}; "
+    ref = ("adapters off" if cfg.lora_r else "frozen copy of " + cfg.init_from) + kl
+    runtime.print0(rt, f"policy from {cfg.init_from}: {lora.describe(policy)}; reference: "
+                       f"{ref if ref_model is not None else 'none (beta = 0)'}; "
                        f"advantages: {cfg.advantage_estimator}; reward: "
                    + " + ".join(f"{s.weight:g} x {s.name}" for s in sources))
 
@@ -295,7 +298,7 @@ def main(argv=None):
     if cfg.eval_data and rt.is_main:
         eval_prompts = load_eval_prompts(cfg.eval_data, tok, 0, cfg.eval_max_new_tokens, policy.cfg.max_seq_len)
         if cfg.gold_eval_every:
-            gold_ref = ref_model if ref_model is not None else frozen(checkpoint.load_model(cfg.init_from), rt)
+            gold_ref = ref_model if ref_model is not None else lora.sft_reference(policy, cfg, rt)
 
     model.train()
     t0 = time.time()
@@ -306,7 +309,7 @@ def main(argv=None):
         training.set_lr(optimizer, lr)
         step_prompts = [prompts[i] for i in step_prompt_indices(len(prompts), step, cfg.prompts_per_step, cfg.seed, rt)]
         # 1. rollout: G responses per prompt, no gradients; this rank's prompts start at global position rank * share
-        with rt.autocast():
+        with rt.autocast(), lora.merged_for_sampling(policy):  # LoRA: adapters merged while sampling
             ro = sample_rollout(policy, tok, step_prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                                 cfg.seed, step, rt.rank * share, cfg.prompts_per_generate)
             greedy = (greedy_rollout(policy, tok, step_prompts, cfg.max_new_tokens, cfg.prompts_per_generate)
@@ -337,7 +340,7 @@ def main(argv=None):
     if cfg.eval_data and rt.is_main:
         ref = gold_ref if gold_ref is not None else ref_model
         if ref is None:
-            ref = frozen(checkpoint.load_model(cfg.init_from), rt)
+            ref = lora.sft_reference(policy, cfg, rt)
         res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None], cfg.eval_max_new_tokens,
                               ref)
         checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")

@@ -22,6 +22,7 @@ matches a single process only up to that estimate.
 Run on one device:        python train_kto.py                           (out/sft + data/pref_train.jsonl split)
 Run on N GPUs / processes: torchrun --nproc_per_node=N train_kto.py
 Unpaired data:            python train_kto.py --data my_unpaired.jsonl
+With LoRA:                python train_kto.py --lora_r 8 --lr 4e-3  (reference: the policy, adapters off; lr as DPO's)
 """
 
 from dataclasses import dataclass
@@ -29,20 +30,20 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, runtime, training
-from minialign.config import PairsConfig, GoldCurveConfig, OfflineConfig, knob, non_negative, parse_config
+from minialign import checkpoint, logger, lora, runtime, training
+from minialign.config import GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative, parse_config
 from minialign.data import to_device, tokenize_preferences
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.formats import load_preferences, load_unpaired
 from minialign.losses import kto_loss
 from minialign.packing import length_sorted_chunks
 from minialign.preference import collate_completions, completion_logps, kl_partner, tokenize_unpaired, unpair
-from minialign.rollout import disable_dropout, frozen
+from minialign.rollout import disable_dropout
 from minialign.tokenizer import load_tokenizer
 
 
 @dataclass
-class Config(OfflineConfig, PairsConfig, GoldCurveConfig):
+class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
     out_dir: str = knob("out/kto", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("", "unpaired examples {prompt, completion, label} or {messages, label} ('' = split --pairs)")
@@ -149,10 +150,11 @@ def main(argv=None):
     tok = load_tokenizer(tok_path)
 
     # ---- models: the policy and its frozen reference (the same SFT weights)
-    model = disable_dropout(checkpoint.load_model(cfg.init_from)).to(rt.device)
-    ref_model = frozen(checkpoint.load_model(cfg.init_from), rt)
-    runtime.print0(rt, f"policy: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; beta {cfg.beta}; "
-                       f"reference: frozen copy" + (", precomputed then freed" if cfg.precompute_ref else ""))
+    model = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
+    ref_model = lora.sft_reference(model, cfg, rt)  # LoRA: the policy with its adapters off; else a frozen copy
+    runtime.print0(rt, f"policy from {cfg.init_from}: {lora.describe(model)}; beta {cfg.beta}; reference: "
+                       + ("adapters off" if cfg.lora_r else "frozen copy")
+                       + (", precomputed then freed" if cfg.precompute_ref else ""))
 
     # ---- data: unpaired examples, each KL row's borrowed completion cut to fit (counted)
     stats = {}
@@ -181,7 +183,7 @@ def main(argv=None):
         ref_model = None  # freed: one model in memory while training
 
     def sft_reference():  # the SFT model for KL: the live reference, or loaded again if precompute freed it
-        return ref_model if ref_model is not None else frozen(checkpoint.load_model(cfg.init_from), rt)
+        return ref_model if ref_model is not None else lora.sft_reference(model, cfg, rt)
 
     gold_ref = sft_reference() if eval_prompts and cfg.gold_eval_every else None
 

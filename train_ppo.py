@@ -32,6 +32,8 @@ Policy and value are one module (`PolicyAndValue`, like TRL's PolicyAndValueWrap
 and one DDP wrapper (the gradient norm clipped over both); train_step adds an MoE backbone's balance
 loss. Dropout is off in all four models. Early advantages are noisy until the value model has fitted
 the returns (loss/value_avg falls from about 3 to under 1).
+With --lora_r (minialign.lora): reference = the policy, adapters off; value = adapters + a full head on the reward
+model's backbone, and reward = that backbone, adapters off, with the RM's frozen head: 2 backbones in memory, not 4.
 
 Determinism and --resume: the sampler is seeded from (seed, step, first prompt) and the stratified
 minibatch shuffle (rollout.minibatch_slots) from (seed, step, epoch), so no generator state is saved and
@@ -56,20 +58,21 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from minialign import checkpoint, config, logger, runtime, training
-from minialign.config import GoldCurveConfig, TrainConfig, at_least, in_range, knob, non_negative, one_of, positive
+from minialign import checkpoint, config, logger, lora, runtime, training
+from minialign.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, in_range, knob, non_negative,
+                              one_of, positive)
 from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from minialign.packing import response_logps, response_scores, response_values
 from minialign.reward_funcs import parse_reward_funcs
-from minialign.rollout import (disable_dropout, frozen, gather_columns, load_reward_model, load_rl_prompts,
+from minialign.rollout import (disable_dropout, gather_columns, load_reward_model, load_rl_prompts,
                                micro_batch_rows, minibatch_slots, packed_batch, rollout_forward, sample_rollout,
                                rl_problems, source_rewards, step_prompt_indices, whiten_all_ranks)
 from minialign.tokenizer import load_tokenizer
 
 
 @dataclass
-class Config(TrainConfig, GoldCurveConfig):
+class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
     out_dir: str = knob("out/ppo", "output folder")
     init_from: str = knob("out/sft", "policy and reference checkpoint (SFT)",
                           (bool, "is required (PPO starts from an SFT policy, e.g. out/sft)"))
@@ -264,18 +267,20 @@ def main(argv=None):
     tok = load_tokenizer(tok_path)
 
     # ---- four models, dropout off in all: policy and value (trained), reference and reward model (frozen)
-    policy = disable_dropout(checkpoint.load_model(cfg.init_from)).to(rt.device)
-    ref_model = frozen(checkpoint.load_model(cfg.init_from), rt)
+    policy = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
+    ref_model = lora.sft_reference(policy, cfg, rt)  # LoRA: the policy with its adapters off
     reward_model = load_reward_model(cfg.reward_model, rt, "train_ppo.py") if cfg.reward_model else None
-    value = disable_dropout(checkpoint.load_model(cfg.reward_model or cfg.init_from, kind="scalar")).to(rt.device)
+    value = disable_dropout(checkpoint.load_model(cfg.reward_model or cfg.init_from, kind="scalar"))
+    value, reward_model = lora.value_and_reward(value, reward_model, cfg, cfg.reward_model or cfg.init_from)
+    value.to(rt.device)
     if value.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_ppo.py: error: the reward model's vocabulary ({value.cfg.vocab_size}) differs from "
                          f"the policy's ({policy.cfg.vocab_size})")
     if cfg.max_len > min(policy.cfg.max_seq_len, value.cfg.max_seq_len):
         raise SystemExit(f"train_ppo.py: error: --max_len={cfg.max_len} exceeds the models' max_seq_len")
-    runtime.print0(rt, f"policy {policy.num_params() / 1e6:.2f}M and reference from {cfg.init_from}; value from "
-                       f"{cfg.reward_model or cfg.init_from}; score: " + " + ".join(f"{s.weight:g} x {s.name}"
-                                                                                  for s in sources))
+    runtime.print0(rt, f"policy and reference from {cfg.init_from}: {lora.describe(policy)}; value from "
+                       f"{cfg.reward_model or cfg.init_from}: {lora.describe(value)}; score: "
+                   + " + ".join(f"{s.weight:g} x {s.name}" for s in sources))
 
     # ---- data: prompts fit max_len together with the generation budget
     stats = {}
@@ -293,7 +298,7 @@ def main(argv=None):
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
     if cfg.resume:
-        value.load_state_dict(checkpoint.load(cfg.out_dir)["value_model"])
+        checkpoint.load_extra_model(value, "value_model", cfg.out_dir)
     model = runtime.wrap_ddp(pv, rt)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
     eval_prompts = None  # held-out prompts for the gold rule, loaded before training (too-long ones dropped now)
@@ -310,7 +315,7 @@ def main(argv=None):
         training.set_lr(optimizer, lr)
         step_prompts = [prompts[i] for i in step_prompt_indices(len(prompts), step, cfg.prompts_per_step, cfg.seed, rt)]
         # 1. rollout: one response per prompt, no gradients; this rank's prompts start at global position rank * share
-        with rt.autocast():
+        with rt.autocast(), lora.merged_for_sampling(policy):  # LoRA: adapters merged while sampling
             ro = sample_rollout(policy, tok, step_prompts, 1, cfg.max_new_tokens, cfg.temperature, cfg.seed, step,
                                 rt.rank * len(step_prompts), cfg.prompts_per_generate)
         # 2-4. old log-probs, reference, values, scores, per-token rewards, GAE; 5. the PPO epochs
@@ -326,7 +331,7 @@ def main(argv=None):
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=policy, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt,
-                            extra={"value_model": value.state_dict(), "value_model_config": value.cfg.to_dict()})
+                            extra=checkpoint.extra_model("value_model", value))
         if checkpoint.should_stop(step + 1, start_step, cfg):
             runtime.print0(rt, f"stopping after {cfg.stop_after_steps} iterations as asked; continue with --resume")
             runtime.cleanup(rt)

@@ -23,6 +23,7 @@ and, if matplotlib is installed, a histogram to <out_dir>/rm_scores.png.
 
 Run on one device:         python train_rm.py                      (data/pref_train.jsonl -> out/rm, from out/sft)
 Run on N GPUs / processes: torchrun --nproc_per_node=N train_rm.py
+With LoRA:                 python train_rm.py --lora_r 8   (adapters on the SFT backbone; the score head trains in full)
 Score any JSONL afterwards: python -m minialign.reward_model --ckpt out/rm --data file.jsonl
 Accepted data formats: see minialign.formats.load_preferences ({prompt, chosen, rejected}, implicit
 prompt, Anthropic HH); an optional numeric "margin" key per pair (every pair or none).
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, runtime, training
-from minialign.config import PairsConfig, FromScratch, OfflineConfig, knob, non_negative, parse_config
+from minialign import checkpoint, logger, lora, runtime, training
+from minialign.config import FromScratch, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative, parse_config
 from minialign.data import to_device, tokenize_preferences
 from minialign.formats import DataError, load_preferences
 from minialign.losses import bradley_terry_loss
@@ -44,7 +45,7 @@ from minialign.tokenizer import load_tokenizer
 
 
 @dataclass
-class Config(OfflineConfig, FromScratch, PairsConfig):
+class Config(OfflineConfig, FromScratch, PairsConfig, LoRAConfig):
     out_dir: str = knob("out/rm", "output folder")
     data: str = knob("data/pref_train.jsonl", "preference pairs for training (JSONL(.gz) or JSON)")
     eval_data: str = knob("data/pref_eval.jsonl", "held-out pairs for accuracy and the score distributions "
@@ -129,8 +130,8 @@ def main(argv=None):
         model = checkpoint.load_model(cfg.init_from, kind="scalar")
     else:
         model = checkpoint.new_model(cfg, tok.vocab_size, kind="scalar")
-    model.to(rt.device)
-    runtime.print0(rt, f"reward model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
+    model = lora.from_config(model, cfg, cfg.init_from, trainable=("score_head.",)).to(rt.device)
+    runtime.print0(rt, f"reward model: {lora.describe(model)}; {model.cfg}")
 
     # ---- data
     stats = {}

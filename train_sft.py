@@ -7,6 +7,7 @@ all micro-batches and ranks (see minialign.training). System, user and template 
 Run on one device:        python train_sft.py                         (data/sft_train.jsonl -> out/sft)
 Run on N GPUs / processes: torchrun --nproc_per_node=N train_sft.py
 Start from pretraining:   python train_sft.py --init_from out/pretrain
+LoRA on a pretrained model: python train_sft.py --init_from out/pretrain --lora_r 8   (minialign.lora)
 Accepted data formats: see minialign.formats (messages, conversations, prompt/completion, alpaca).
 """
 
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, runtime, training
-from minialign.config import EvalConfig, FromScratch, OfflineConfig, knob, parse_config
+from minialign import checkpoint, logger, lora, runtime, training
+from minialign.config import EvalConfig, FromScratch, LoRAConfig, OfflineConfig, knob, parse_config
 from minialign.data import collate_lm, to_device, tokenize_sft
 from minialign.evaluate import evaluate_policy, format_result, load_eval_prompts
 from minialign.formats import load_sft
@@ -25,7 +26,7 @@ from minialign.tokenizer import load_tokenizer
 
 
 @dataclass
-class Config(OfflineConfig, FromScratch, EvalConfig):
+class Config(OfflineConfig, FromScratch, EvalConfig, LoRAConfig):
     out_dir: str = knob("out/sft", "output folder")
     init_from: str = knob("", "checkpoint folder to start from (e.g. out/pretrain); empty = random init from --preset")
     data: str = knob("data/sft_train.jsonl", "SFT conversations: JSONL(.gz) or JSON (formats: minialign.formats)")
@@ -53,8 +54,8 @@ def main(argv=None):
 
     # ---- model
     model = checkpoint.load_model(cfg.init_from) if cfg.init_from else checkpoint.new_model(cfg, tok.vocab_size)
-    model.to(rt.device)
-    runtime.print0(rt, f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
+    model = lora.from_config(model, cfg, cfg.init_from).to(rt.device)  # --lora_r 0: unchanged
+    runtime.print0(rt, f"model: {lora.describe(model)}; {model.cfg}")
 
     # ---- data
     stats = {}

@@ -6,6 +6,13 @@ config; config.json and a copy of the tokenizer sit beside it, so a folder is al
 (`--init_from out/sft`). It is written to a temporary file, fsynced, then renamed, so a kill never
 leaves a half-written one; `--resume` restores all of it, and the data order being a pure function of
 (seed, epoch), the position in the data is just the step number.
+
+A LoRA run (minialign.lora) stores only its adapters and trainable heads under "model", and under "lora"
+the adapter shape and its base: the path given as --init_from (and its absolute form) and the sha256 of the
+base's frozen weights. `load_model` rebuilds such a checkpoint as a plain model, the adapters merged into
+the base after checking the hash, so every consumer (--init_from of the next stage, minialign.evaluate,
+the reward model CLI) reads it like a full one; `write_merged` (python -m minialign.lora merge) saves that
+as a full checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import lora
 from .model import CausalLM, ModelConfig, ScalarModel, model_config
 from .runtime import Runtime, all_gather_object, unwrap
 
@@ -95,7 +103,8 @@ def save(out_dir, *, model, optimizer, scaler, step: int, cfg, tokenizer_path: s
     out.mkdir(parents=True, exist_ok=True)
     base = unwrap(model)
     state = {
-        "model": base.state_dict(),
+        "model": model_state(base),
+        "lora": base.lora_meta if lora.is_lora(base) else None,
         "model_kind": "scalar" if isinstance(base, ScalarModel) else "causal",
         "model_config": base.cfg.to_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -108,6 +117,11 @@ def save(out_dir, *, model, optimizer, scaler, step: int, cfg, tokenizer_path: s
     }
     atomic_save(state, out / "ckpt.pt")
     write_json(dataclasses.asdict(cfg), out / "config.json")
+    copy_tokenizer(tokenizer_path, out)
+
+
+def copy_tokenizer(tokenizer_path: str | None, out: Path):
+    """Put the tokenizer next to the weights: an HF tokenizer folder's files, or our tokenizer.model."""
     if tokenizer_path and Path(tokenizer_path).is_dir():  # an HF tokenizer: tokenizer.json and its config
         from .hf_tokenizer import copy_tokenizer_files
         copy_tokenizer_files(tokenizer_path, out)
@@ -140,8 +154,8 @@ def load_model(path_or_dir, kind: str = "causal", map_location="cpu", max_seq_le
         return hf.load_hf_model(path_or_dir, kind, max_seq_len=max_seq_len)
     ckpt = load(path_or_dir, map_location)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
+    state = merged_lora_state(path_or_dir, ckpt) if ckpt.get("lora") else dict(ckpt["model"])
     model = CausalLM(cfg) if kind == "causal" else ScalarModel(cfg)
-    state = dict(ckpt["model"])
     if kind == "scalar" and ckpt["model_kind"] == "causal":
         state.pop("lm_head.weight", None)  # an untied causal model's output head: a reward model has none
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -153,12 +167,86 @@ def load_model(path_or_dir, kind: str = "causal", map_location="cpu", max_seq_le
     return model
 
 
+def lora_base_path(meta: dict) -> str:
+    """Where a LoRA checkpoint's base is: the path as given at training time, else its absolute form."""
+    for p in (meta["base"], meta["base_abspath"]):
+        if Path(p).exists():
+            return p
+    raise FileNotFoundError(f"the base of this LoRA checkpoint, {meta['base']} ({meta['base_abspath']}), is gone")
+
+
+def merged_lora_state(path_or_dir, ckpt: dict) -> dict:
+    """A LoRA checkpoint's full state_dict: its base loaded (itself merged if it is a LoRA run), checked against
+    the recorded hash of its frozen weights, the adapters applied and merged in."""
+    meta = ckpt["lora"]
+    base = load_model(lora_base_path(meta), kind=ckpt["model_kind"])
+    digest = lora.weights_hash(base, skip=tuple(meta["trainable"]))
+    if digest != meta["base_sha256"]:
+        raise ValueError(f"{path_or_dir}: its base {meta['base']} is not the model its adapters were trained on "
+                         f"(frozen weights sha256 {digest[:12]}..., recorded {meta['base_sha256'][:12]}...)")
+    lora.apply_lora(base, meta["r"], meta["alpha"], meta["dropout"], meta["targets"], tuple(meta["trainable"]))
+    lora.load_lora_state_dict(base, ckpt["model"])
+    return lora.merge_and_unload(base).state_dict()
+
+
+def write_merged(ckpt_dir, out_dir) -> Path:
+    """A LoRA run's folder -> a full checkpoint folder (merged weights, its config and tokenizer; no optimizer)."""
+    ckpt = load(ckpt_dir)
+    if not ckpt.get("lora"):
+        raise ValueError(f"{ckpt_dir} is not a LoRA run (its checkpoint holds full weights already)")
+    model = load_model(ckpt_dir, kind=ckpt["model_kind"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("model_kind", "model_config", "step", "config", "finished")
+    atomic_save({**{k: ckpt[k] for k in keep}, "model": model.state_dict(), "lora": None, "optimizer": None,
+                 "scaler": None, "rng": ckpt["rng"], "merged_from": {"ckpt": str(ckpt_dir), **ckpt["lora"]}},
+                out / "ckpt.pt")
+    write_json(ckpt["config"], out / "config.json")
+    src = Path(ckpt_dir) if Path(ckpt_dir).is_dir() else Path(ckpt_dir).parent
+    tok = src if (src / "tokenizer.json").exists() else src / "tokenizer.model"
+    copy_tokenizer(str(tok) if tok.exists() else None, out)
+    return out
+
+
+def model_state(model) -> dict:
+    """The weights a checkpoint stores: all of them, or for a LoRA model its adapters and trainable heads."""
+    return lora.lora_state_dict(model) if lora.is_lora(model) else model.state_dict()
+
+
+def load_model_state(model, state: dict, lora_meta: dict | None, where):
+    """Restore `model_state` output into the model of a resumed run, which must have the same adapters and base."""
+    if lora.is_lora(model) != bool(lora_meta):
+        held = f"a LoRA run (r={lora_meta['r']})" if lora_meta else "a full fine-tuning run"
+        raise ValueError(f"{where} holds {held}: resume it with the same --lora_r, --lora_targets, --init_from")
+    if not lora_meta:
+        model.load_state_dict(state)
+        return
+    keys = ("r", "alpha", "dropout", "targets", "trainable", "base_sha256")
+    changed = [k for k in keys if model.lora_meta[k] != lora_meta[k]]
+    if changed:
+        raise ValueError(f"{where} was trained with other adapters or another base ({', '.join(changed)} differ): "
+                         "resume with the same --lora_* flags and --init_from")
+    lora.load_lora_state_dict(model, state)
+
+
+def extra_model(name: str, model) -> dict:
+    """A second trained model (PPO's value model) for save(extra=...): its weights (or adapters), LoRA and config."""
+    return {name: model_state(model), f"{name}_lora": getattr(model, "lora_meta", None),
+            f"{name}_config": model.cfg.to_dict()}
+
+
+def load_extra_model(model, name: str, out_dir):
+    """Restore an `extra_model` from out_dir/ckpt.pt on --resume."""
+    saved = load(out_dir)
+    load_model_state(model, saved[name], saved.get(f"{name}_lora"), out_dir)
+
+
 def resume(cfg, model, optimizer, scaler, rt: Runtime | None = None) -> int:
     """With --resume, restore weights, optimizer, scaler and this rank's RNG from out_dir/ckpt.pt; return its step."""
     if not cfg.resume:
         return 0
     ckpt = load(cfg.out_dir)
-    unwrap(model).load_state_dict(ckpt["model"])
+    load_model_state(unwrap(model), ckpt["model"], ckpt.get("lora"), cfg.out_dir)
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])

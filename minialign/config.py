@@ -11,12 +11,14 @@ check, and becomes a `--flag`. A script inherits only the groups of knobs it rea
     PairsConfig      scripts reading preference files (RM, DPO, KTO): + --pku_choice, --rank_rule
     EvalConfig       scripts that score the policy with the default task's gold rule at the end
     GoldCurveConfig  DPO, KTO, PPO, GRPO: + gold-vs-KL points logged while training
+    LoRAConfig       SFT, RM, DPO, KTO (OnlineLoRAConfig: PPO, GRPO): + --lora_r and its shape (minialign.lora)
 
 One validation mechanism, run by `parse_config` before anything else happens: each field's check
 (`knob(..., check=positive)`; a script overriding a knob's default keeps the base class's check), then
 the Config's own `problems(world_size)` for rules that involve
-several flags. Every failure is an argparse error naming the flag: `train_sft.py: error: --lr=-1.0
-must be > 0`, exit status 2, nothing written.
+several flags (and a LoRAConfig's `lora_problems()`, so no script has to remember to call it). Every
+failure is an argparse error naming the flag: `train_sft.py: error: --lr=-1.0 must be > 0`, exit
+status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -133,6 +135,46 @@ class GoldCurveConfig(EvalConfig):
     gold_eval_prompts: int = knob(200, "held-out prompts for --gold_eval_every", at_least(1))
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # minialign.lora.TARGETS: the projections by short name
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters instead of full fine-tuning (minialign.lora); the reference becomes the adapters-off model."""
+    lora_r: int = knob(0, "LoRA rank r: train (alpha/r)·B A on the --lora_targets projections, every base weight "
+                          "frozen; the reference (DPO, KTO, PPO, GRPO) is the same model with the adapters off. "
+                          "0 = full fine-tuning", non_negative)
+    lora_alpha: float = knob(16.0, "LoRA alpha: the update is scaled by alpha / r (with r 8: x2)", positive)
+    lora_dropout: float = knob(0.0, "dropout on the adapters' input while training",
+                               (lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    lora_targets: list[str] = knob(list(LORA_TARGETS), "projections that get adapters: q k v o (attention), gate up "
+                                                       "down (MLP, MoE experts too)",
+                                   (lambda v: 0 < len(v) == len(set(v)) and set(v) <= set(LORA_TARGETS),
+                                    f"must be distinct names among {' '.join(LORA_TARGETS)}"))
+
+    def lora_problems(self) -> list[str]:
+        """LoRA's cross-flag rules, checked by parse_config for every Config that has these knobs."""
+        if not self.lora_r:
+            return []
+        out = []
+        if not getattr(self, "init_from", ""):
+            out.append(f"--lora_r={self.lora_r} needs --init_from: adapters train on top of saved weights (a random "
+                       "base would be lost with the run, its checkpoint holding only the adapters)")
+        if getattr(self, "ref_update_every", 0):
+            out.append("--ref_update_every with --lora_r: the LoRA reference is the frozen base (adapters off), "
+                       "which cannot move towards the policy; use full fine-tuning for TR-DPO")
+        return out
+
+
+@dataclass
+class OnlineLoRAConfig(LoRAConfig):
+    """LoRA for online RL (PPO, GRPO): no adapter dropout, which would make π / π_old differ from 1 at the first
+    update (the rollout's log-probs and the update's are two forwards that must agree)."""
+    lora_dropout: float = knob(0.0, "dropout on the adapters' input: must be 0 in online RL (the first update's "
+                                    "ratio π / π_old must be exactly 1)",
+                               (lambda v: v == 0, "must be 0 in online RL (two forwards of a rollout must agree)"))
+
+
 def _arg_type(tp):
     if tp in (int, float, str):
         return tp
@@ -174,6 +216,7 @@ def parse_config(cls, argv=None):
             problems.append(f"--{f.name}={getattr(cfg, f.name)!r} {check[1]}")
     if not problems:  # the cross-flag rules may assume every field is individually valid
         problems = cfg.problems(int(os.environ.get("WORLD_SIZE", "1")))
+        problems += cfg.lora_problems() if isinstance(cfg, LoRAConfig) else []
     if problems:
         ap.error("; ".join(problems))
     return cfg

@@ -313,12 +313,11 @@ def export_hf(model, tokenizer_source, out_folder, dtype: torch.dtype | None = N
 
 
 def _load_checkpoint_model(ckpt_path):
+    """Our checkpoint as a plain model: a LoRA run's adapters merged into its base (checkpoint.load_model)."""
+    from .checkpoint import load, load_model  # checkpoint imports this module lazily; keep the cycle one-way here
+
     path = Path(ckpt_path)
-    ckpt = torch.load(path / "ckpt.pt" if path.is_dir() else path, map_location="cpu", weights_only=False)
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
-    model = CausalLM(cfg) if ckpt["model_kind"] == "causal" else ScalarModel(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model
+    return load_model(path, kind=load(path)["model_kind"])
 
 
 def _tokenizer_next_to(folder: Path):
