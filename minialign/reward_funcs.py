@@ -34,6 +34,15 @@ The registry (REWARD_FUNCS), selected with `--reward_funcs gold format --reward_
              number in the text ("1,450" reads as 1450). GSM8K prompt files get gold_answer from
              minialign.formats.load_prompts.
 
+Parameterized terms, NAME:ARG (PARAMETERIZED_REWARD_FUNCS; ARG is everything after the first colon):
+
+    classifier:PATH  P(positive) of prompt + completion under the sentiment classifier saved at PATH
+             (minialign.sentiment; the IMDb experiment's true reward, minialign.experiments.imdb). The
+             text scored is the whole review, prefix x then continuation y, as in Rafailov et al. 2023
+             (Sec. 6.1, r(x, y) of the review x + y): the prefix alone already carries sentiment ("I loved"),
+             so the policy is judged on what the reader sees. The file is loaded once per process (cached by
+             path) when the term is parsed, so a bad path fails before training starts.
+
 Simplified on purpose: rewards are computed on rank-local completions in Python (cheap next to
 generation); no async or batched remote reward servers.
 """
@@ -49,7 +58,8 @@ from typing import Callable
 from .task import gold_reward
 
 __all__ = ["gold_reward", "format_reward", "length_penalty", "gsm8k_reward", "extract_final_answer",
-           "REWARD_FUNCS", "ROLLOUT_FIELDS", "RewardSource", "MissingFieldError", "parse_reward_funcs",
+           "classifier_reward", "REWARD_FUNCS", "PARAMETERIZED_REWARD_FUNCS", "resolve_reward_func", "ROLLOUT_FIELDS",
+           "RewardSource", "MissingFieldError", "parse_reward_funcs",
            "required_fields", "check_fields", "compute_rewards"]
 
 ROLLOUT_FIELDS = ("finished", "completion_length", "max_completion_length")
@@ -104,6 +114,50 @@ REWARD_FUNCS: dict[str, Callable] = {
     "gsm8k": gsm8k_reward,
 }
 
+_CLASSIFIERS: dict[str, object] = {}  # resolved path -> loaded minialign.sentiment.SentimentClassifier
+
+
+def classifier_reward(path: str) -> Callable:
+    """The reward function of the term classifier:PATH: f(prompts, completions) = P(positive | prompt + completion)
+    under the sentiment classifier at `path` (loaded once per process). A missing or unreadable file is a
+    ValueError naming it."""
+    from pathlib import Path
+
+    from .sentiment import load_classifier
+
+    if not path:
+        raise ValueError("reward function 'classifier' needs the classifier's path: classifier:PATH")
+    key = str(Path(path).resolve())
+    if key not in _CLASSIFIERS:
+        try:
+            _CLASSIFIERS[key] = load_classifier(path)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+    clf = _CLASSIFIERS[key]
+
+    def classifier(prompts: list, completions: list[str], **fields) -> list[float]:
+        _check_lengths("classifier", prompts, completions)
+        return clf.predict_proba([p + c for p, c in zip(prompts, completions)]).tolist()
+
+    return classifier
+
+
+# NAME:ARG terms: NAME -> a factory taking ARG and returning the reward function
+PARAMETERIZED_REWARD_FUNCS: dict[str, Callable[[str], Callable]] = {
+    "classifier": classifier_reward,
+}
+
+
+def resolve_reward_func(name: str) -> Callable | None:
+    """The function of a --reward_funcs entry: a registry name, or NAME:ARG of a parameterized term; None if
+    unknown. A parameterized term's factory may raise ValueError (e.g. a classifier file that is missing)."""
+    if name in REWARD_FUNCS:
+        return REWARD_FUNCS[name]
+    head, sep, arg = name.partition(":")
+    if sep and head in PARAMETERIZED_REWARD_FUNCS:
+        return PARAMETERIZED_REWARD_FUNCS[head](arg)
+    return None
+
 
 def _check_lengths(name: str, prompts: list, completions: list, **fields) -> None:
     n = len(completions)
@@ -133,13 +187,16 @@ def parse_reward_funcs(names: list[str], weights: list[float], model_names: tupl
         raise ValueError("--reward_funcs needs at least one name; valid: " + ", ".join([*REWARD_FUNCS, *model_names]))
     if len(set(names)) != len(names):
         raise ValueError(f"--reward_funcs lists a function twice: {names}")
-    unknown = [n for n in names if n not in REWARD_FUNCS and n not in model_names]
+    valid = ", ".join([*REWARD_FUNCS, *model_names, *(f"{k}:ARG" for k in PARAMETERIZED_REWARD_FUNCS)])
+    unknown = [n for n in names if n not in model_names and n not in REWARD_FUNCS
+               and n.partition(":")[0] not in PARAMETERIZED_REWARD_FUNCS]
     if unknown:
-        raise ValueError(f"unknown reward function(s) {unknown}; valid: " + ", ".join([*REWARD_FUNCS, *model_names]))
+        raise ValueError(f"unknown reward function(s) {unknown}; valid: {valid}")
     weights = list(weights) if weights else [1.0] * len(names)
     if len(weights) != len(names):
         raise ValueError(f"--reward_weights has {len(weights)} values for {len(names)} --reward_funcs {names}")
-    return [RewardSource(n, REWARD_FUNCS.get(n), float(w)) for n, w in zip(names, weights)]
+    return [RewardSource(n, None if n in model_names else resolve_reward_func(n), float(w))
+            for n, w in zip(names, weights)]
 
 
 def required_fields(fn: Callable) -> list[str]:

@@ -1,0 +1,299 @@
+"""The IMDb sentiment experiment (minialign.imdb, minialign.sentiment, minialign.experiments): the aclImdb reader on a
+tiny fixture in both layouts (folder, .tar.gz), prefix sampling, the classifier's evaluation on a separable toy set,
+the sequence-level KL estimator against brute force on a tiny model, the classifier:PATH reward term, and the whole
+experiment's plumbing on a very reduced configuration. The real run (the shared aclImdb copy) is not part of the
+suite; see minialign/experiments/imdb.py."""
+
+import dataclasses
+import io
+import json
+import math
+import random
+import tarfile
+
+import pytest
+import torch
+
+from conftest import DigitTok, tiny_model
+from minialign import imdb, reward_funcs, sentiment
+from minialign.experiments import frontier
+from minialign.experiments import imdb as experiment
+from minialign.rollout import sample_rollout
+
+GOOD = "wonderful great superb moving brilliant loved beautiful best".split()
+BAD = "awful boring terrible waste worst dull poor hated".split()
+NEUTRAL = "the film movie story actor plot scene and it was a with this that of".split()
+
+
+def review_text(rng: random.Random, positive: bool) -> str:
+    """A synthetic review: neutral words with a few sentiment words of one side, sentences and an HTML break."""
+    side = GOOD if positive else BAD
+    sentences = []
+    for _ in range(rng.randint(3, 5)):
+        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(6, 10))]
+        for _ in range(2):
+            words.insert(rng.randrange(len(words)), rng.choice(side))
+        sentences.append(" ".join(words).capitalize() + ".")
+    return " ".join(sentences[:2]) + "<br /><br />" + " ".join(sentences[2:])
+
+
+def write_fixture(root, n_per_folder: int = 6, seed: int = 0) -> dict:
+    """aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt under root (plus unsup/ and a urls file, to be ignored);
+    returns {(split, label): [texts in id order]}."""
+    rng = random.Random(seed)
+    expected = {}
+    for split in ("train", "test"):
+        for folder, label in (("pos", 1), ("neg", 0)):
+            d = root / "aclImdb" / split / folder
+            d.mkdir(parents=True)
+            texts = []
+            for i in range(n_per_folder):
+                text = review_text(rng, label == 1)
+                rating = rng.randint(7, 10) if label else rng.randint(1, 4)
+                (d / f"{i}_{rating}.txt").write_text(text, encoding="utf-8")
+                texts.append(imdb.clean_review(text))
+            expected[split, label] = texts
+        (root / "aclImdb" / split / f"urls_{split}.txt").write_text("http://example.com\n")
+    (root / "aclImdb" / "train" / "unsup").mkdir()
+    (root / "aclImdb" / "train" / "unsup" / "0_0.txt").write_text("unlabeled")
+    return expected
+
+
+def make_tar(root, name="aclImdb_v1.tar.gz"):
+    path = root / name
+    with tarfile.open(path, "w:gz") as tf:
+        tf.add(root / "aclImdb", arcname="aclImdb")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imdb")
+    expected = write_fixture(root)
+    return root, expected, make_tar(root)
+
+
+# ------------------------------------------------------------------------------------------------ reader
+
+def test_reader_labels_from_file_names_in_folder_and_tar(fixture_dir):
+    root, expected, tar = fixture_dir
+    for source in (root / "aclImdb", root, tar):  # the aclImdb folder, a folder holding it, the archive
+        data = imdb.read_imdb(source)
+        assert sorted(data) == ["test", "train"]
+        for split, reviews in data.items():
+            assert [r.split for r in reviews] == [split] * 12  # unsup/ and urls_*.txt ignored
+            assert [r.label for r in reviews] == [0] * 6 + [1] * 6  # sorted by (label, id), whatever the disk order
+            assert [r.text for r in reviews] == expected[split, 0] + expected[split, 1]
+            assert all((7 <= r.rating <= 10) if r.label else (1 <= r.rating <= 4) for r in reviews)
+            assert all("<br" not in r.text and "  " not in r.text for r in reviews)
+    assert [r.id for r in imdb.read_imdb(tar, splits=("test",))["test"]] == list(range(6)) * 2
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    d = tmp_path / "aclImdb" / "train" / "pos"
+    d.mkdir(parents=True)
+    (tmp_path / "aclImdb" / "test" / "neg").mkdir(parents=True)
+    (tmp_path / "aclImdb" / "test" / "neg" / "1_2.txt").write_text("bad film")
+    (d / "3_2.txt").write_text("a rating of 2 under pos/")
+    with pytest.raises(ValueError, match=r"3_2.txt: rating 2 contradicts the folder pos/"):
+        imdb.read_imdb(tmp_path)
+    (d / "3_2.txt").unlink()
+    (d / "review.txt").write_text("no rating in the name")
+    with pytest.raises(ValueError, match=r"review.txt: file name must be <id>_<rating>.txt"):
+        imdb.read_imdb(tmp_path)
+    (d / "review.txt").unlink()
+    (d / "4_8.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match=r"4_8.txt: not UTF-8"):
+        imdb.read_imdb(tmp_path)
+    (d / "4_8.txt").write_text("fine")
+    with pytest.raises(ValueError, match="no labeled reviews in train/pos or train/neg") as e:
+        imdb.read_imdb(tmp_path / "aclImdb" / "test")
+    assert "aclImdb/train" in str(e.value)
+    truncated = tmp_path / "cut.tar.gz"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(tmp_path / "aclImdb", arcname="aclImdb")
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ValueError, match=r"cut.tar.gz: corrupt or truncated archive"):
+        imdb.read_imdb(truncated)
+    with pytest.raises(FileNotFoundError):
+        imdb.read_imdb(tmp_path / "missing.tar.gz")
+
+
+# ---------------------------------------------------------------------------------------------- prefixes
+
+def test_prefixes_are_token_prefixes_and_continuations_are_cut(fixture_dir, tok):
+    reviews = imdb.read_imdb(fixture_dir[0])["train"]
+    text = reviews[0].text
+    prefix, rest = imdb.split_prefix(text, tok, 3)
+    assert prefix + rest == text and prefix == tok.decode(tok.encode(text)[:3])
+    assert imdb.split_prefix("hi", tok, 8) is None  # too short to leave a continuation
+    cont = imdb.cut_continuation(rest, tok, 12)
+    assert rest.startswith(cont) and len(tok.encode(cont)) <= 12 and cont == cont.strip()
+    assert imdb.cut_continuation("Short one.", tok, 50) == "Short one."
+    # a sentence end late enough is preferred to a word boundary: "Aaa bbb. Ccc" cut inside Ccc ends at "bbb."
+    long = "The film was good. " + "and " * 40
+    assert imdb.cut_continuation(long, tok, len(tok.encode("The film was good. and and"))) == "The film was good."
+    picked = imdb.sample_prefixes(reviews, tok, seed=5, continuation_tokens=10)
+    assert len(picked) == len(reviews)  # every fixture review is long enough
+    lengths = set()
+    for p in picked:  # the first k tokens of the review, 2 <= k <= 8, then the start of the rest
+        ids = tok.encode(p.review.text)
+        (k,) = [k for k in range(2, 9) if tok.decode(ids[:k]) == p.prefix]
+        lengths.add(k)
+        assert p.review.text.startswith(p.prefix + p.continuation) and p.continuation
+    again = imdb.sample_prefixes(reviews, tok, seed=5, continuation_tokens=10)
+    assert [(p.prefix, p.continuation) for p in again] == [(p.prefix, p.continuation) for p in picked]
+    assert len(lengths) >= 4  # uniform in [2, 8]: a dozen reviews see several lengths
+    assert len(imdb.sample_prefixes(reviews, tok, seed=5, n=4)) == 4
+
+
+# -------------------------------------------------------------------------------------------- classifier
+
+def test_classifier_separates_a_toy_set_and_round_trips(tmp_path):
+    rng = random.Random(0)
+    texts = [review_text(rng, i % 2 == 0) for i in range(200)]
+    labels = [int(i % 2 == 0) for i in range(200)]
+    clf = sentiment.train_classifier(texts[:100], labels[:100], num_buckets=2**16, steps=40)
+    res = sentiment.evaluate_classifier(clf, texts[100:], labels[100:])
+    assert res["accuracy"] == 1.0 and res["n"] == 100 and res["log_loss"] < 0.5
+    # accuracy by hand on a fixed classifier: P > 0.5 counts as positive
+    with torch.no_grad():
+        clf.weight.zero_()
+        clf.bias.fill_(1.0)  # everything positive
+    assert sentiment.evaluate_classifier(clf, texts[:4], [1, 0, 0, 0])["accuracy"] == 0.25
+    # features: distinct uni- and bigrams, L2-normalized; no words -> the zero vector
+    X = sentiment.features(["good good film", ""], 2**12)
+    assert X.rows.tolist() == [0] * 4  # good, film, "good good", "good film"
+    assert X.values.tolist() == pytest.approx([0.5] * 4)
+    assert sentiment.words("Didn't LIKE it!") == ["didn't", "like", "it", "!"]
+    path = tmp_path / "clf.pt"
+    sentiment.save_classifier(clf, path, {"accuracy": 0.25})
+    assert torch.equal(sentiment.load_classifier(path).predict_proba(texts[:3]), clf.predict_proba(texts[:3]))
+    (tmp_path / "bad.pt").write_text("not a classifier")
+    with pytest.raises(ValueError, match="bad.pt: not a sentiment classifier"):
+        sentiment.load_classifier(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        sentiment.train_classifier(["a"], [2])
+
+
+def test_classifier_reward_term_scores_prompt_plus_completion(tmp_path):
+    rng = random.Random(1)
+    texts = [review_text(rng, i % 2 == 0) for i in range(100)]
+    clf = sentiment.train_classifier(texts, [int(i % 2 == 0) for i in range(100)], num_buckets=2**12, steps=40)
+    path = tmp_path / "clf.pt"
+    sentiment.save_classifier(clf, path)
+    (src,) = reward_funcs.parse_reward_funcs([f"classifier:{path}"], [])
+    assert src.name == f"classifier:{path}" and src.weight == 1.0 and reward_funcs.required_fields(src.fn) == []
+    prompts, completions = ["The movie was", "The movie was"], [" wonderful and brilliant", " awful and boring"]
+    rewards = reward_funcs.compute_rewards([src], prompts, completions, {"finished": [True, True]})[src.name]
+    expected = clf.predict_proba(["The movie was wonderful and brilliant", "The movie was awful and boring"])
+    assert rewards == pytest.approx(expected.tolist()) and rewards[0] > 0.5 > rewards[1]
+    assert reward_funcs.parse_reward_funcs([f"classifier:{path}"], [])[0].fn is not src.fn  # a closure per parse...
+    assert len([k for k in reward_funcs._CLASSIFIERS if k.endswith("clf.pt")]) == 1  # ...over one cached model
+    with pytest.raises(ValueError, match="missing.pt not found"):
+        reward_funcs.parse_reward_funcs([f"classifier:{tmp_path / 'missing.pt'}"], [])
+    with pytest.raises(ValueError, match="needs the classifier's path"):
+        reward_funcs.parse_reward_funcs(["classifier:"], [])
+    with pytest.raises(ValueError, match=r"unknown reward function.*'classifer:x'.*classifier:ARG"):
+        reward_funcs.parse_reward_funcs(["classifer:x"], [])
+    mixed = reward_funcs.parse_reward_funcs(["format", f"classifier:{path}", "reward_model"], [1.0, 2.0, 0.5],
+                                            model_names=("reward_model",))
+    assert [(s.fn is None, s.weight) for s in mixed] == [(False, 1.0), (False, 2.0), (True, 0.5)]
+
+
+# ------------------------------------------------------------------------------------------- KL estimator
+
+@torch.no_grad()
+def exact_kl(policy, ref, prompt: list[int], max_new_tokens: int, eos: int, vocab: int) -> float:
+    """KL(π || ref) over every response of at most max_new_tokens tokens (stopping at eos), by enumeration."""
+    def logp(model, y):
+        lp = torch.log_softmax(model(torch.tensor([prompt + y]))[0].float(), -1)  # (T, V)
+        return sum(float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(y))
+
+    def responses(prefix):
+        if len(prefix) == max_new_tokens or (prefix and prefix[-1] == eos):
+            yield prefix
+            return
+        for v in range(vocab):
+            yield from responses(prefix + [v])
+
+    total = 0.0
+    for y in responses([]):
+        lp, lq = logp(policy, y), logp(ref, y)
+        total += math.exp(lp) * (lp - lq)
+    return total
+
+
+def test_sequence_kl_is_zero_for_identical_models_and_matches_brute_force():
+    V = 8
+    policy, ref = tiny_model(0, vocab_size=V), tiny_model(1, vocab_size=V)
+    with torch.no_grad():
+        policy.backbone.norm.weight.mul_(4)  # sharper logits than the random init's: a KL far from 0
+    tok = DigitTok()
+    prompts = [{"prompt_ids": [5, 6, 1], "prompt_text": "a"}, {"prompt_ids": [2, 7], "prompt_text": "b"}]
+    reward = lambda p, c: [float(len(x)) for x in c]  # noqa: E731
+    same = frontier.sample_and_score(policy, policy, tok, prompts, reward, samples_per_prompt=8, max_new_tokens=3)
+    assert same["kl"].abs().max() == 0.0  # both log-probs from the same forward: exactly 0
+    # each sample's k1 value is Σ_t log π - log ref of that very sequence, by a plain forward of [x y]
+    res = frontier.sample_and_score(policy, ref, tok, prompts, reward, samples_per_prompt=4, max_new_tokens=3)
+    ro = sample_rollout(policy, tok, prompts, 4, 3, 1.0, 0, 0, 0, 64)
+    for i, row in enumerate(ro.rows):
+        y, x = ro.response_ids[i][ro.response_mask[i]].tolist(), row["prompt_ids"]
+        by_hand = 0.0
+        for model, sign in ((policy, 1), (ref, -1)):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([x + y]))[0].float(), -1)  # (T, V)
+            by_hand += sign * sum(float(lp[len(x) - 1 + t, v]) for t, v in enumerate(y))  # column P-1+t predicts y_t
+        assert float(res["kl"][i]) == pytest.approx(by_hand, abs=1e-4)
+    # the Monte-Carlo mean converges to the exact KL (enumerated: 8 + 8^2 + ... sequences of <= 2 tokens)
+    n = 1500
+    many = frontier.sample_and_score(policy, ref, tok, prompts[:1], reward, samples_per_prompt=n, max_new_tokens=2,
+                                     seed=3, micro_batch_size=n)
+    exact = exact_kl(policy, ref, prompts[0]["prompt_ids"], 2, DigitTok.eos_id, V)
+    se = float(many["kl"].std()) / math.sqrt(n)
+    assert exact > 0.3 and abs(float(many["kl"].mean()) - exact) < 4 * se
+    s = frontier.summarize(res, n_examples=2, stride=4)
+    assert s["n_samples"] == 8 and [e["prompt"] for e in s["examples"]] == ["a", "b"]
+    assert s["reward"] == pytest.approx(float(res["reward"].mean()))
+    assert s["kl"] == pytest.approx(float(res["kl"].mean()))
+
+
+# ------------------------------------------------------------------------------------- the whole experiment
+
+TINY = dataclasses.replace(
+    experiment.QUICK, vocab_size=320, tokenizer_reviews=100, classifier_steps=20, continuation_tokens=12,
+    max_new_tokens=16, rl_prompts=16, eval_prefixes=8, eval_samples=2, sft_steps=3, sft_batch=32, pref_prefixes=8,
+    rm_steps=1, dpo_betas=(0.1,), dpo_steps=2, dpo_eval_every=1, ppo_steps=1, ppo_eval_every=1,
+    ppo_prompts_per_step=8, grpo_steps=1, grpo_eval_every=1, grpo_prompts_per_step=4, grpo_generations=2,
+    pft_steps=1, pft_eval_every=1, bon_prefixes=4, bon_max_n=4)
+
+
+def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the scripts' subprocesses (see conftest.run)
+    root, _, tar = fixture_dir
+    out = tmp_path / "out"
+    table = experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "best_of_n"),
+                                      scale_name="tiny")
+    printed = capsys.readouterr().out
+    assert "[sft] $ " in printed and "train_dpo.py" in printed and "--stop_after_steps 1" in printed
+    assert "--resume" in printed  # DPO's second segment continued the first run
+    pairs = [json.loads(l) for l in (out / "prefs" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    assert {"prompt", "chosen", "rejected", "group"} <= set(pairs[0])
+    points = sorted((out / "runs" / "dpo_b0.1_s0" / "frontier").glob("step_*.json"))
+    assert [json.loads(p.read_text())["step"] for p in points] == [1, 2]
+    assert (out / "runs" / "grpo_s0" / "frontier" / "step_00001.json").exists()
+    sft = json.loads((out / "sft" / "frontier" / "final.json").read_text())
+    assert sft["kl"] == 0.0 and sft["n_samples"] == 16 and 0 <= sft["reward"] <= 1
+    text = (out / "report.md").read_text()
+    for needle in ("test-split accuracy", "KL <= 1", "DPO", "GRPO (true reward)", "Best-of-N (learned RM)",
+                   "GFLOP/s", "Sampled continuations", "| dpo_b0.1_s0/train |"):
+        assert needle in text
+    assert "DPO" in table
+    res = json.loads((out / "results.json").read_text())
+    assert res["series"]["dpo"][0]["kl"] == 0.0 and len(res["series"]["dpo"]) == 3  # SFT start + 2 points
+    # a second invocation skips everything that is done and writes the same points
+    experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "best_of_n"))
+    again = capsys.readouterr().out
+    assert " $ " not in again and "already done" in again
