@@ -70,6 +70,18 @@ ARCHS = {
 }
 
 
+def left_padded_prompts(lengths=(6, 4, 2), vocab_size: int = 96, seed: int = 20, pad_id: int = 0):
+    """Random prompts of the given lengths, left-padded with pad_id: ids (B, P) long, mask (B, P) bool."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.full((len(lengths), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), P, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        ids[b, P - n:] = torch.randint(1, vocab_size, (n,), generator=g)
+        mask[b, P - n:] = True
+    return ids, mask
+
+
 def tiny_model(seed: int = 0, vocab_size: int = 96, **overrides) -> CausalLM:
     torch.manual_seed(seed)
     return CausalLM(tiny_config(vocab_size, **overrides)).eval()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import left_padded_prompts, tiny_model
 from minialign.generation import generate, sample_categorical
 from minialign.model import SwiGLU
 from minialign.packed_linear import PackedLinear, available, packed_weights
@@ -39,17 +39,6 @@ def lively_model(seed=3, **overrides):
             elif name.endswith(".bias"):
                 p.normal_(0, 0.5)  # nonzero biases, so a dropped or misplaced bias shows
     return model
-
-
-def left_padded_prompts(lengths=(6, 4, 2), vocab=96, seed=20):
-    g = torch.Generator().manual_seed(seed)
-    P = max(lengths)
-    ids = torch.full((len(lengths), P), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), P, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        ids[b, P - n:] = torch.randint(1, vocab, (n,), generator=g)
-        mask[b, P - n:] = True
-    return ids, mask
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ seeding, top-k / top-p, and input checks."""
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import left_padded_prompts, tiny_model
 from minialign.generation import generate
 from minialign.packing import pack_padded
 from minialign.packing import response_logps as packed_response_logps
@@ -26,17 +26,6 @@ def lively_model(seed=3, dtype=torch.float32):
             if p.dim() >= 2 and "embed" not in name:
                 p.mul_(10.0)
     return model.to(dtype)
-
-
-def left_padded_prompts(lengths=(6, 4, 2), seed=20):
-    g = torch.Generator().manual_seed(seed)
-    P = max(lengths)
-    ids = torch.full((len(lengths), P), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), P, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        ids[b, P - n:] = torch.randint(1, V, (n,), generator=g)
-        mask[b, P - n:] = True
-    return ids, mask
 
 
 @torch.no_grad()
