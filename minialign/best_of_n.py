@@ -114,7 +114,7 @@ def sft_records(prompts: list[dict], res: dict, n: int, min_score: float) -> tup
     return out, counts
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Best-of-N sampling: gold score against the analytic KL, and RAFT data.")
     ap.add_argument("--ckpt", required=True, help="policy checkpoint folder (e.g. out/sft)")
     ap.add_argument("--reward_model", default="", help="trained reward model folder (train_rm.py output) as the judge")
@@ -131,6 +131,11 @@ def main(argv=None):
     ap.add_argument("--sft_out", default="", help="also write best-of-max_n responses as SFT JSONL here (RAFT)")
     ap.add_argument("--sft_min_score", type=float, default=-math.inf, help="--sft_out keeps responses scored >= this")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     prog = "python -m minialign.best_of_n"
     if not args.reward_model and not args.reward_funcs:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from minialign import config, report
-from minialign.pipeline import PRESETS, STAGES
+from minialign import best_of_n, config, report
+from minialign.pipeline import PRESETS, STAGES, stage_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread, immune to a busy second core
-SCRIPTS = {"sft": "train_sft", "rm": "train_rm", "dpo": "train_dpo", "ppo": "train_ppo", "grpo": "train_grpo"}
+SCRIPTS = {"sft": "train_sft", "rm": "train_rm", "dpo": "train_dpo", "ppo": "train_ppo", "grpo": "train_grpo",
+           "online_dpo": "train_online_dpo", "iterative_dpo": "train_online_dpo"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -54,6 +55,17 @@ def test_pipeline_tiny(tmp_path):
         assert f"[{stage}] already done" in proc.stdout
     assert json.loads((out / "timings.json").read_text()) == timings
     assert (out / "report.md").read_text() == report_md
+    # the optional stages have tiny presets too, and run from the finished SFT (and RM) stages
+    proc = subprocess.run(cmd + ["--stages", "online_dpo", "iterative_dpo", "best_of_n"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("online_dpo", "iterative_dpo"):
+        assert "sampled/gold_score" in json.loads((out / stage / "eval.json").read_text())
+        assert f"| {stage} | " in (out / "report.md").read_text()
+    rounds = [json.loads(l) for l in (out / "iterative_dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["round"] for r in rounds if "round" in r}) == [1, 2, 3]
+    points = json.loads((out / "best_of_n" / "points.json").read_text())["points"]
+    assert [p["n"] for p in points] == [1, 2, 4] and "N=4 gold" in proc.stdout
 
 
 def test_report_without_matplotlib_still_writes_the_table(tmp_path, monkeypatch):
@@ -72,9 +84,13 @@ def test_report_without_matplotlib_still_writes_the_table(tmp_path, monkeypatch)
 def test_every_preset_flag_is_accepted_by_its_script(preset, monkeypatch):
     """A typo in a preset (e.g. the GPU one, which no test here can run) fails now, not after an hour of SFT."""
     monkeypatch.syspath_prepend(str(ROOT))
+    commands = stage_commands(ROOT / "out", "out/tokenizer/tokenizer.model")
     for stage, flags in PRESETS[preset].items():
-        module = importlib.import_module(SCRIPTS[stage])
-        cfg = config.parse_config(module.Config, flags)
+        base = commands[stage][3 if stage == "best_of_n" else 2:]  # after the interpreter and the script (-m module)
+        if stage == "best_of_n":
+            cfg = best_of_n.build_parser().parse_args(base + flags)
+        else:
+            cfg = config.parse_config(importlib.import_module(SCRIPTS[stage]).Config, base + flags)
         for flag, value in zip(flags, flags[1:]):
             if flag.startswith("--"):
                 assert str(getattr(cfg, flag[2:])) == value or getattr(cfg, flag[2:]) == type(getattr(cfg, flag[2:]))(value)
@@ -97,3 +113,45 @@ def test_seeds_run_each_seed_and_write_medians_with_the_machine(tmp_path):
     median = (gold[0] + gold[1]) / 2  # statistics.median of two values
     assert "| sft | " in text and f"{median:.3f} [{gold[0]:.3f}, {gold[1]:.3f}]" in text
     assert "2 seeds finished" in proc.stdout
+
+
+def test_concurrent_stages_wait_for_what_they_need_and_a_failure_stops_the_others(tmp_path, monkeypatch):
+    """run_concurrently: ppo starts only after rm is done, independent stages overlap, each concurrent stage gets
+    cores // running threads unless OMP_NUM_THREADS is set, and a failing stage stops the rest naming its log."""
+    from minialign.pipeline import run_concurrently
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def stage(name, seconds, code=0):  # a fake stage: records when it ran and its thread count
+        return [sys.executable, "-c", f"import os, time; t0 = time.time(); time.sleep({seconds}); "
+                f"open(r'{tmp_path}/{name}.txt', 'w').write(f'{{t0}} {{time.time()}} ' "
+                f"+ os.environ.get('OMP_NUM_THREADS', 'unset')); print('{name} says bye'); raise SystemExit({code})"]
+
+    def span(name):
+        t0, t1, threads = (tmp_path / f"{name}.txt").read_text().split()
+        return float(t0), float(t1), threads
+
+    out = tmp_path / "out"
+    run_concurrently({"rm": stage("rm", 0.5), "dpo": stage("dpo", 2.0), "ppo": stage("ppo", 0.1)}, out, False, 2)
+    rm, dpo, ppo = span("rm"), span("dpo"), span("ppo")
+    assert ppo[0] >= rm[1]  # ppo needs rm
+    assert dpo[0] < rm[1] and ppo[0] < dpo[1]  # dpo overlapped both
+    assert rm[2] == dpo[2] == ppo[2] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert "rm says bye" in (out / "logs" / "rm.log").read_text()
+    assert json.loads((out / "timings.json").read_text()).keys() == {"rm", "dpo", "ppo"}
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    run_concurrently({"rm": stage("rm3", 0.1), "dpo": stage("dpo3", 0.1)}, tmp_path / "out3", False, 2)
+    assert span("rm3")[2] == span("dpo3")[2] == "3"
+
+    with pytest.raises(SystemExit) as err:
+        run_concurrently({"rm": stage("rm2", 30), "dpo": stage("dpo2", 0.1, code=3)}, tmp_path / "out2", False, 2)
+    assert "[dpo] failed (exit 3)" in str(err.value) and "dpo2 says bye" in str(err.value)
+    assert not (tmp_path / "rm2.txt").exists()  # stopped, not left to finish its 30 s
+
+
+def test_negative_jobs_is_refused_naming_the_flag(tmp_path, capsys):
+    from minialign import pipeline
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["--jobs", "-1", "--out", str(tmp_path)])
+    assert err.value.code == 2 and "--jobs=-1 must be >= 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before the tokenizer stage
