@@ -4,8 +4,8 @@ Objective (DPO, Rafailov et al. 2023 Eq. 7), over preference pairs (x, y_c, y_r)
     loss = mean over pairs of  -log σ(β [(log π(y_c|x) - log ref(y_c|x)) - (log π(y_r|x) - log ref(y_r|x))])
 where log π(y|x) sums the log-probs of the response tokens only (the final <|im_end|> included), π is
 the policy being trained and ref the frozen SFT model both start from. The mean is over every pair of
-the optimizer step (all micro-batches and ranks, see minialign.training). --loss_type picks the family
-member; each formula is in minialign.losses:
+the optimizer step (all micro-batches and ranks, see minialign.training.loop). --loss_type picks the family
+member; each formula is in minialign.algorithms.losses:
 
     sigmoid  DPO; cDPO with --label_smoothing ε           (summed log-probs)
     robust   rDPO, unbiased under label noise ε            (summed)
@@ -28,7 +28,7 @@ A β far above the usual 0.1 wins because the SFT model is very peaked (a whole 
 log-prob ≈ -1.9): with a small β the loss keeps pushing the rejected log-probs down by tens of nats,
 the mass goes to tokens nobody trained ("I to help."), and sampling at temperature 1 finds them.
 
-A pair goes through the model as one packed row [prompt | chosen | rejected] (minialign.packing), with
+A pair goes through the model as one packed row [prompt | chosen | rejected] (minialign.algorithms.packing), with
 an attention mask that hides chosen from rejected, so the prompt is computed once; the log-probs equal
 two plain rows' to float error (tested). In bench/bench_dpo.py (26M preset, 8 pairs of 64-token
 prompts and responses, fp32 CPU, 1 thread, pairs/s) it measured: live reference two rows 1.52, packed
@@ -38,14 +38,14 @@ prompts and responses, fp32 CPU, 1 thread, pairs/s) it measured: live reference 
 training (a progress bar), then frees the reference model: one model in memory. Resuming recomputes
 them (deterministic). --ref_update_every N (TR-DPO, Gorbatovski et al. 2024) instead moves the live
 reference towards the policy every N steps: ref <- α·π + (1-α)·ref (α = 1: a hard copy).
---lora_r R trains adapters only (minialign.lora); the reference is then the policy with its adapters
+--lora_r R trains adapters only (minialign.models.lora); the reference is then the policy with its adapters
 off: one model in memory without precomputing (--precompute_ref still saves the reference forward of
 each step; --ref_update_every is refused: that frozen base cannot move). LoRA r 8, alpha 16 wants a larger
 lr: from an SFT model at sampled gold 0.617, full fine-tuning gave 0.925 (KL 0.85); LoRA lr 1e-3 0.878,
 2e-3 0.885, 4e-3 0.908 (KL 1.4), 8e-3 0.815 (KL 6.7), r 32 alpha 64 lr 2e-3 0.868.
 
 Evaluation: TRL's metrics on held-out pairs (eval_ prefix) every --eval_every steps and at the end;
-then the default task's gold rule on --eval_prompts held-out prompts (minialign.evaluate), with the
+then the default task's gold rule on --eval_prompts held-out prompts (minialign.evaluation.evaluate), with the
 KL to the SFT checkpoint (loaded again for it when training had no live reference), into eval.json.
 
 Run on one device:        python train_dpo.py                          (out/sft + data/pref_train.jsonl -> out/dpo)
@@ -60,17 +60,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, lora, runtime, training
-from minialign.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, in_range, knob, non_negative,
-                              one_of, parse_config)
-from minialign.data import to_device, tokenize_preferences
-from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
-from minialign.formats import load_preferences
-from minialign.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
-from minialign.packing import collate_pairs, length_sorted_chunks, pair_count, pair_lengths
-from minialign.preference import pair_logps
-from minialign.rollout import disable_dropout
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from minialign.algorithms.packing import collate_pairs, length_sorted_chunks, pair_count, pair_lengths
+from minialign.algorithms.preference import pair_logps
+from minialign.algorithms.roles import disable_dropout, sft_reference
+from minialign.data.batching import to_device, tokenize_preferences
+from minialign.data.formats import load_preferences
+from minialign.data.tokenizer import load_tokenizer
+from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
+from minialign.models import lora
+from minialign.training import checkpoint, logger, loop, runtime
+from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, in_range, knob,
+                                       non_negative, one_of, parse_config)
 
 LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "cpo", "orpo")
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
@@ -84,7 +85,7 @@ DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo"
 class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
     out_dir: str = knob("out/dpo", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
-    data: str = knob("data/pref_train.jsonl", "preference pairs (JSONL(.gz) or JSON; formats in minialign.formats)")
+    data: str = knob("data/pref_train.jsonl", "preference pairs (JSONL(.gz) or JSON; formats in minialign.data.formats)")
     pref_eval_data: str = knob("data/pref_eval.jsonl", "held-out pairs for the eval_ metrics ('' = none)")
     loss_type: str = knob("sigmoid", "sigmoid | robust | hinge | ipo | simpo | cpo | orpo (see the docstring)",
                           one_of(*LOSS_TYPES))
@@ -151,7 +152,7 @@ def preference_terms(cfg, policy_chosen_logps, policy_rejected_logps, policy_cho
 
 
 def pair_loss(model, batch, ref_model, cfg):
-    """Summed loss over the batch's pairs and TRL's metrics summed over pairs (training.train_step divides)."""
+    """Summed loss over the batch's pairs and TRL's metrics summed over pairs (loop.train_step divides)."""
     pol = pair_logps(model, batch)
     pi_c, pi_r = used_logps(pol, cfg.loss_type)
     ref_c, ref_r = (None, None) if cfg.loss_type in REFERENCE_FREE else reference_logps(ref_model, batch, cfg)
@@ -234,7 +235,7 @@ def main(argv=None):
     if cfg.loss_type in REFERENCE_FREE:
         runtime.print0(rt, f"reference: none ({cfg.loss_type} is reference-free)")
     else:  # LoRA: the policy with its adapters off; else a frozen copy of the same weights
-        ref_model = lora.sft_reference(model, cfg, rt)
+        ref_model = sft_reference(model, cfg, rt)
         freed = ", precomputed then freed" if cfg.precompute_ref else ""
         what = "the policy with its adapters off" if cfg.lora_r else f"frozen copy of {cfg.init_from}"
         runtime.print0(rt, f"reference: {what}{freed}")
@@ -265,7 +266,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     # ---- optimizer, resume
-    optimizer = training.make_optimizer(model, cfg, rt)
+    optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
     if cfg.resume and cfg.ref_update_every:
@@ -276,7 +277,7 @@ def main(argv=None):
     def sft_reference():  # the SFT model for KL: the live reference while it is still that model, else a fresh copy
         if ref_model is not None and not cfg.ref_update_every:
             return ref_model
-        return lora.sft_reference(model, cfg, rt)  # LoRA: the adapters-off policy
+        return sft_reference(model, cfg, rt)  # LoRA: the adapters-off policy
 
     # held-out prompts for the gold rule, loaded before training (too-long ones dropped and counted now)
     eval_prompts = gold_ref = None
@@ -289,19 +290,19 @@ def main(argv=None):
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc=f"dpo-{cfg.loss_type}",
                disable=not rt.is_main)
     for step in bar:
-        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        training.set_lr(optimizer, lr)
+        lr = loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
         batches = [to_device(collate_pair_batch(pairs, idx, tok.pad_id, ref_table), rt.device)
-                   for idx in training.step_batches(len(pairs), step, cfg, rt, lengths)]
-        metrics = training.train_step(model, optimizer, scaler, batches, lambda m, b: pair_loss(m, b, ref_model, cfg),
+                   for idx in loop.step_batches(len(pairs), step, cfg, rt, lengths)]
+        metrics = loop.train_step(model, optimizer, scaler, batches, lambda m, b: pair_loss(m, b, ref_model, cfg),
                                       pair_count, rt, cfg.max_grad_norm)
-        training.check_finite(metrics, step, cfg, stats, scaler)
+        loop.check_finite(metrics, step, cfg, stats, scaler)
         if cfg.ref_update_every and (step + 1) % cfg.ref_update_every == 0:
             update_reference(ref_model, model, cfg.ref_update_alpha)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log.log(done, {**metrics, "learning_rate": lr, **training.skip_counts(stats)}, bar)
+            log.log(done, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if eval_pairs and rt.is_main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
             res = evaluate_pairs(runtime.unwrap(model), ref_model, eval_pairs, eval_ref_table, cfg, tok.pad_id, rt)
             log.log(done, res, bar)

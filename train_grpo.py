@@ -1,11 +1,11 @@
 """GRPO and the REINFORCE family (RLOO, REINFORCE++, ReMax): online RL without a value model.
 
-Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.losses.grpo_loss):
+Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.algorithms.losses.grpo_loss):
   1. take `prompts_per_step` prompts (split over ranks) and sample G = `num_generations` responses
-     to each with the KV-cache sampler at `temperature` (minialign.rollout);
-  2. reward each response: r = sum_k w_k r_k over `--reward_funcs` (rules, minialign.reward_funcs) and
+     to each with the KV-cache sampler at `temperature` (minialign.algorithms.rollout);
+  2. reward each response: r = sum_k w_k r_k over `--reward_funcs` (rules, minialign.algorithms.reward_funcs) and
      optionally a trained reward model (`--reward_funcs ... reward_model --reward_model out/rm`);
-  3. advantages, `--advantage_estimator` (minialign.losses), from the rewards of the whole step (all ranks):
+  3. advantages, `--advantage_estimator` (minialign.algorithms.losses), from the rewards of the whole step (all ranks):
         grpo          A_i = (r_i - mean_G(r)) / (std_G(r) + eps)          (`--scale_rewards`; Shao et al. 2024)
         rloo          A_i = r_i - mean_{j≠i} r_j                          (leave-one-out; Ahmadian et al. 2024)
         reinforce_pp  A_t = r - β Σ_{t'>=t} k1_t', normalized over the global batch, no baseline (Hu 2025)
@@ -25,7 +25,7 @@ value but a biased gradient, E[∇k3] = ∇KL(π_ref ‖ π) (the FORWARD KL); k
 KL's on-policy. In the REWARD, -β·k1_t per token (k1 = log π_old/π_ref, a constant), A_t its return-to-go (the
 baselined score on the last token): the policy gradient of E[r] - β KL(π ‖ π_ref), unbiased (as PPO, REINFORCE++).
 Speed: each prompt is prefilled once for its G samples, and every training forward (policy, reference,
-reward model) packs a prompt's G responses into one row [x | y_1 | ... | y_G] (minialign.packing), so
+reward model) packs a prompt's G responses into one row [x | y_1 | ... | y_G] (minialign.algorithms.packing), so
 the prompt is computed once, not G times; the log-probs equal one row [x y_i] per response's to float error.
 A group whose rewards are all equal has zero advantages (grpo, rloo); when every advantage is 0 (and no KL loss)
 there is nothing to learn and the update is skipped (logged as update_skipped), rather than letting
@@ -34,7 +34,7 @@ by default (--mask_truncated_completions): the gold rule does not read past a re
 answer's first words, so a response that rambles on to the budget is rewarded in full (see the flag; remax
 needs it off: its advantages r_i - r(greedy) are mostly <= 0, and a truncated response would escape them).
 Dropout is off in every model (RL needs the same log-probs in every forward); an MoE policy gets its
-load-balancing loss from training.train_step.
+load-balancing loss from loop.train_step.
 
 Run on one device:         python train_grpo.py                 (out/sft + data/rl_train.jsonl -> out/grpo)
 Run on N processes / GPUs: torchrun --nproc_per_node=N train_grpo.py   (prompts_per_step split over ranks)
@@ -55,18 +55,23 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, config, logger, lora, runtime, training
-from minialign.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, knob, non_negative, one_of,
-                              positive)
-from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
-from minialign.losses import ADVANTAGE_ESTIMATORS, GRPO_LOSS_TYPES, GROUP_SCALES, grpo_loss, policy_gradient_loss
-from minialign.packing import response_logps, response_scores
-from minialign.reward_funcs import parse_reward_funcs
-from minialign.rollout import (completion_mask, completions_log, count_units, disable_dropout, gather_columns,
-                               greedy_rewards, greedy_rollout, load_reward_model, load_rl_prompts, log_completions,
-                               micro_batch_rows, packed_batch, rl_problems, rollout_forward, rollout_metrics,
-                               sample_rollout, source_rewards, step_advantages, step_prompt_indices)
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.advantages import (completion_mask, count_units, greedy_rewards, rollout_metrics,
+                                             step_advantages)
+from minialign.algorithms.losses import (ADVANTAGE_ESTIMATORS, GROUP_SCALES, GRPO_LOSS_TYPES, grpo_loss,
+                                         policy_gradient_loss)
+from minialign.algorithms.packing import response_logps, response_scores
+from minialign.algorithms.reward_funcs import parse_reward_funcs
+from minialign.algorithms.roles import disable_dropout, load_reward_model, sft_reference
+from minialign.algorithms.rollout import (greedy_rollout, load_rl_prompts, micro_batch_rows, packed_batch,
+                                          rollout_forward, sample_rollout, source_rewards, step_prompt_indices)
+from minialign.data.tokenizer import load_tokenizer
+from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
+from minialign.models import lora
+from minialign.training import checkpoint, config, logger, loop, runtime
+from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, knob, non_negative,
+                                       one_of, positive, rl_problems)
+from minialign.training.logger import completions_log, log_completions
+from minialign.training.runtime import gather_columns
 
 
 @dataclass
@@ -76,7 +81,7 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
                           (bool, "is required (GRPO starts from an SFT policy, e.g. out/sft)"))
     data: str = knob("data/rl_train.jsonl", "prompts (JSONL: {prompt}, {messages} or GSM8K {question, answer}); "
                                             "other keys are reward fields")
-    reward_funcs: list[str] = knob(["gold"], "reward terms: gold | format | length | gsm8k (minialign.reward_funcs) | "
+    reward_funcs: list[str] = knob(["gold"], "reward terms: gold | format | length | gsm8k (minialign.algorithms.reward_funcs) | "
                                              "reward_model (needs --reward_model)")
     reward_weights: list[float] = knob([], "one weight per --reward_funcs entry (empty = all 1.0)")
     reward_model: str = knob("", "trained reward model folder (train_rm.py output) for the reward_model term")
@@ -144,7 +149,7 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
 def grpo_loss_sum(model, batch, cfg):
     """One packed micro-batch's GRPO loss as a SUM over its counted units -> (loss_sum, metric_sums).
 
-    Normalization, written once. training.train_step divides every micro-batch's returned loss by the
+    Normalization, written once. loop.train_step divides every micro-batch's returned loss by the
     count of units of the WHOLE step (all micro-batches, all ranks; `count_units`), so we return
     grpo_loss with a normalizer that leaves exactly that division to do:
         loss_type  loss of the step                            unit counted        normalizer here
@@ -214,9 +219,9 @@ def grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats) -> dict
                 b["old_logps"] = response_logps(runtime.unwrap(model), b, cfg.temperature)
     sums, updates, first = {}, 0, {"ratio_dev": 0.0, "sampler_diff": 0.0}
     for it in range(0 if skip else cfg.num_iterations):
-        out = training.train_step(model, optimizer, scaler, batches, lambda m, b: grpo_loss_sum(m, b, cfg),
+        out = loop.train_step(model, optimizer, scaler, batches, lambda m, b: grpo_loss_sum(m, b, cfg),
                                   lambda b: count_units(b, cfg.loss_type), rt, cfg.max_grad_norm)
-        training.check_finite(out, step, cfg, stats, scaler)
+        loop.check_finite(out, step, cfg, stats, scaler)
         if it == 0:  # the policy had not moved: ratio = π / π_old must be exactly 1
             for b in batches:
                 m, logps = b["response_mask"], b["logps"]
@@ -254,7 +259,7 @@ def main(argv=None):
 
     # ---- models: policy; reference only when beta > 0; reward model only when asked for; dropout off in all
     policy = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
-    ref_model = lora.sft_reference(policy, cfg, rt) if cfg.beta > 0 else None  # LoRA: the policy, adapters off
+    ref_model = sft_reference(policy, cfg, rt) if cfg.beta > 0 else None  # LoRA: the policy, adapters off
     reward_model = load_reward_model(cfg.reward_model, rt, "train_grpo.py") if cfg.reward_model else None
     if reward_model is not None and reward_model.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_grpo.py: error: the reward model's vocabulary ({reward_model.cfg.vocab_size}) differs "
@@ -284,8 +289,8 @@ def main(argv=None):
                        f"{cfg.num_iterations} update(s) each; {cfg.max_steps} steps = "
                        f"{cfg.max_steps * cfg.prompts_per_step / len(prompts):.2f} epochs of prompts")
 
-    # ---- optimizer, resume (the sampler needs no state: it is seeded from (seed, step), see minialign.rollout)
-    optimizer = training.make_optimizer(policy, cfg, rt)
+    # ---- optimizer, resume (the sampler needs no state: it is seeded from (seed, step), see minialign.algorithms.rollout)
+    optimizer = loop.make_optimizer(policy, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
     model = runtime.wrap_ddp(policy, rt)
@@ -298,15 +303,15 @@ def main(argv=None):
     if cfg.eval_data and rt.is_main:
         eval_prompts = load_eval_prompts(cfg.eval_data, tok, 0, cfg.eval_max_new_tokens, policy.cfg.max_seq_len)
         if cfg.gold_eval_every:
-            gold_ref = ref_model if ref_model is not None else lora.sft_reference(policy, cfg, rt)
+            gold_ref = ref_model if ref_model is not None else sft_reference(policy, cfg, rt)
 
     model.train()
     t0 = time.time()
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="grpo",
                disable=not rt.is_main)
     for step in bar:
-        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        training.set_lr(optimizer, lr)
+        lr = loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
         step_prompts = [prompts[i] for i in step_prompt_indices(len(prompts), step, cfg.prompts_per_step, cfg.seed, rt)]
         # 1. rollout: G responses per prompt, no gradients; this rank's prompts start at global position rank * share
         with rt.autocast(), lora.merged_for_sampling(policy):  # LoRA: adapters merged while sampling
@@ -340,7 +345,7 @@ def main(argv=None):
     if cfg.eval_data and rt.is_main:
         ref = gold_ref if gold_ref is not None else ref_model
         if ref is None:
-            ref = lora.sft_reference(policy, cfg, rt)
+            ref = sft_reference(policy, cfg, rt)
         res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None], cfg.eval_max_new_tokens,
                               ref)
         checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")

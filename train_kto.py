@@ -1,14 +1,14 @@
 """KTO: preference optimization from unpaired examples, each completion labeled desirable or undesirable.
 
 Objective (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 8;
-minialign.losses.kto_loss), over examples (x, y, label):
+minialign.algorithms.losses.kto_loss), over examples (x, y, label):
     r(x, y) = log π(y|x) - log ref(y|x)                    the implicit reward (summed over y's tokens)
     z0      = max(0, mean over mismatched pairs (x, y') of r(x, y'))          the reference point
     loss    = λ_D (1 - σ(β (r - z0)))   for desirable y,    λ_U (1 - σ(β (z0 - r)))   for undesirable y
-averaged over every example of the optimizer step (all micro-batches and ranks, see minialign.training).
+averaged over every example of the optimizer step (all micro-batches and ranks, see minialign.training.loop).
 π is the policy being trained, ref the frozen SFT model both start from.
 
-Data: --data {prompt, completion, label} (or {messages, label}, minialign.formats.load_unpaired), or
+Data: --data {prompt, completion, label} (or {messages, label}, minialign.data.formats.load_unpaired), or
 --pairs a preference file split into desirable (chosen) and undesirable (rejected) completions.
 
 z0 is estimated as in the KTO paper and TRL: on MISMATCHED pairs, each prompt x with the completion y'
@@ -30,16 +30,19 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, lora, runtime, training
-from minialign.config import GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative, parse_config
-from minialign.data import to_device, tokenize_preferences
-from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
-from minialign.formats import load_preferences, load_unpaired
-from minialign.losses import kto_loss
-from minialign.packing import length_sorted_chunks
-from minialign.preference import collate_completions, completion_logps, kl_partner, tokenize_unpaired, unpair
-from minialign.rollout import disable_dropout
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.losses import kto_loss
+from minialign.algorithms.packing import length_sorted_chunks
+from minialign.algorithms.preference import (collate_completions, completion_logps, kl_partner, tokenize_unpaired,
+                                             unpair)
+from minialign.algorithms.roles import disable_dropout, sft_reference
+from minialign.data.batching import to_device, tokenize_preferences
+from minialign.data.formats import load_preferences, load_unpaired
+from minialign.data.tokenizer import load_tokenizer
+from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
+from minialign.models import lora
+from minialign.training import checkpoint, logger, loop, runtime
+from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative,
+                                       parse_config)
 
 
 @dataclass
@@ -151,7 +154,7 @@ def main(argv=None):
 
     # ---- models: the policy and its frozen reference (the same SFT weights)
     model = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
-    ref_model = lora.sft_reference(model, cfg, rt)  # LoRA: the policy with its adapters off; else a frozen copy
+    ref_model = sft_reference(model, cfg, rt)  # LoRA: the policy with its adapters off; else a frozen copy
     runtime.print0(rt, f"policy from {cfg.init_from}: {lora.describe(model)}; beta {cfg.beta}; reference: "
                        + ("adapters off" if cfg.lora_r else "frozen copy")
                        + (", precomputed then freed" if cfg.precompute_ref else ""))
@@ -183,12 +186,12 @@ def main(argv=None):
         ref_model = None  # freed: one model in memory while training
 
     def sft_reference():  # the SFT model for KL: the live reference, or loaded again if precompute freed it
-        return ref_model if ref_model is not None else lora.sft_reference(model, cfg, rt)
+        return ref_model if ref_model is not None else sft_reference(model, cfg, rt)
 
     gold_ref = sft_reference() if eval_prompts and cfg.gold_eval_every else None
 
     # ---- optimizer, resume
-    optimizer = training.make_optimizer(model, cfg, rt)
+    optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
     model = runtime.wrap_ddp(model, rt, cfg.compile)
@@ -199,19 +202,19 @@ def main(argv=None):
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="kto",
                disable=not rt.is_main)
     for step in bar:
-        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        training.set_lr(optimizer, lr)
+        lr = loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
         batches = [batch_to(collate_kto(examples, idx, tok.pad_id, cfg.max_len, ref_table), rt.device)
-                   for idx in training.step_batches(len(examples), step, cfg, rt, lengths)]
-        metrics = training.train_step(model, optimizer, scaler, batches,
+                   for idx in loop.step_batches(len(examples), step, cfg, rt, lengths)]
+        metrics = loop.train_step(model, optimizer, scaler, batches,
                                       lambda m, b: kto_batch_loss(m, b, ref_model, cfg),
                                       lambda b: len(b["is_desirable"]), rt, cfg.max_grad_norm)
         metrics = side_means(metrics)
-        training.check_finite(metrics, step, cfg, stats, scaler)
+        loop.check_finite(metrics, step, cfg, stats, scaler)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log.log(done, {**metrics, "learning_rate": lr, **training.skip_counts(stats)}, bar)
+            log.log(done, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if gold_ref is not None and done % cfg.gold_eval_every == 0 and done < cfg.max_steps:
             log.log(done, gold_point(runtime.unwrap(model), tok, eval_prompts[:cfg.gold_eval_prompts],
                                      cfg.eval_max_new_tokens, gold_ref), bar)

@@ -4,14 +4,14 @@ Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Fee
 Algorithm 1), every optimizer step:
   1. take `prompts_per_step` prompts (split over ranks; the same data order as GRPO) and sample
      K = `num_generations` responses to each from the CURRENT policy with the KV-cache sampler at
-     temperature 1 (minialign.rollout: seeded from (seed, step), so --resume needs only the step);
+     temperature 1 (minialign.algorithms.rollout: seeded from (seed, step), so --resume needs only the step);
   2. score every response with the judge: a trained reward model (--reward_model, its score at the
-     response's last token) and/or rule rewards (--reward_funcs gold; minialign.reward_funcs), s = Σ_k w_k s_k;
+     response's last token) and/or rule rewards (--reward_funcs gold; minialign.algorithms.reward_funcs), s = Σ_k w_k s_k;
   3. per prompt, chosen = the best-scored response and rejected = the worst (with K > 2 the two
      extremes); a prompt whose K scores are all equal says nothing and is skipped (pairs/ties_skipped);
-  4. one DPO step on the step's pairs against the frozen SFT reference (minialign.losses.dpo_loss):
+  4. one DPO step on the step's pairs against the frozen SFT reference (minialign.algorithms.losses.dpo_loss):
          loss = mean over pairs of -log σ(β [(log π(y_c|x) - log ref(y_c|x)) - (log π(y_r|x) - log ref(y_r|x))])
-     a mean over every pair of the step on all ranks (training.train_step, the counted unit is the pair).
+     a mean over every pair of the step on all ranks (loop.train_step, the counted unit is the pair).
 The pairs of all ranks are gathered and dealt out again before the update, so a rank whose prompts all
 tied still takes part, and any number of ranks takes the step one process takes.
 
@@ -25,7 +25,7 @@ Iterative DPO (--rounds R >= 1; Xu et al. 2023 "Some things are more CRINGE than
   3. logs the gold score and KL to the SFT model on `gold_eval_prompts` held-out prompts (a row with `round`).
 
 The reference log-probs are computed once per sampled response in the rollout's packed layout (one row
-[x | y_1 | ... | y_K] per prompt, minialign.packing) and travel with the pairs; the same forward gives
+[x | y_1 | ... | y_K] per prompt, minialign.algorithms.packing) and travel with the pairs; the same forward gives
 objective/kl. The policy's forward is DPO's: one packed row [x | y_c | y_r] per pair (packing.collate_pairs,
 preference.pair_logps). Its log-probs are at temperature 1, the temperature the responses are sampled at.
 
@@ -54,18 +54,20 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, runtime, training
-from minialign.config import (GoldCurveConfig, TrainConfig, at_least, in_range, knob, non_negative, one_of,
-                              parse_config)
-from minialign.data import to_device
-from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
-from minialign.losses import DPO_LOSS_TYPES, dpo_loss
-from minialign.packing import collate_pairs, pair_count, pair_lengths, response_logps, response_scores
-from minialign.preference import pair_logps
-from minialign.reward_funcs import parse_reward_funcs
-from minialign.rollout import (disable_dropout, frozen, gather_columns, load_reward_model, load_rl_prompts,
-                               micro_batch_rows, rollout_forward, sample_rollout, source_rewards, step_prompt_indices)
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.losses import DPO_LOSS_TYPES, dpo_loss
+from minialign.algorithms.packing import collate_pairs, pair_count, pair_lengths, response_logps, response_scores
+from minialign.algorithms.preference import pair_logps
+from minialign.algorithms.reward_funcs import parse_reward_funcs
+from minialign.algorithms.roles import disable_dropout, frozen, load_reward_model
+from minialign.algorithms.rollout import (load_rl_prompts, micro_batch_rows, rollout_forward, sample_rollout,
+                                          source_rewards, step_prompt_indices)
+from minialign.data.batching import to_device
+from minialign.data.tokenizer import load_tokenizer
+from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
+from minialign.training import checkpoint, logger, loop, runtime
+from minialign.training.config import (GoldCurveConfig, TrainConfig, at_least, in_range, knob, non_negative, one_of,
+                                       parse_config)
+from minialign.training.runtime import gather_columns
 
 # β where --beta is 0: train_dpo.py's, tuned there on the default task (summed log-ratios; ipo averages them)
 DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0}
@@ -77,7 +79,7 @@ class Config(TrainConfig, GoldCurveConfig):
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference is it",
                           (bool, "is required (online DPO starts from an SFT policy, e.g. out/sft)"))
     data: str = knob("data/rl_train.jsonl", "prompts (JSONL: {prompt} or {messages}; other keys are reward fields)")
-    reward_funcs: list[str] = knob([], "rule judges: gold | format | length | gsm8k (minialign.reward_funcs); "
+    reward_funcs: list[str] = knob([], "rule judges: gold | format | length | gsm8k (minialign.algorithms.reward_funcs); "
                                        "give these and/or --reward_model")
     reward_weights: list[float] = knob([], "one weight per --reward_funcs entry (empty = all 1.0; the reward model's "
                                            "weight is 1)")
@@ -88,7 +90,7 @@ class Config(TrainConfig, GoldCurveConfig):
     max_new_tokens: int = knob(32, "generation budget (default-task responses are <= ~25 tokens)", at_least(1))
     prompts_per_generate: int = knob(0, "prompts per generate() call (0 = all of the rank's); make it divide each "
                                         "rank's share to get the same samples with any number of ranks", non_negative)
-    loss_type: str = knob("sigmoid", "sigmoid | robust | hinge | ipo (minialign.losses.dpo_loss)",
+    loss_type: str = knob("sigmoid", "sigmoid | robust | hinge | ipo (minialign.algorithms.losses.dpo_loss)",
                           one_of(*DPO_LOSS_TYPES))
     beta: float = knob(0.0, f"β of the loss; 0 = the loss type's default {DEFAULT_BETA}", non_negative)
     label_smoothing: float = knob(0.0, "ε: cDPO (sigmoid), rDPO (robust); assumed rate of flipped labels",
@@ -195,7 +197,7 @@ def collate_pair_batch(pairs, pad_id, loss_type):
 # ------------------------------------------------------------------------------------------ the loss
 
 def online_dpo_loss(model, batch, cfg):
-    """Summed DPO loss over the batch's pairs and TRL's metrics summed over pairs (training.train_step divides)."""
+    """Summed DPO loss over the batch's pairs and TRL's metrics summed over pairs (loop.train_step divides)."""
     pol = pair_logps(model, batch)
     pi_c, pi_r = (pol.chosen_logps_avg, pol.rejected_logps_avg) if cfg.loss_type == "ipo" else (pol.chosen_logps,
                                                                                                   pol.rejected_logps)
@@ -251,7 +253,7 @@ def main(argv=None):
                       f"{cfg.max_steps * cfg.prompts_per_step / len(prompts):.2f} epochs of prompts"))
 
     # ---- optimizer, resume (online sampling is seeded from (seed, step); a round's pairs are in the checkpoint)
-    optimizer = training.make_optimizer(policy, cfg, rt)
+    optimizer = loop.make_optimizer(policy, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
     pairs, round_stats = None, {}
@@ -270,9 +272,9 @@ def main(argv=None):
                disable=not rt.is_main)
     for step in bar:
         rnd, s = divmod(step, steps_per_round)  # round, step within it
-        lr = (training.lr_at(s, cfg.lr, cfg.warmup_steps, steps_per_round, cfg.min_lr_ratio) if cfg.rounds
-              else training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-        training.set_lr(optimizer, lr)
+        lr = (loop.lr_at(s, cfg.lr, cfg.warmup_steps, steps_per_round, cfg.min_lr_ratio) if cfg.rounds
+              else loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        loop.set_lr(optimizer, lr)
         # 1-3. sample K per prompt from the current policy, judge, keep (best, worst): every step, or once a round
         if s == 0:
             mine = [prompts[i] for i in step_prompt_indices(len(prompts), rnd, n_sampled, cfg.seed, rt)]
@@ -282,7 +284,7 @@ def main(argv=None):
         if cfg.rounds:  # pairs_per_step of the round's pairs, in the data order of the round
             order = SimpleNamespace(micro_batch_size=cfg.pairs_per_step // rt.world_size, grad_accum=1,
                                     seed=cfg.seed + rnd, group_by_length=cfg.group_by_length)
-            idx = training.step_batches(len(pairs), s, order, rt, lengths)[0] if pairs else []
+            idx = loop.step_batches(len(pairs), s, order, rt, lengths)[0] if pairs else []
         else:  # every pair of the step, dealt out over the ranks
             idx = list(range(rt.rank, len(pairs), rt.world_size))
             idx = sorted(idx, key=lambda i: lengths[i]) if cfg.group_by_length else idx
@@ -292,10 +294,10 @@ def main(argv=None):
         skip = len(pairs) < rt.world_size  # same on every rank; each needs a pair (DDP all-reduces in backward)
         metrics = {"update_skipped": float(skip)}
         if not skip:
-            metrics.update(training.train_step(model, optimizer, scaler, batches,
+            metrics.update(loop.train_step(model, optimizer, scaler, batches,
                                                lambda m, b: online_dpo_loss(m, b, cfg), pair_count, rt,
                                                cfg.max_grad_norm))
-            training.check_finite(metrics, step, cfg, stats, scaler)
+            loop.check_finite(metrics, step, cfg, stats, scaler)
         metrics = {**metrics, **round_stats, "beta": cfg.beta, "learning_rate": lr,
                    **({"round": rnd + 1} if cfg.rounds else {})}
         bar.set_postfix(score=f"{round_stats['objective/scores']:.3f}", pairs=round_stats["pairs/used"])

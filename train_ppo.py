@@ -2,13 +2,13 @@
 
 Each iteration (Ouyang et al. 2022, Sec. 3.5; Schulman et al. 2017; the numbers follow TRL's PPOTrainer):
   1. rollout: `prompts_per_step` prompts (split over ranks), one response each, sampled with the KV-cache
-     sampler at `temperature` (minialign.rollout); a response ends at its first <|im_end|> (included),
-     or after `max_new_tokens`. Then, without gradients, in the TRAINING layout (minialign.packing) and
+     sampler at `temperature` (minialign.algorithms.rollout); a response ends at its first <|im_end|> (included),
+     or after `max_new_tokens`. Then, without gradients, in the TRAINING layout (minialign.algorithms.packing) and
      micro-batches of the first epoch: old_logps = log π_old(y_t) at that temperature, log π_ref(y_t), V_t
      and the reward model's score (the sampler's own log-probs only go to sampler/logp_max_abs_diff);
   2. score: s = sum_k w_k r_k over `--reward_funcs`: the reward model's score at the LAST RESPONSE TOKEN
      (its <|im_end|>, or the last token of a truncated response; never a pad) and/or rule rewards
-     (minialign.reward_funcs); minus `missing_eos_penalty` for responses without <|im_end|>;
+     (minialign.algorithms.reward_funcs); minus `missing_eos_penalty` for responses without <|im_end|>;
   3. per-token reward (`token_rewards`):
         r_t = -kl_coef · kl_t            kl_t = KL estimate of log π_old(y_t) vs log π_ref(y_t) (k1 or k3)
         r_{L-1} += s                      at the last response token t = L - 1 only
@@ -23,7 +23,7 @@ Each iteration (Ouyang et al. 2022, Sec. 3.5; Schulman et al. 2017; the numbers 
      forward) exceeds it, the iteration's remaining optimizer steps are not taken.
 
 Normalization: a minibatch step's loss is the mean over the response tokens of the whole minibatch
-(all micro-batches, all ranks): `ppo_loss_sum` returns token SUMS and training.train_step divides them
+(all micro-batches, all ranks): `ppo_loss_sum` returns token SUMS and loop.train_step divides them
 by the global token count. Logged per-iteration values are means over the optimizer steps taken.
 
 Models. Policy and reference from `--init_from` (SFT); reward model from `--reward_model`; the value
@@ -32,7 +32,7 @@ Policy and value are one module (`PolicyAndValue`, like TRL's PolicyAndValueWrap
 and one DDP wrapper (the gradient norm clipped over both); train_step adds an MoE backbone's balance
 loss. Dropout is off in all four models. Early advantages are noisy until the value model has fitted
 the returns (loss/value_avg falls from about 3 to under 1).
-With --lora_r (minialign.lora): reference = the policy, adapters off; value = adapters + a full head on the reward
+With --lora_r (minialign.models.lora): reference = the policy, adapters off; value = adapters + a full head on the reward
 model's backbone, and reward = that backbone, adapters off, with the RM's frozen head: 2 backbones in memory, not 4.
 
 Determinism and --resume: the sampler is seeded from (seed, step, first prompt) and the stratified
@@ -58,17 +58,20 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from minialign import checkpoint, config, logger, lora, runtime, training
-from minialign.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, in_range, knob, non_negative,
-                              one_of, positive)
-from minialign.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
-from minialign.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
-from minialign.packing import response_logps, response_scores, response_values
-from minialign.reward_funcs import parse_reward_funcs
-from minialign.rollout import (disable_dropout, gather_columns, load_reward_model, load_rl_prompts,
-                               micro_batch_rows, minibatch_slots, packed_batch, rollout_forward, sample_rollout,
-                               rl_problems, source_rewards, step_prompt_indices, whiten_all_ranks)
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.advantages import whiten_all_ranks
+from minialign.algorithms.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
+from minialign.algorithms.packing import response_logps, response_scores, response_values
+from minialign.algorithms.reward_funcs import parse_reward_funcs
+from minialign.algorithms.roles import disable_dropout, load_reward_model, sft_reference, value_and_reward
+from minialign.algorithms.rollout import (load_rl_prompts, micro_batch_rows, minibatch_slots, packed_batch,
+                                          rollout_forward, sample_rollout, source_rewards, step_prompt_indices)
+from minialign.data.tokenizer import load_tokenizer
+from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
+from minialign.models import lora
+from minialign.training import checkpoint, config, logger, loop, runtime
+from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, in_range, knob,
+                                       non_negative, one_of, positive, rl_problems)
+from minialign.training.runtime import gather_columns
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
     reward_model: str = knob("out/rm", "trained reward model (train_rm.py output), also the value model's start "
                                        "('' = none: the value model starts from --init_from with a fresh head)")
     reward_funcs: list[str] = knob(["reward_model"], "score terms: reward_model (needs --reward_model) | gold | "
-                                                     "format | length | gsm8k (minialign.reward_funcs)")
+                                                     "format | length | gsm8k (minialign.algorithms.reward_funcs)")
     reward_weights: list[float] = knob([], "one weight per --reward_funcs entry (empty = all 1.0)")
     prompts_per_step: int = knob(64, "prompts (= responses) per PPO iteration, over all ranks")
     max_new_tokens: int = knob(32, "generation budget (default-task responses are <= ~25 tokens)", at_least(1))
@@ -122,7 +125,7 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
 
 class PolicyAndValue(nn.Module):
     """The two trained networks as one module, so one DDP wrapper syncs both gradients and one
-    training.train_step (one optimizer) updates both. forward(packed batch) -> (logps, values), each (R, N)."""
+    loop.train_step (one optimizer) updates both. forward(packed batch) -> (logps, values), each (R, N)."""
 
     def __init__(self, policy, value):
         super().__init__()
@@ -183,7 +186,7 @@ def rollout_tensors(pv, ref_model, reward_model, ro, sources, step, rt, cfg) -> 
 def ppo_loss_sum(model, batch, cfg):
     """One packed micro-batch's PPO loss SUMMED over its response tokens -> (loss_sum, metric_sums).
 
-    training.train_step divides loss_sum and every metric sum by the response-token count of the whole
+    loop.train_step divides loss_sum and every metric sum by the response-token count of the whole
     minibatch (all micro-batches, all ranks), so the optimizer sees the exact token mean of
         ppo_policy_loss + vf_coef · ppo_value_loss.
     The forward's detached log-probs are kept in batch["logps"] for the first-minibatch ratio check.
@@ -208,9 +211,9 @@ def ppo_update(model, optimizer, scaler, ro, b, step, rt, cfg, stats) -> dict:
     sums, updates, ratio_dev = {}, 0, 0.0
     for mb_rows in minibatches:  # one optimizer step per minibatch
         batches = [packed_batch(ro, rows, **tensors) for rows in mb_rows]
-        out = training.train_step(model, optimizer, scaler, batches, lambda m, mb: ppo_loss_sum(m, mb, cfg),
+        out = loop.train_step(model, optimizer, scaler, batches, lambda m, mb: ppo_loss_sum(m, mb, cfg),
                                   lambda mb: mb["response_mask"].sum(), rt, cfg.max_grad_norm)
-        training.check_finite(out, step, cfg, stats, scaler)
+        loop.check_finite(out, step, cfg, stats, scaler)
         if updates == 0:  # the policy has not moved since old_logps: π / π_old must be exactly 1
             ratio_dev = max(float((x["logps"] - x["old_logps"])[x["response_mask"]].exp().sub(1).abs().max())
                             for x in batches)
@@ -268,10 +271,10 @@ def main(argv=None):
 
     # ---- four models, dropout off in all: policy and value (trained), reference and reward model (frozen)
     policy = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
-    ref_model = lora.sft_reference(policy, cfg, rt)  # LoRA: the policy with its adapters off
+    ref_model = sft_reference(policy, cfg, rt)  # LoRA: the policy with its adapters off
     reward_model = load_reward_model(cfg.reward_model, rt, "train_ppo.py") if cfg.reward_model else None
     value = disable_dropout(checkpoint.load_model(cfg.reward_model or cfg.init_from, kind="scalar"))
-    value, reward_model = lora.value_and_reward(value, reward_model, cfg, cfg.reward_model or cfg.init_from)
+    value, reward_model = value_and_reward(value, reward_model, cfg, cfg.reward_model or cfg.init_from)
     value.to(rt.device)
     if value.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_ppo.py: error: the reward model's vocabulary ({value.cfg.vocab_size}) differs from "
@@ -294,7 +297,7 @@ def main(argv=None):
 
     # ---- one optimizer over policy + value, resume (the value model rides in the checkpoint's extra)
     pv = PolicyAndValue(policy, value)
-    optimizer = training.make_optimizer(pv, cfg, rt)
+    optimizer = loop.make_optimizer(pv, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
     if cfg.resume:
@@ -311,8 +314,8 @@ def main(argv=None):
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="ppo",
                disable=not rt.is_main)
     for step in bar:
-        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        training.set_lr(optimizer, lr)
+        lr = loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
         step_prompts = [prompts[i] for i in step_prompt_indices(len(prompts), step, cfg.prompts_per_step, cfg.seed, rt)]
         # 1. rollout: one response per prompt, no gradients; this rank's prompts start at global position rank * share
         with rt.autocast(), lora.merged_for_sampling(policy):  # LoRA: adapters merged while sampling

@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on plain text, every token trained.
 
 Objective: minimize -1/N * sum_t log pi(x_t | x_<t) over the N tokens of the whole optimizer step
-(all micro-batches and ranks; see minialign.training). Documents are cut into windows of max_len tokens,
+(all micro-batches and ranks; see minialign.training.loop). Documents are cut into windows of max_len tokens,
 each document ending with <|im_end|> (it doubles as end-of-document).
 
 On the default task pretraining is optional: SFT from scratch already learns the format. It is here
@@ -10,7 +10,7 @@ for the full story, and for your own text corpora ({"text": ...} JSONL, or a .tx
 Run on one device:         python train_pretrain.py             (data/pretrain.jsonl -> out/pretrain)
 Run on N GPUs / processes: torchrun --nproc_per_node=N train_pretrain.py
 Then:                      python train_sft.py --init_from out/pretrain
-Needs a tokenizer first:   python -m minialign.tokenizer
+Needs a tokenizer first:   python -m minialign.data.tokenizer
 """
 
 from dataclasses import dataclass
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, runtime, training
-from minialign.config import FromScratch, OfflineConfig, knob, one_of, parse_config
-from minialign.data import collate_lm, to_device, tokenize_pretrain
-from minialign.formats import load_pretrain
-from minialign.losses import nll_loss, token_logps
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.losses import nll_loss, token_logps
+from minialign.data.batching import collate_lm, to_device, tokenize_pretrain
+from minialign.data.formats import load_pretrain
+from minialign.data.tokenizer import load_tokenizer
+from minialign.training import checkpoint, logger, loop, runtime
+from minialign.training.config import FromScratch, OfflineConfig, knob, one_of, parse_config
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Config(OfflineConfig, FromScratch):
 
 
 def lm_loss(model, batch):
-    """Summed NLL over real tokens (training.train_step divides by the step's token count)."""
+    """Summed NLL over real tokens (loop.train_step divides by the step's token count)."""
     mask = batch["label_mask"]  # (B, T) bool: real (non-pad) tokens
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V): the head skips pad positions
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
@@ -67,7 +67,7 @@ def main(argv=None):
                        f"{sum(lengths)} tokens; "
                        f"{cfg.max_steps} steps x {global_batch} sequences = {epochs:.2f} epochs")
 
-    optimizer = training.make_optimizer(model, cfg, rt)
+    optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
     model = runtime.wrap_ddp(model, rt, cfg.compile)
@@ -77,16 +77,16 @@ def main(argv=None):
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
                disable=not rt.is_main)
     for step in bar:
-        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        training.set_lr(optimizer, lr)
-        order = training.step_batches(len(windows), step, cfg, rt, lengths)
+        lr = loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
+        order = loop.step_batches(len(windows), step, cfg, rt, lengths)
         batches = [to_device(collate_lm([windows[i] for i in idx], tok.pad_id), rt.device) for idx in order]
-        metrics = training.train_step(model, optimizer, scaler, batches, lm_loss, lambda b: b["label_mask"].sum(), rt,
+        metrics = loop.train_step(model, optimizer, scaler, batches, lm_loss, lambda b: b["label_mask"].sum(), rt,
                                       cfg.max_grad_norm)
-        training.check_finite(metrics, step, cfg, stats, scaler)
+        loop.check_finite(metrics, step, cfg, stats, scaler)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {**metrics, "learning_rate": lr, **training.skip_counts(stats)}, bar)
+            log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)

@@ -1,7 +1,7 @@
 """Reward model: a Bradley-Terry classifier of preference pairs, started from the SFT model.
 
 Objective: minimize 1/N * sum over the N pairs of the WHOLE optimizer step (all micro-batches and
-ranks, see minialign.training) of
+ranks, see minialign.training.loop) of
     -log σ(r(x, y_c) - r(x, y_r) - m)  +  center_coef * (r(x, y_c) + r(x, y_r))²
 where r(x, y) is the scalar head's score at the last real token of prompt x + response y (its
 <|im_end|>), m the pair's optional "margin" field (Llama 2, Eq. 2; 0 without it), and the centering
@@ -12,8 +12,8 @@ The loss sees only reward differences, so a shared offset is free: without cente
 gets a zero gradient up to rounding, which AdamW turns into lr-sized random steps (harmless to the
 ranking; --center_coef pins the offset if the absolute reward matters, e.g. for PPO).
 Chosen and rejected go through ONE forward pass as one packed row [x | y_c | y_r] per pair, the prompt
-computed once (minialign.packing; the rewards equal those of two plain rows to float error, tested).
-Ranked outputs (a prompt with K responses, best first; minialign.formats): the K(K-1)/2 (--rank_rule all)
+computed once (minialign.algorithms.packing; the rewards equal those of two plain rows to float error, tested).
+Ranked outputs (a prompt with K responses, best first; minialign.data.formats): the K(K-1)/2 (--rank_rule all)
 or K - 1 pairs of one prompt are ONE batch element, its K responses packed in one row and each scored
 once (InstructGPT, Sec. 3.5: shuffled as independent examples, a prompt's correlated comparisons
 overfit); the loss stays the mean over the step's pairs.
@@ -24,8 +24,8 @@ and, if matplotlib is installed, a histogram to <out_dir>/rm_scores.png.
 Run on one device:         python train_rm.py                      (data/pref_train.jsonl -> out/rm, from out/sft)
 Run on N GPUs / processes: torchrun --nproc_per_node=N train_rm.py
 With LoRA:                 python train_rm.py --lora_r 8   (adapters on the SFT backbone; the score head trains in full)
-Score any JSONL afterwards: python -m minialign.reward_model --ckpt out/rm --data file.jsonl
-Accepted data formats: see minialign.formats.load_preferences ({prompt, chosen, rejected}, implicit
+Score any JSONL afterwards: python -m minialign.algorithms.reward_model --ckpt out/rm --data file.jsonl
+Accepted data formats: see minialign.data.formats.load_preferences ({prompt, chosen, rejected}, implicit
 prompt, Anthropic HH); an optional numeric "margin" key per pair (every pair or none).
 """
 
@@ -34,14 +34,16 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, lora, runtime, training
-from minialign.config import FromScratch, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative, parse_config
-from minialign.data import to_device, tokenize_preferences
-from minialign.formats import DataError, load_preferences
-from minialign.losses import bradley_terry_loss
-from minialign.packing import collate_groups, group_lengths, group_pairs, pair_count
-from minialign.reward_model import pair_metrics, pair_rewards, save_histogram, score_pairs
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.losses import bradley_terry_loss
+from minialign.algorithms.packing import collate_groups, group_lengths, group_pairs, pair_count
+from minialign.algorithms.reward_model import pair_metrics, pair_rewards, save_histogram, score_pairs
+from minialign.data.batching import to_device, tokenize_preferences
+from minialign.data.formats import DataError, load_preferences
+from minialign.data.tokenizer import load_tokenizer
+from minialign.models import lora
+from minialign.training import checkpoint, logger, loop, runtime
+from minialign.training.config import (FromScratch, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative,
+                                       parse_config)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Config(OfflineConfig, FromScratch, PairsConfig, LoRAConfig):
 
 
 def rm_loss(model, batch, center_coef: float, seen_rewards: list):
-    """Summed Bradley-Terry loss over the batch's pairs (training.train_step divides by the step's pair count).
+    """Summed Bradley-Terry loss over the batch's pairs (loop.train_step divides by the step's pair count).
 
     bradley_terry_loss returns the MEAN over the B pairs of both terms (log-sigmoid and centering),
     so B times it is the per-pair SUM of the whole per-pair loss, centering included.
@@ -157,7 +159,7 @@ def main(argv=None):
                        f"{cfg.max_steps} steps = {epochs:.2f} epochs")
 
     # ---- optimizer, resume
-    optimizer = training.make_optimizer(model, cfg, rt)
+    optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
     model = runtime.wrap_ddp(model, rt, cfg.compile)
@@ -176,19 +178,19 @@ def main(argv=None):
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rm",
                disable=not rt.is_main)
     for step in bar:
-        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        training.set_lr(optimizer, lr)
-        order = training.step_batches(len(groups), step, cfg, rt, lengths)
+        lr = loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
+        order = loop.step_batches(len(groups), step, cfg, rt, lengths)
         batches = [to_device(collate_groups([groups[i] for i in idx], tok.pad_id), rt.device) for idx in order]
         seen_rewards = []
-        metrics = training.train_step(model, optimizer, scaler, batches,
+        metrics = loop.train_step(model, optimizer, scaler, batches,
                                       lambda m, b: rm_loss(m, b, cfg.center_coef, seen_rewards), pair_count, rt,
                                       cfg.max_grad_norm)
-        training.check_finite(metrics, step, cfg, stats, scaler)
+        loop.check_finite(metrics, step, cfg, stats, scaler)
         metrics["min_reward"], metrics["max_reward"] = reward_range(seen_rewards, rt)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {**metrics, "learning_rate": lr, **training.skip_counts(stats)}, bar)
+            log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         at_eval = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps
         if eval_examples and rt.is_main and at_eval:
             final = evaluate(step + 1)

@@ -2,13 +2,13 @@
 
 Objective: minimize -1/N * sum over every assistant token y_t of the step of log pi(y_t | y_<t), where
 N counts the assistant tokens (including each turn's <|im_end|>) of the WHOLE optimizer step, over
-all micro-batches and ranks (see minialign.training). System, user and template tokens are context only.
+all micro-batches and ranks (see minialign.training.loop). System, user and template tokens are context only.
 
 Run on one device:        python train_sft.py                         (data/sft_train.jsonl -> out/sft)
 Run on N GPUs / processes: torchrun --nproc_per_node=N train_sft.py
 Start from pretraining:   python train_sft.py --init_from out/pretrain
-LoRA on a pretrained model: python train_sft.py --init_from out/pretrain --lora_r 8   (minialign.lora)
-Accepted data formats: see minialign.formats (messages, conversations, prompt/completion, alpaca).
+LoRA on a pretrained model: python train_sft.py --init_from out/pretrain --lora_r 8   (minialign.models.lora)
+Accepted data formats: see minialign.data.formats (messages, conversations, prompt/completion, alpaca).
 """
 
 from dataclasses import dataclass
@@ -16,29 +16,30 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign import checkpoint, logger, lora, runtime, training
-from minialign.config import EvalConfig, FromScratch, LoRAConfig, OfflineConfig, knob, parse_config
-from minialign.data import collate_lm, to_device, tokenize_sft
-from minialign.evaluate import evaluate_policy, format_result, load_eval_prompts
-from minialign.formats import load_sft
-from minialign.losses import nll_loss, token_logps
-from minialign.tokenizer import load_tokenizer
+from minialign.algorithms.losses import nll_loss, token_logps
+from minialign.data.batching import collate_lm, to_device, tokenize_sft
+from minialign.data.formats import load_sft
+from minialign.data.tokenizer import load_tokenizer
+from minialign.evaluation.evaluate import evaluate_policy, format_result, load_eval_prompts
+from minialign.models import lora
+from minialign.training import checkpoint, logger, loop, runtime
+from minialign.training.config import EvalConfig, FromScratch, LoRAConfig, OfflineConfig, knob, parse_config
 
 
 @dataclass
 class Config(OfflineConfig, FromScratch, EvalConfig, LoRAConfig):
     out_dir: str = knob("out/sft", "output folder")
     init_from: str = knob("", "checkpoint folder to start from (e.g. out/pretrain); empty = random init from --preset")
-    data: str = knob("data/sft_train.jsonl", "SFT conversations: JSONL(.gz) or JSON (formats: minialign.formats)")
+    data: str = knob("data/sft_train.jsonl", "SFT conversations: JSONL(.gz) or JSON (formats: minialign.data.formats)")
     max_steps: int = knob(600, "optimizer steps (600 x 128 sequences = 7 epochs of the default task)")
     lr: float = knob(3e-3, "peak learning rate")
     grad_accum: int = knob(4, "micro-batches per optimizer step (per rank); 4 x 32 = 128 sequences a step")
 
 
 def sft_loss(model, batch):
-    """Summed NLL over trained tokens (training.train_step divides by the step's token count)."""
+    """Summed NLL over trained tokens (loop.train_step divides by the step's token count)."""
     mask = batch["label_mask"]  # (B, T) bool: assistant tokens
-    # right padding needs no attention mask (see minialign.data); the head runs on trained positions only
+    # right padding needs no attention mask (see minialign.data.batching); the head runs on trained positions only
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V), M = mask.sum()
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
     return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=1), {}  # -Σ log π(y_t)
@@ -76,7 +77,7 @@ def main(argv=None):
                                          model.cfg.max_seq_len)
 
     # ---- optimizer, resume
-    optimizer = training.make_optimizer(model, cfg, rt)
+    optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
     model = runtime.wrap_ddp(model, rt, cfg.compile)
@@ -87,16 +88,16 @@ def main(argv=None):
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="sft",
                disable=not rt.is_main)
     for step in bar:
-        lr = training.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        training.set_lr(optimizer, lr)
-        order = training.step_batches(len(examples), step, cfg, rt, lengths)
+        lr = loop.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
+        order = loop.step_batches(len(examples), step, cfg, rt, lengths)
         batches = [to_device(collate_lm([examples[i] for i in idx], tok.pad_id), rt.device) for idx in order]
-        metrics = training.train_step(model, optimizer, scaler, batches, sft_loss, lambda b: b["label_mask"].sum(), rt,
+        metrics = loop.train_step(model, optimizer, scaler, batches, sft_loss, lambda b: b["label_mask"].sum(), rt,
                                       cfg.max_grad_norm)
-        training.check_finite(metrics, step, cfg, stats, scaler)
+        loop.check_finite(metrics, step, cfg, stats, scaler)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {**metrics, "learning_rate": lr, **training.skip_counts(stats)}, bar)
+            log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)

@@ -1,7 +1,7 @@
 """A decode step against this machine's limits, and where its time goes (a benchmark, not a test).
 
 One decode step = one new token for each of `rows` sequences through the whole model with a KV cache
-(minialign.model, as minialign.generation.generate runs it), plus the sampling of that token.
+(minialign.models.decoder, as minialign.algorithms.generation.generate runs it), plus the sampling of that token.
 
 Its limits on this machine, both measured here:
   bandwidth  every weight is read once per step: weight bytes / (memory read bandwidth), the bandwidth
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install -e
-from minialign.generation import generate, sample_categorical  # noqa: E402
-from minialign.model import CausalLM, KVCache, model_config  # noqa: E402
-from minialign.packed_linear import available, packed_weights  # noqa: E402
+from minialign.algorithms.generation import generate, sample_categorical  # noqa: E402
+from minialign.models.decoder import CausalLM, KVCache, model_config  # noqa: E402
+from minialign.models.packed_linear import available, packed_weights  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:

@@ -2,7 +2,7 @@
 
 One optimizer step = the policy's forward + backward of the DPO (sigmoid) loss on a batch of pairs,
 + the reference's no-grad forward when it is live, + AdamW. Two batch layouts, both from the one packer
-(minialign.packing.pack): packed, one row [x | y_c | y_r] per pair (G = 2, what train_dpo.py trains on,
+(minialign.algorithms.packing.pack): packed, one row [x | y_c | y_r] per pair (G = 2, what train_dpo.py trains on,
 the prompt computed once), and plain, two rows [x y_c], [x y_r] per pair (G = 1 with the prompt repeated,
 the layout of every other implementation). Both give the same log-probs (tests/test_packing.py); the
 difference is the speedup of packing. The configurations are timed round robin (one step of each per
@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from minialign.data import to_device
-from minialign.losses import dpo_loss
-from minialign.model import CausalLM, model_config
-from minialign.packing import collate_pairs, pack
-from minialign.preference import pair_logps
+from minialign.algorithms.losses import dpo_loss
+from minialign.algorithms.packing import collate_pairs, pack
+from minialign.algorithms.preference import pair_logps
+from minialign.data.batching import to_device
+from minialign.models.decoder import CausalLM, model_config
 
 CONFIGS = [  # (name, packed pairs, precomputed reference)
     ("live reference, plain rows", False, False),

@@ -3,11 +3,11 @@
 GRPO step: exactly what train_grpo.py's loop does each step (sample_rollout, `train_grpo.grpo_batches`:
 rewards, group advantages, reference log-probs when beta > 0; `train_grpo.grpo_update`: one update), on a
 randomly initialized model, in the script's shared-prompt layout (a prompt's G responses packed in one row)
-and, to keep the speedup visible, the naive layout for the update (one row per response: minialign.packing with G = 1 and
+and, to keep the speedup visible, the naive layout for the update (one row per response: minialign.algorithms.packing with G = 1 and
 the prompt repeated), 8 prompts x G=4 responses, 64-token prompts, 32 new tokens. A random model rarely emits <|im_end|>, so
 here eos is disabled and every response is the full 32 tokens (the worst case); rewards are random
 numbers so that every group has a signal and the update is never skipped. Median over timed steps.
-Generation: minialign.generation.generate at temperature 1 on 16 x (64 prompt + 64 new) tokens.
+Generation: minialign.algorithms.generation.generate at temperature 1 on 16 x (64 prompt + 64 new) tokens.
 
 python bench/bench_grpo.py                    # 2 threads, minimind-26m
 python bench/bench_grpo.py --threads 1        # on a shared machine: a second thread waiting for a core is slower
@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_grpo  # noqa: E402  (the step we time is the script's own)
-from minialign import runtime, training  # noqa: E402
-from minialign.generation import generate  # noqa: E402
-from minialign.model import CausalLM, model_config  # noqa: E402
-from minialign.reward_funcs import RewardSource  # noqa: E402
-from minialign.rollout import Rollout, micro_batch_rows, packed_batch, sample_rollout  # noqa: E402
+from minialign.algorithms.generation import generate  # noqa: E402
+from minialign.algorithms.reward_funcs import RewardSource  # noqa: E402
+from minialign.algorithms.rollout import Rollout, micro_batch_rows, packed_batch, sample_rollout  # noqa: E402
+from minialign.models.decoder import CausalLM, model_config  # noqa: E402
+from minialign.training import loop, runtime  # noqa: E402
 
 
 class NoEosTok:
@@ -54,7 +54,7 @@ def bench_grpo_step(model, beta, layout, args, device, dtype) -> float:
     ref = CausalLM(model.cfg).to(device).eval().requires_grad_(False) if beta > 0 else None
     if ref is not None:
         ref.load_state_dict(model.state_dict())
-    optimizer = training.make_optimizer(model, cfg, rt)
+    optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt_ids": torch.randint(4, model.cfg.vocab_size, (args.prompt_len,), generator=g).tolist(), "prompt_text": ""}

@@ -5,7 +5,7 @@ Configurations, each run in a fresh subprocess so that its peak resident memory 
                                 frozen copy of the model (train_dpo.py's default)
   full, precomputed reference   the same without the second copy: reference log-probs computed once
                                 before timing (--precompute_ref)
-  LoRA r=R, adapters-off ref    adapters on q k v o gate up down (minialign.lora), the base frozen; the
+  LoRA r=R, adapters-off ref    adapters on q k v o gate up down (minialign.models.lora), the base frozen; the
                                 reference is the same model with the adapters off (train_dpo.py --lora_r R)
 One optimizer step = the policy's forward + backward of the DPO (sigmoid) loss on a batch of packed pairs
 [x | y_c | y_r], + the live reference's no-grad forward, + AdamW. Random init and random token ids (the
@@ -39,12 +39,12 @@ def child(args) -> dict:
     import_mb = peak_rss_mb()
     import torch
 
-    from minialign import lora
-    from minialign.data import to_device
-    from minialign.losses import dpo_loss
-    from minialign.model import CausalLM, model_config
-    from minialign.packing import collate_pairs
-    from minialign.preference import pair_logps
+    from minialign.algorithms.losses import dpo_loss
+    from minialign.algorithms.packing import collate_pairs
+    from minialign.algorithms.preference import pair_logps
+    from minialign.data.batching import to_device
+    from minialign.models import lora
+    from minialign.models.decoder import CausalLM, model_config
 
     import_mb = max(import_mb, peak_rss_mb())
     torch.set_num_threads(args.threads)

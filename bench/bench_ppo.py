@@ -5,7 +5,7 @@ reference log-probs, values, reward-model scores, GAE; `train_ppo.ppo_update`: n
 updates of policy and value),
 on randomly initialized models. A random model rarely emits <|im_end|>, so eos is disabled here and every
 response is the full max_new_tokens (the worst case). Median over timed iterations; "sampling" is
-minialign.rollout.sample_rollout, timed on its own.
+minialign.algorithms.rollout.sample_rollout, timed on its own.
 
 python bench/bench_ppo.py                                  # the default run: "cpu" preset, 64 prompts x 32 new tokens
 python bench/bench_ppo.py --preset minimind-26m --prompts 8 --threads 2
@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_ppo  # noqa: E402  (the iteration we time is the script's own)
-from minialign import runtime, training  # noqa: E402
-from minialign.model import CausalLM, ScalarModel, model_config  # noqa: E402
-from minialign.reward_funcs import parse_reward_funcs  # noqa: E402
-from minialign.rollout import sample_rollout  # noqa: E402
+from minialign.algorithms.reward_funcs import parse_reward_funcs  # noqa: E402
+from minialign.algorithms.rollout import sample_rollout  # noqa: E402
+from minialign.models.decoder import CausalLM, ScalarModel, model_config  # noqa: E402
+from minialign.training import loop, runtime  # noqa: E402
 
 
 class NoEosTok:
@@ -61,7 +61,7 @@ def main():
     model = train_ppo.PolicyAndValue(policy, value).to(device)
     cfg = train_ppo.Config(prompts_per_step=args.prompts, max_new_tokens=args.new_tokens, micro_batch_size=args.prompts, lr=1e-5,
                            max_len=args.prompt_len + args.new_tokens)
-    optimizer = training.make_optimizer(model, cfg, rt)
+    optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt_ids": torch.randint(4, mcfg.vocab_size, (args.prompt_len,), generator=g).tolist(), "prompt_text": ""}

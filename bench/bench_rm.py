@@ -1,8 +1,8 @@
 """Reward-model training pairs/s: plain rows vs packed pairs (a benchmark, not a test).
 
 One step = the train_rm.py step: B pairs, one forward of the ScalarModel, rewards at each response's last
-token (minialign.reward_model.pair_rewards), Bradley-Terry loss, backward, AdamW step. Two batch layouts,
-both from the one packer (minialign.packing.pack): packed, B rows [x | y_c | y_r] (G = 2, what train_rm.py
+token (minialign.algorithms.reward_model.pair_rewards), Bradley-Terry loss, backward, AdamW step. Two batch layouts,
+both from the one packer (minialign.algorithms.packing.pack): packed, B rows [x | y_c | y_r] (G = 2, what train_rm.py
 trains on: packing.collate_pairs, the prompt computed once), and plain, 2B rows [x y] (G = 1 with the
 prompt repeated, the layout of every other implementation); the rewards are the same (tests/test_packing.py).
 Random token ids: a 64-token prompt and two 64-token responses ending with <|im_end|> per pair, so there
@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from minialign.data import to_device
-from minialign.losses import bradley_terry_loss
-from minialign.model import ScalarModel, model_config
-from minialign.packing import collate_pairs, pack
-from minialign.reward_model import pair_rewards
+from minialign.algorithms.losses import bradley_terry_loss
+from minialign.algorithms.packing import collate_pairs, pack
+from minialign.algorithms.reward_model import pair_rewards
+from minialign.data.batching import to_device
+from minialign.models.decoder import ScalarModel, model_config
 
-IM_END = 3  # minialign.tokenizer's fixed id
+IM_END = 3  # minialign.data.tokenizer's fixed id
 
 
 def random_pairs(n_pairs: int, prompt_len: int, response_len: int, vocab_size: int, seed: int = 0) -> list[dict]:

@@ -2,7 +2,7 @@
 
 Training: forward + backward + AdamW step of the next-token loss on random tokens, fp32 on CPU
 (bf16 autocast on CUDA), median over the timed steps after warm-up. Generation: the KV-cache sampler
-(minialign.generation.generate) at temperature 1, eos disabled so every row produces max_new_tokens.
+(minialign.algorithms.generation.generate) at temperature 1, eos disabled so every row produces max_new_tokens.
 
 python bench/bench_speed.py                   # both presets, 2 threads
 python bench/bench_speed.py --presets cpu --steps 20
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install -e
-from minialign.generation import generate  # noqa: E402
-from minialign.losses import token_logps  # noqa: E402
-from minialign.model import CausalLM, model_config  # noqa: E402
+from minialign.algorithms.generation import generate  # noqa: E402
+from minialign.algorithms.losses import token_logps  # noqa: E402
+from minialign.models.decoder import CausalLM, model_config  # noqa: E402
 
 
 def cpu_load() -> float:

@@ -16,7 +16,7 @@ Rows (ratio = minialign speed / TRL speed, higher is better):
   dpo_live         pairs/s, sigmoid DPO, live reference, 8 pairs         (train_dpo.py, packed pairs | DPOTrainer)
   dpo_precomputed  pairs/s, reference log-probs computed before timing   (--precompute_ref | precompute_ref_log_probs=True)
   generate         new tokens/s, 16 prompts x 64 new tokens, sampling at T=1, no early stop
-                                                                         (minialign.generation.generate | model.generate)
+                                                                         (minialign.algorithms.generation.generate | model.generate)
   grpo_beta0       s/step, 8 prompts x G=4, 32 new tokens, one update per rollout, beta=0
   grpo_beta0.04    the same with beta=0.04 (a reference model forward)   (train_grpo.grpo_update | GRPOTrainer)
 
@@ -75,19 +75,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_dpo  # noqa: E402  (the steps we time are the scripts' own; train_grpo is imported by its row)
 import train_rm  # noqa: E402
 import train_sft  # noqa: E402
-from minialign import config, runtime, training  # noqa: E402
-from minialign.data import collate_lm  # noqa: E402
-from minialign.generation import generate  # noqa: E402
-from minialign.model import CausalLM, ScalarModel, model_config  # noqa: E402
-from minialign.packing import collate_pairs, pair_count  # noqa: E402
-from minialign.reward_funcs import RewardSource  # noqa: E402
-from minialign.rollout import sample_rollout  # noqa: E402
+from minialign.algorithms.generation import generate  # noqa: E402
+from minialign.algorithms.packing import collate_pairs, pair_count  # noqa: E402
+from minialign.algorithms.reward_funcs import RewardSource  # noqa: E402
+from minialign.algorithms.rollout import sample_rollout  # noqa: E402
+from minialign.data.batching import collate_lm  # noqa: E402
+from minialign.models.decoder import CausalLM, ScalarModel, model_config  # noqa: E402
+from minialign.training import config, loop, runtime  # noqa: E402
 
 try:
     import datasets
     import transformers
     import trl
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders
+    from tokenizers import models as tok_models
+    from tokenizers import pre_tokenizers
     from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast,
                               PrinterCallback, TrainerCallback)
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
@@ -95,7 +98,7 @@ except ImportError as e:
     sys.exit(f"compare_trl.py needs the bench extra ({e}): pip install -e '.[bench]' 'torch==<the version installed now>' (see bench/README.md)")
 
 PRESET = "minimind-26m"
-PAD, IM_END = 0, 3  # minialign.tokenizer's fixed ids; ids 0-3 are the specials
+PAD, IM_END = 0, 3  # minialign.data.tokenizer's fixed ids; ids 0-3 are the specials
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 LR = 1e-5
 # row -> (title, unit, goal for minialign / TRL)
@@ -297,8 +300,8 @@ def sync(device):
 # --------------------------------------------------------------------------------- interleaved timing
 
 def ours_adamw_fused(device) -> bool:
-    """Whether minialign's training.make_optimizer builds a fused AdamW on this device (TRL gets the same)."""
-    probe = training.make_optimizer(torch.nn.Linear(1, 1), config.TrainConfig(), runtime.Runtime(device, torch.float32))
+    """Whether minialign's loop.make_optimizer builds a fused AdamW on this device (TRL gets the same)."""
+    probe = loop.make_optimizer(torch.nn.Linear(1, 1), config.TrainConfig(), runtime.Runtime(device, torch.float32))
     return bool(probe.param_groups[0]["fused"])
 
 
@@ -379,15 +382,15 @@ def bench_sft(ctx) -> dict:
     """SFT on prompt/completion pairs, loss on the 64 completion tokens only."""
     B, n, args, cfg, device = ctx["batch"], ctx["n_steps"], ctx["args"], ctx["cfg"], ctx["device"]
     data = ctx["pairs"][: B * n]
-    # minialign: train_sft.py's step (training.train_step + sft_loss), one micro-batch of B examples
+    # minialign: train_sft.py's step (loop.train_step + sft_loss), one micro-batch of B examples
     model = ctx["new_ours"]()
     scfg = train_sft.Config(init_from="bench", micro_batch_size=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
-    optimizer, scaler = training.make_optimizer(model, scfg, ctx["rt"]), ctx["rt"].make_scaler()
+    optimizer, scaler = loop.make_optimizer(model, scfg, ctx["rt"]), ctx["rt"].make_scaler()
     examples = [(p["prompt"] + p["chosen"], [False] * len(p["prompt"]) + [True] * len(p["chosen"])) for p in data]
     batches = [to_device(collate_lm(examples[i * B : (i + 1) * B], PAD), device) for i in range(n)]
 
     def ours_step(i):
-        training.train_step(model, optimizer, scaler, [batches[i]], train_sft.sft_loss, lambda b: b["label_mask"].sum(),
+        loop.train_step(model, optimizer, scaler, [batches[i]], train_sft.sft_loss, lambda b: b["label_mask"].sum(),
                             ctx["rt"], scfg.max_grad_norm)
 
     # TRL: SFTTrainer on a text prompt/completion dataset (completion_only_loss)
@@ -418,18 +421,18 @@ def bench_rm(ctx) -> dict:
     pairs (packing.collate_pairs: B rows [x | y_c | y_r] of 192 tokens); TRL: 2B rows of 128 tokens."""
     B, n, args, cfg, device = ctx["batch"], ctx["n_steps"], ctx["args"], ctx["cfg"], ctx["device"]
     data = ctx["pairs"][: B * n]
-    # minialign: train_rm.py's step (training.train_step + rm_loss)
+    # minialign: train_rm.py's step (loop.train_step + rm_loss)
     torch.manual_seed(1)
     model = ScalarModel(cfg)
     hf = hf_model(LlamaForSequenceClassification, model, device)  # same initial weights (score bias aside)
     model.to(device)
     rcfg = train_rm.Config(init_from="bench", micro_batch_size=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
-    optimizer, scaler = training.make_optimizer(model, rcfg, ctx["rt"]), ctx["rt"].make_scaler()
+    optimizer, scaler = loop.make_optimizer(model, rcfg, ctx["rt"]), ctx["rt"].make_scaler()
     rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in data]
     batches = [to_device(collate_pairs(rows[i * B : (i + 1) * B], PAD), device) for i in range(n)]
 
     def ours_step(i):
-        training.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_rm.rm_loss(m, b, 0.0, []),
+        loop.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_rm.rm_loss(m, b, 0.0, []),
                             pair_count, ctx["rt"], rcfg.max_grad_norm)
 
     # TRL: RewardTrainer with LlamaForSequenceClassification (num_labels=1, pad_token_id set)
@@ -457,12 +460,12 @@ def bench_dpo(ctx, precomputed: bool) -> dict:
     B, n, args, cfg, device = ctx["batch"], ctx["n_steps"], ctx["args"], ctx["cfg"], ctx["device"]
     data = ctx["pairs"][: B * n]
     rt = ctx["rt"]
-    # minialign: train_dpo.py's step (training.train_step + pair_loss), reference live or precomputed before timing
+    # minialign: train_dpo.py's step (loop.train_step + pair_loss), reference live or precomputed before timing
     model = ctx["new_ours"]()
     ref = ctx["new_ours"]().eval().requires_grad_(False)
     dcfg = train_dpo.Config(init_from="bench", loss_type="sigmoid", beta=0.1, micro_batch_size=B, grad_accum=1, lr=LR,
                             max_grad_norm=1.0, precompute_ref=precomputed)
-    optimizer, scaler = training.make_optimizer(model, dcfg, rt), rt.make_scaler()
+    optimizer, scaler = loop.make_optimizer(model, dcfg, rt), rt.make_scaler()
     ref_table = None
     if precomputed:
         with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
@@ -472,7 +475,7 @@ def bench_dpo(ctx, precomputed: bool) -> dict:
                for i in range(n)]
 
     def ours_step(i):
-        training.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_dpo.pair_loss(m, b, ref, dcfg),
+        loop.train_step(model, optimizer, scaler, [batches[i]], lambda m, b: train_dpo.pair_loss(m, b, ref, dcfg),
                             pair_count, rt, dcfg.max_grad_norm)
 
     # TRL: DPOTrainer, default sigmoid loss; live: a frozen copy as ref_model; precomputed: TRL scores the
@@ -565,7 +568,7 @@ def bench_grpo(ctx, beta: float) -> dict:
     gcfg = train_grpo.Config(init_from="bench", prompts_per_step=Pn, num_generations=G, max_new_tokens=N, beta=beta,
                              micro_batch_size=rows, lr=LR, max_grad_norm=1.0, max_len=P + N, loss_type="grpo",
                              scale_rewards="group", mask_truncated_completions=False)
-    optimizer, scaler = training.make_optimizer(model, gcfg, rt), rt.make_scaler()
+    optimizer, scaler = loop.make_optimizer(model, gcfg, rt), rt.make_scaler()
     rng = random.Random(0)
     sources = [RewardSource("random", lambda prompts, completions, **fields: [rng.random() for _ in completions], 1.0)]
     step_prompts = [[{"prompt_ids": p, "prompt_text": ""} for p in prompts[i * Pn : (i + 1) * Pn]] for i in range(n)]
@@ -605,7 +608,7 @@ def bench_grpo(ctx, beta: float) -> dict:
     n_body = body_params(model)
     trl_gen = generation_flops(cfg, n_body, rows, P, N)
     # minialign prefills each prompt once for its G samples, and trains on one packed row [x | y_1 .. y_G] per
-    # prompt (minialign.packing): Pn * (P + G * N) tokens, head on G * N - G + 1 positions; a response token
+    # prompt (minialign.algorithms.packing): Pn * (P + G * N) tokens, head on G * N - G + 1 positions; a response token
     # attends to the prompt and its own response, as in its own row
     gen = trl_gen - forward_flops(cfg, n_body, (rows - Pn) * P, rows - Pn, P)
     ours_fwd = forward_flops(cfg, n_body, Pn * (P + G * N), Pn * (G * N - G + 1), P + N)

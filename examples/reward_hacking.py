@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minialign.checkpoint import load_model  # noqa: E402
-from minialign.evaluate import load_eval_prompts, sample  # noqa: E402
-from minialign.reward_model import score_responses  # noqa: E402
-from minialign.tokenizer import Tokenizer  # noqa: E402
+from minialign.training.checkpoint import load_model  # noqa: E402
+from minialign.evaluation.evaluate import load_eval_prompts, sample  # noqa: E402
+from minialign.algorithms.reward_model import score_responses  # noqa: E402
+from minialign.data.tokenizer import Tokenizer  # noqa: E402
 
 REFUSAL = "Sorry, I won't help with that request."  # a refusal as the preference data writes it
 MAX_NEW_TOKENS = 48  # as the scripts' final evaluation samples

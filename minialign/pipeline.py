@@ -14,7 +14,7 @@ each policy evaluated on the same 600 held-out prompts of data/rl_eval.jsonl (go
 temperature 1 and greedy, KL to the SFT model, length, refusal rates); the reward model by its
 pairwise accuracy on data/pref_eval.jsonl. Each stage prints a one-line summary as it ends.
 
-The report (minialign/report.py; rebuild it any time with `python -m minialign.report --out out`):
+The report (minialign/evaluation/report.py; rebuild it any time with `python -m minialign.evaluation.report --out out`):
 out/report.md with the table, and with matplotlib installed out/plots/ with the training curves, the
 reward model's chosen vs rejected scores, the gold score per stage, and gold score against KL to SFT.
 
@@ -27,7 +27,7 @@ Optional stages, not in the main job (it stays within its time budget), run when
     python -m minialign.pipeline --stages online_dpo iterative_dpo best_of_n    # after sft and rm exist
   online_dpo     train_online_dpo.py --reward_funcs gold: DPO on the policy's own samples, judged by the rule
   iterative_dpo  the same with --rounds 3 --lr 2e-4: 3 rounds of (sample, judge, offline DPO against SFT)
-  best_of_n      python -m minialign.best_of_n with the reward model as the judge: gold vs analytic KL, N <= 16
+  best_of_n      python -m minialign.evaluation.best_of_n with the reward model as the judge: gold vs analytic KL, N <= 16
 
 --seeds runs the whole pipeline once per seed (every stage gets --seed S) into OUT/seed_S/, sharing one
 tokenizer, and writes OUT/seeds.md: each number as the median [min, max] over the seeds, with this
@@ -46,8 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import report
-from .report import OPTIONAL_STAGES, STAGES
+from minialign.evaluation import report
+from minialign.evaluation.report import OPTIONAL_STAGES, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stages
@@ -220,7 +220,7 @@ def main(argv=None):
     jobs = args.jobs or auto_jobs(args.preset)
     out = Path(args.out).resolve()
     t0 = time.time()
-    run_stage("tokenizer", [sys.executable, "-m", "minialign.tokenizer", "--out", str(out / "tokenizer")], out,
+    run_stage("tokenizer", [sys.executable, "-m", "minialign.data.tokenizer", "--out", str(out / "tokenizer")], out,
               args.force)
     tok = str(out / "tokenizer/tokenizer.model")
     if not args.seeds:
@@ -279,7 +279,7 @@ def stage_commands(out: Path, tok: str) -> dict[str, list[str]]:
                        "--gold_eval_every", "30"],
         "iterative_dpo": [py, "train_online_dpo.py", "--init_from", str(out / "sft"), "--reward_funcs", "gold",
                           "--rounds", "3", "--lr", "2e-4"],
-        "best_of_n": [py, "-m", "minialign.best_of_n", "--ckpt", str(out / "sft"), "--reward_model", str(out / "rm")],
+        "best_of_n": [py, "-m", "minialign.evaluation.best_of_n", "--ckpt", str(out / "sft"), "--reward_model", str(out / "rm")],
     }
 
 

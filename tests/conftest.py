@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minialign.model import CausalLM, model_config
-from minialign.tokenizer import train_tokenizer
+from minialign.data.tokenizer import train_tokenizer
+from minialign.models.decoder import CausalLM, model_config
 
 # One intra-op thread: these models are far too small to gain from two, and on a shared 2-core machine
 # a second OpenMP thread that has to wait for a core made every tiny forward ~500x slower (0.25 s vs 0.5 ms).

@@ -1,6 +1,6 @@
-"""The REINFORCE family's advantage estimators (minialign.losses): RLOO, ReMax, REINFORCE++ and the KL in the
+"""The REINFORCE family's advantage estimators (minialign.algorithms.losses): RLOO, ReMax, REINFORCE++ and the KL in the
 reward (kl_reward, returns_to_go), beside GRPO's group_advantages; the KL estimators of the loss term and what
-their gradients descend; the script-side dispatch (minialign.rollout.step_advantages).
+their gradients descend; the script-side dispatch (minialign.algorithms.advantages.step_advantages).
 
 Every hand-computed number has its arithmetic in a comment.
 """
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import minialign.losses as L
-from minialign import runtime
-from minialign.rollout import step_advantages
+import minialign.algorithms.losses as L
+from minialign.algorithms.advantages import step_advantages
+from minialign.training import runtime
 
 F64 = torch.float64
 RT = runtime.Runtime(torch.device("cpu"), torch.float32)

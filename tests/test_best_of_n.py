@@ -1,4 +1,4 @@
-"""Best-of-N (minialign.best_of_n): the analytic KL, keeping the judge's favourite among the first N samples
+"""Best-of-N (minialign.evaluation.best_of_n): the analytic KL, keeping the judge's favourite among the first N samples
 (hand cases), the RAFT SFT records, the CLI end to end, and the report's best-of-N and per-round sections."""
 
 import importlib.util
@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run
-from minialign import best_of_n, report
 
 import train_sft  # noqa: E402  (conftest put the repository on sys.path)
+from minialign.evaluation import best_of_n, report
 
 
 def test_analytic_kl():
@@ -61,7 +60,7 @@ def sft(tmp_path_factory):
     (d / "sft.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     text = (ROOT / "data/rl_eval.jsonl").read_text(encoding="utf-8").splitlines()[:8]
     (d / "rl_eval.jsonl").write_text("\n".join(text) + "\n", encoding="utf-8")
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", ROOT / "data/sft_train.jsonl",
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", ROOT / "data/sft_train.jsonl",
          ROOT / "data/pretrain.jsonl", "--vocab_size", "512", "--out", d / "tok"])
     train_sft.main(["--data", str(d / "sft.jsonl"), "--eval_data", "", "--tokenizer", str(d / "tok/tokenizer.model"),
                     "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1"])
@@ -92,7 +91,7 @@ def test_cli_points_and_rft_data(sft):
                     "--out_dir", str(d / "rft"), "--micro_batch_size", "4", "--grad_accum", "1",
                     "--max_steps", "1", "--warmup_steps", "1"])
     assert (d / "rft/ckpt.pt").exists()
-    proc = run([sys.executable, "-m", "minialign.best_of_n", "--ckpt", str(d / "sft")], check=False)
+    proc = run([sys.executable, "-m", "minialign.evaluation.best_of_n", "--ckpt", str(d / "sft")], check=False)
     assert proc.returncode == 2 and "no judge" in proc.stderr
 
 

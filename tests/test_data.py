@@ -1,18 +1,12 @@
-"""Tests for minialign.data: the truncation policy (every cut counted), collation, label alignment
+"""Tests for minialign.data.batching: the truncation policy (every cut counted), collation, label alignment
 and padding sides."""
 
 import pytest
 import torch
 
-from minialign.data import (
-    collate_lm,
-    collate_prompts,
-    tokenize_preferences,
-    tokenize_pretrain,
-    tokenize_prompts,
-    tokenize_sft,
-)
-from minialign.formats import PreferencePair, PromptRecord
+from minialign.data.batching import (collate_lm, collate_prompts, tokenize_preferences, tokenize_pretrain,
+                                     tokenize_prompts, tokenize_sft)
+from minialign.data.formats import PreferencePair, PromptRecord
 
 
 def user(text):

@@ -22,18 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run, tiny_model
-from minialign.checkpoint import load_model
-from minialign.data import tokenize_preferences
-from minialign.formats import load_preferences
-from minialign.packing import collate_pairs
-from minialign.preference import pair_logps
-from minialign.tokenizer import Tokenizer
-from minialign.tokenizer import main as tokenizer_main
 
 import train_dpo  # the script: its config checks and its loss (conftest puts the repository on sys.path)
 import train_sft  # to make the tiny SFT checkpoint in-process
+from minialign.algorithms.packing import collate_pairs
+from minialign.algorithms.preference import pair_logps
+from minialign.data.batching import tokenize_preferences
+from minialign.data.formats import load_preferences
+from minialign.data.tokenizer import Tokenizer
+from minialign.data.tokenizer import main as tokenizer_main
+from minialign.training.checkpoint import load_model
 
 LOG2 = math.log(2)
 

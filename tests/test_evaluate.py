@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from minialign.data import tokenize_prompts
-from minialign.evaluate import evaluate_policy, gold_point, sample
-from minialign.formats import PromptRecord, load_pretrain
-from minialign.model import CausalLM
+
+from minialign.data.batching import tokenize_prompts
+from minialign.data.formats import PromptRecord, load_pretrain
+from minialign.evaluation.evaluate import evaluate_policy, gold_point, sample
+from minialign.models.decoder import CausalLM
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -79,7 +79,8 @@ def test_long_eval_prompts_are_dropped_and_counted_before_training(tok, tmp_path
     admitted with 48 new tokens). load_eval_prompts now budgets max_seq_len - max_new_tokens, drops and
     counts the rest, and sampling from what it keeps never passes the model's positions."""
     import json
-    from minialign.evaluate import load_eval_prompts
+
+    from minialign.evaluation.evaluate import load_eval_prompts
     long_prompt = " ".join(["the cat sat on a mat"] * 12)  # about 70-90 tokens with the tiny tokenizer
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [

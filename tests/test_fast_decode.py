@@ -1,6 +1,6 @@
 """The fast decode path (issue 20) samples what the plain path samples.
 
-generate() on CPU runs its matmuls on oneDNN-prepacked weights (minialign.packed_linear), a decode step's
+generate() on CPU runs its matmuls on oneDNN-prepacked weights (minialign.models.packed_linear), a decode step's
 attention through SDPA with the query heads of a KV group as that group's queries, and a decode step's mask
 without the causal/diagonal construction. None of that may change a sample: checked against
   * the tokens the code sampled before the change (recorded from commit 43aa3ed),
@@ -13,11 +13,11 @@ And the packs themselves: equal to F.linear, dropped on exit (also on an excepti
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import left_padded_prompts, tiny_model
-from minialign.generation import generate, sample_categorical
-from minialign.model import SwiGLU
-from minialign.packed_linear import PackedLinear, available, packed_weights
+
+from minialign.algorithms.generation import generate, sample_categorical
+from minialign.models.decoder import SwiGLU
+from minialign.models.packed_linear import PackedLinear, available, packed_weights
 
 PAD = 0
 ARCHS = {

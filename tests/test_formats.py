@@ -1,4 +1,4 @@
-"""Tests for minialign.formats: every accepted format (exact records, every turn in order) and
+"""Tests for minialign.data.formats: every accepted format (exact records, every turn in order) and
 every file of the bad-input corpus (exact error text). The real datasets in ../shared/data are
 tested in test_formats_real.py."""
 
@@ -11,25 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from minialign.formats import (
-    DataError,
-    DataWarning,
-    PreferencePair,
-    LONG_DOCUMENT_CHARS,
-    PromptRecord,
-    RankedRecord,
-    UnpairedRecord,
-    gsm8k_gold_answer,
-    load_preferences,
-    load_pretrain,
-    load_prompts,
-    load_ranked,
-    load_sft,
-    load_unpaired,
-    parse_gold_answer,
-    rank_pairs,
-    read_jsonl,
-)
+from minialign.data.formats import (LONG_DOCUMENT_CHARS, DataError, DataWarning, PreferencePair, PromptRecord,
+                                    RankedRecord, UnpairedRecord, gsm8k_gold_answer, load_preferences, load_pretrain,
+                                    load_prompts, load_ranked, load_sft, load_unpaired, parse_gold_answer, rank_pairs,
+                                    read_jsonl)
 
 DATA = Path(__file__).resolve().parent / "data"
 FORMATS = DATA / "formats"

@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-
 from conftest import ROOT, run
 
 FORMATS = ROOT / "tests" / "data" / "formats"
@@ -17,7 +16,7 @@ def sft(tmp_path_factory):
     """A tokenizer and a 2-step SFT checkpoint on slices of the default data."""
     d = tmp_path_factory.mktemp("formats_e2e")
     (d / "sft.jsonl").write_text("\n".join((ROOT / "data/sft_train.jsonl").read_text().splitlines()[:64]) + "\n")
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", ROOT / "data/sft_train.jsonl", "--vocab_size", "400",
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", ROOT / "data/sft_train.jsonl", "--vocab_size", "400",
          "--out", d / "tok"])
     run([sys.executable, ROOT / "train_sft.py", "--data", d / "sft.jsonl", "--tokenizer", d / "tok/tokenizer.model",
          "--eval_data", "", "--out_dir", d / "sft", "--max_steps", "2", "--micro_batch_size", "8", "--grad_accum", "1"])

@@ -1,6 +1,6 @@
 """The real datasets in ../shared/data (next to the repository) load with the counts they had before
 the loaders learned JSON arrays, ShareGPT, ranked, PKU and plain-answer formats (measured with the
-previous minialign/formats.py). Every test skips cleanly where ../shared/data is absent."""
+previous minialign/data/formats.py). Every test skips cleanly where ../shared/data is absent."""
 
 import gzip
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minialign.formats import DataWarning, gsm8k_gold_answer, load_preferences, load_pretrain, load_prompts
+from minialign.data.formats import DataWarning, gsm8k_gold_answer, load_preferences, load_pretrain, load_prompts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"{SHARED} not present")

@@ -1,14 +1,14 @@
-"""Tests for minialign.generation: greedy decoding against a cache-free reference loop, the
+"""Tests for minialign.algorithms.generation: greedy decoding against a cache-free reference loop, the
 log-prob invariant PPO/GRPO rely on (rollout log-probs == recomputed log-probs), stopping at eos,
 seeding, top-k / top-p, and input checks."""
 
 import pytest
 import torch
-
 from conftest import left_padded_prompts, tiny_model
-from minialign.generation import generate
-from minialign.packing import pack_padded
-from minialign.packing import response_logps as packed_response_logps
+
+from minialign.algorithms.generation import generate
+from minialign.algorithms.packing import pack_padded
+from minialign.algorithms.packing import response_logps as packed_response_logps
 
 V = 96
 PAD = 0
@@ -51,7 +51,7 @@ def test_greedy_matches_full_forward_loop():
 
 
 def response_logps(model, ids, mask, response_ids, response_mask, temperature):
-    """The training forward's log-probs of sampled responses (minialign.packing, one plain row each), (B, N)."""
+    """The training forward's log-probs of sampled responses (minialign.algorithms.packing, one plain row each), (B, N)."""
     got = packed_response_logps(model, pack_padded(ids, mask, response_ids, response_mask, 1, PAD), temperature)
     return torch.nn.functional.pad(got, (0, response_ids.shape[1] - got.shape[1]))  # back to the sampler's width
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DigitTok, answer_seven, tiny_config
-from minialign import checkpoint, config, packing, runtime, training
-from minialign.model import CausalLM, MoE
-from minialign.reward_funcs import RewardSource
-from minialign.rollout import Rollout, micro_batch_rows, packed_batch, rollout_forward, sample_rollout
-from minialign.tokenizer import Tokenizer
+
+from minialign.algorithms import packing
+from minialign.algorithms.reward_funcs import RewardSource
+from minialign.algorithms.rollout import Rollout, micro_batch_rows, packed_batch, rollout_forward, sample_rollout
+from minialign.data.tokenizer import Tokenizer
+from minialign.models.decoder import CausalLM, MoE
+from minialign.training import checkpoint, config, loop, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,7 +42,7 @@ def tiny_setup(seed=0, **overrides):
     model = CausalLM(tiny_config(8, **overrides.pop("model", {})))
     cfg = train_grpo.Config(**{"init_from": "tiny", "prompts_per_step": 8, "num_generations": 8, "max_new_tokens": 4,
                                "lr": 1e-2, "micro_batch_size": 64, **overrides})
-    optimizer = training.make_optimizer(model, cfg, RT)
+    optimizer = loop.make_optimizer(model, cfg, RT)
     return model, cfg, optimizer, RT.make_scaler()
 
 
@@ -72,7 +73,7 @@ def test_grpo_converges_to_the_known_optimal_answer():
     assert sum(history[15:20]) / 5 > history[0] + 0.3, history  # a real improvement within 20 steps
     assert sum(history[-5:]) / 5 > 0.9, history
     prompt = torch.tensor([PROMPTS[0]["prompt_ids"]])
-    from minialign.generation import generate
+    from minialign.algorithms.generation import generate
     g = generate(model, prompt, torch.ones_like(prompt, dtype=torch.bool), 4, eos_id=3, pad_id=0, temperature=0)
     assert g.response_ids[0].tolist() == [7, 3]
 
@@ -127,7 +128,7 @@ def test_first_iteration_ratio_is_exactly_one_under_bf16_autocast(num_iterations
 
 def test_moe_balance_loss_reaches_the_router_in_a_grpo_step():
     """Issue 13c. A GRPO step on an MoE policy trains the router with the load-balancing term too
-    (training.train_step adds it): with plain SGD (no clipping) the router's update differs between
+    (loop.train_step adds it): with plain SGD (no clipping) the router's update differs between
     moe_aux_coef 0 and 1, and is the same for the same coefficient (the rollout is seeded).
     (Before: the RL scripts' train_step had no balance term, so the two updates were equal.)"""
     def router_update(coef):
@@ -162,7 +163,7 @@ def test_mask_truncated_completions_removes_truncated_rows():
 def test_micro_batch_sums_equal_one_big_batch(loss_type):
     """grpo_loss_sum over 3 packed micro-batches, divided by the step's count as train_step does, equals
     grpo_loss on the whole batch (plain rows) with its own default normalization (the exact-normalization contract)."""
-    from minialign.losses import grpo_loss
+    from minialign.algorithms.losses import grpo_loss
     model, cfg, _, _ = tiny_setup(loss_type=loss_type, beta=0.1, micro_batch_size=24)
     ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
     torch.manual_seed(1)
@@ -182,7 +183,7 @@ def test_micro_batch_sums_equal_one_big_batch(loss_type):
 
 def test_reward_model_scores_each_unpadded_sequence_at_its_last_token():
     """Scoring a rollout in packed micro-batches gives each response the score of its own unpadded prompt + response."""
-    from minialign.model import ScalarModel
+    from minialign.models.decoder import ScalarModel
     model, _, _, _ = tiny_setup()
     torch.manual_seed(3)
     rm = ScalarModel(tiny_config(8)).eval()
@@ -233,8 +234,8 @@ def test_packed_groups_and_gradients_equal_one_row_per_response():
 def test_prefill_once_samples_what_repeated_prompts_sample():
     """generate(num_samples=G) copies each prompt's KV cache G times: same tokens and log-probs as the
     prompts repeated G times (float64 so that no rounding difference can flip a draw)."""
-    from minialign.data import collate_prompts
-    from minialign.generation import generate
+    from minialign.algorithms.generation import generate
+    from minialign.data.batching import collate_prompts
     torch.manual_seed(0)
     model = CausalLM(tiny_config(8)).double().eval()
     ids, mask = collate_prompts([[2, 4, 5], [2, 6, 6, 6, 5]], pad_id=0)
@@ -291,7 +292,7 @@ def sft(tmp_path_factory):
     (d / "sft.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for name, n in (("rl_train.jsonl", 64), ("rl_eval.jsonl", 8)):
         (d / name).write_text("\n".join((ROOT / "data" / name).read_text(encoding="utf-8").splitlines()[:n]) + "\n", encoding="utf-8")
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"),
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"),
          "--vocab_size", "512", "--out", str(d / "tok")])
     train_sft.main(["--data", str(d / "sft.jsonl"), "--eval_data", "", "--tokenizer", str(d / "tok/tokenizer.model"),
                     "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1"])
@@ -456,7 +457,7 @@ def length_reward(prompts, completions, **fields):
 def test_every_estimator_converges_to_the_known_optimal_answer(estimator):
     """The tiny problem of test_grpo_converges_to_the_known_optimal_answer (reward 1 only for "7"), learned by
     each --advantage_estimator through the script's functions (ReMax with its greedy rollout every step)."""
-    from minialign.rollout import greedy_rollout
+    from minialign.algorithms.rollout import greedy_rollout
     model, cfg, optimizer, scaler = tiny_setup(advantage_estimator=estimator)
     sources, history = [RewardSource("r", answer_seven, 1.0)], []
     for i in range(40):
@@ -471,8 +472,8 @@ def test_every_estimator_converges_to_the_known_optimal_answer(estimator):
 def test_remax_baseline_is_the_greedy_responses_reward():
     """ReMax: every sample of a prompt is compared with the reward of that prompt's greedy response, decoded
     here independently by generate(temperature=0); the greedy responses are rewarded, not trained on."""
-    from minialign.generation import generate
-    from minialign.rollout import greedy_rollout
+    from minialign.algorithms.generation import generate
+    from minialign.algorithms.rollout import greedy_rollout
     model, cfg, _, _ = tiny_setup(advantage_estimator="remax")
     ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
     greedy = greedy_rollout(model, DigitTok(), PROMPTS, 4, prompts_per_generate=3)
@@ -498,7 +499,7 @@ def test_kl_in_the_reward_or_in_the_loss(kl_in):
     minus β·k1 per token, so the first token's is rloo_i - β Σ_t k1_t, with k1 recomputed here from plain-rows
     forwards of the policy and the reference; "kl" is the rollout's mean k1 per token. --kl_in loss: the
     advantages are per response, the reference goes into the loss (k2 here) and "kl" is its mean."""
-    from minialign.losses import rloo_advantages
+    from minialign.algorithms.losses import rloo_advantages
     model, cfg, optimizer, scaler = tiny_setup(advantage_estimator="rloo", beta=0.1, kl_in=kl_in,
                                                kl_estimator="k2" if kl_in == "loss" else "auto",
                                                mask_truncated_completions=False)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> minialign (minialign.hf): logits and greedy-generation parity with
+"""Hugging Face checkpoints <-> minialign (minialign.models.hf_weights): logits and greedy-generation parity with
 transformers on tiny random Llama / Qwen2 / Qwen3 models, export round trips, and refused configs.
 
 The parity tests need transformers (a test-only dependency) and safetensors; without them they skip.
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from minialign.generation import generate
-from minialign.model import CausalLM, ModelConfig, ScalarModel, default_position_ids
+from minialign.algorithms.generation import generate
+from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, default_position_ids
 
 PARITY_ATOL = 1e-5  # fp32 logits, max abs diff over real (non-pad) positions
 
@@ -103,27 +103,27 @@ def test_new_switches_build_the_expected_parameters():
 
 
 def test_is_hf_folder(tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
-    assert not hf.is_hf_folder(tmp_path / "nowhere")
+    assert not hf_weights.is_hf_folder(tmp_path / "nowhere")
     (tmp_path / "ours").mkdir()
     (tmp_path / "ours" / "config.json").write_text(json.dumps({"lr": 1e-3}))  # our run config, no model_type
-    assert not hf.is_hf_folder(tmp_path / "ours")
+    assert not hf_weights.is_hf_folder(tmp_path / "ours")
     (tmp_path / "ours" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "ours" / "ckpt.pt").write_bytes(b"")
-    assert not hf.is_hf_folder(tmp_path / "ours")  # a checkpoint folder wins
+    assert not hf_weights.is_hf_folder(tmp_path / "ours")  # a checkpoint folder wins
     (tmp_path / "ours" / "ckpt.pt").unlink()
-    assert hf.is_hf_folder(tmp_path / "ours")
+    assert hf_weights.is_hf_folder(tmp_path / "ours")
 
 
 # ------------------------------------------------------------------------------- logits parity
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers_left_padded(case, tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     ref = make_hf_model(case)
-    ours = hf.load_hf_model(save_hf(ref, tmp_path / case)).eval()
+    ours = hf_weights.load_hf_model(save_hf(ref, tmp_path / case)).eval()
     assert ours.cfg.tie_embeddings == ref.config.tie_word_embeddings
     assert (ours.lm_head is None) == ours.cfg.tie_embeddings
     assert (ours.cfg.rope_scaling is not None) == ("rope_scaling" in CASES[case][1])  # really exercised
@@ -142,10 +142,10 @@ def test_logits_match_transformers_left_padded(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["llama-untied", "qwen2-tied", "qwen3-head-dim"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     ref = make_hf_model(case, seed=3)
-    ours = hf.load_hf_model(save_hf(ref, tmp_path / case)).eval()
+    ours = hf_weights.load_hf_model(save_hf(ref, tmp_path / case)).eval()
     ids, mask = left_padded_batch((9, 5, 7), seed=4)
     eos_id, pad_id, n_new = 7, 0, 12
     got = generate(ours, ids, mask, max_new_tokens=n_new, eos_id=eos_id, pad_id=pad_id, temperature=0.0)
@@ -157,12 +157,12 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
 
 
 def test_scalar_kind_keeps_the_backbone_and_drops_an_untied_lm_head(tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     folder = save_hf(make_hf_model("qwen2-untied"), tmp_path / "m")
-    causal = hf.load_hf_model(folder)
+    causal = hf_weights.load_hf_model(folder)
     torch.manual_seed(5)
-    scalar = hf.load_hf_model(folder, kind="scalar")
+    scalar = hf_weights.load_hf_model(folder, kind="scalar")
     assert isinstance(scalar, ScalarModel) and not hasattr(scalar, "lm_head")
     for k, v in causal.backbone.state_dict().items():
         assert torch.equal(scalar.backbone.state_dict()[k], v), k
@@ -170,16 +170,16 @@ def test_scalar_kind_keeps_the_backbone_and_drops_an_untied_lm_head(tmp_path):
     ids, mask = left_padded_batch()
     assert scalar(ids, mask).shape == ids.shape
     with pytest.raises(ValueError, match="no LM head"):
-        hf.export_hf(scalar, None, tmp_path / "out")
+        hf_weights.export_hf(scalar, None, tmp_path / "out")
 
 
 def test_bf16_on_disk_loads_into_fp32(tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     tf = _transformers()
     ref = make_hf_model("llama-tied-bias").to(torch.bfloat16)
     folder = save_hf(ref, tmp_path / "bf16")
-    ours = hf.load_hf_model(folder, dtype=torch.float32).eval()
+    ours = hf_weights.load_hf_model(folder, dtype=torch.float32).eval()
     assert all(p.dtype == torch.float32 for p in ours.parameters())
     ref32 = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     ids, mask = left_padded_batch()
@@ -187,17 +187,17 @@ def test_bf16_on_disk_loads_into_fp32(tmp_path):
         diff = max_diff(ours(ids, mask), hf_logits(ref32, ids, mask), mask)
     print(f"\nbf16 on disk -> fp32: logits max abs diff {diff:.2e}")
     assert diff <= PARITY_ATOL
-    ours16 = hf.load_hf_model(folder, dtype=torch.bfloat16)
+    ours16 = hf_weights.load_hf_model(folder, dtype=torch.bfloat16)
     assert ours16.backbone.embed.weight.dtype == torch.bfloat16
 
 
 def test_sharded_safetensors_load(tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     ref = make_hf_model("qwen2-tied")
     folder = save_hf(ref, tmp_path / "sharded", max_shard_size="30KB")
     assert (folder / "model.safetensors.index.json").exists()
-    ours = hf.load_hf_model(folder).eval()
+    ours = hf_weights.load_hf_model(folder).eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
         assert max_diff(ours(ids, mask), hf_logits(ref, ids, mask), mask) <= PARITY_ATOL
@@ -215,55 +215,55 @@ def test_sharded_safetensors_load(tmp_path):
     (dict(model_type="gemma", architectures=None), "model_type"),
 ])
 def test_unsupported_llama_config_keys_are_refused_by_name(edit, key, tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     folder = save_hf(make_hf_model("llama-untied"), tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(edit)
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=key):
-        hf.load_hf_model(folder)
+        hf_weights.load_hf_model(folder)
 
 
 def test_qwen2_sliding_window_is_refused(tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     folder = save_hf(make_hf_model("qwen2-tied"), tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
-    hf.hf_to_model_config({**cfg, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2,
+    hf_weights.hf_to_model_config({**cfg, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2,
                            "layer_types": None})  # window from layer 2 of 2: no layer slides, accepted
     with pytest.raises(ValueError, match="use_sliding_window"):
-        hf.hf_to_model_config({**cfg, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0,
+        hf_weights.hf_to_model_config({**cfg, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0,
                                "layer_types": None})
     with pytest.raises(ValueError, match="sliding_attention"):
-        hf.hf_to_model_config({**cfg, "layer_types": ["full_attention", "sliding_attention"]})
+        hf_weights.hf_to_model_config({**cfg, "layer_types": ["full_attention", "sliding_attention"]})
 
 
 def test_unknown_key_can_be_ignored_explicitly(tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     folder = save_hf(make_hf_model("llama-untied"), tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
     cfg["my_metadata"] = "hello"
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="my_metadata"):
-        hf.load_hf_model(folder)
-    assert hf.load_hf_model(folder, ignore_keys=("my_metadata",)).cfg.dim == 64
+        hf_weights.load_hf_model(folder)
+    assert hf_weights.load_hf_model(folder, ignore_keys=("my_metadata",)).cfg.dim == 64
 
 
 def test_legacy_v4_config_keys_are_read(tmp_path):
     """transformers v4 wrote rope_theta / rope_scaling at the top level; v5 writes rope_parameters."""
-    from minialign import hf
+    from minialign.models import hf_weights
 
     v4 = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rope_theta=5e5,
               rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 64}, max_position_embeddings=256,
               torch_dtype="bfloat16", transformers_version="4.45.0", pretraining_tp=1, tie_word_embeddings=True)
-    cfg = hf.hf_to_model_config(v4)
+    cfg = hf_weights.hf_to_model_config(v4)
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling["factor"] == 8.0 and cfg.tie_embeddings
-    assert hf.hf_to_model_config({k: v for k, v in v4.items() if k != "rope_scaling"}).rope_scaling is None
-    assert hf.hf_to_model_config(v4, max_seq_len=100).max_seq_len == 100
+    assert hf_weights.hf_to_model_config({k: v for k, v in v4.items() if k != "rope_scaling"}).rope_scaling is None
+    assert hf_weights.hf_to_model_config(v4, max_seq_len=100).max_seq_len == 100
 
 
 # --------------------------------------------------------------------------------------- export
@@ -291,18 +291,18 @@ EXPORT_CASES = {
 
 @pytest.mark.parametrize("case", sorted(EXPORT_CASES))
 def test_export_ours_to_transformers_same_logits(case, tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     tf = _transformers()
     ours = _ours(**EXPORT_CASES[case])
-    out = hf.export_hf(ours, None, tmp_path / "out")
+    out = hf_weights.export_hf(ours, None, tmp_path / "out")
     ref = tf.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
         diff = max_diff(ours(ids, mask), hf_logits(ref, ids, mask), mask)
     print(f"\nexport {case}: logits max abs diff {diff:.2e}")
     assert diff <= PARITY_ATOL
-    again = hf.load_hf_model(out)  # and back: identical weights and config
+    again = hf_weights.load_hf_model(out)  # and back: identical weights and config
     assert again.cfg == ours.cfg
     for k, v in ours.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
@@ -310,12 +310,12 @@ def test_export_ours_to_transformers_same_logits(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["llama-tied-bias", "qwen2-untied", "qwen3-head-dim"])
 def test_hf_to_ours_to_export_to_transformers(case, tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     tf = _transformers()
     ref = make_hf_model(case)
-    ours = hf.load_hf_model(save_hf(ref, tmp_path / "in"))
-    out = hf.export_hf(ours, None, tmp_path / "out")
+    ours = hf_weights.load_hf_model(save_hf(ref, tmp_path / "in"))
+    out = hf_weights.export_hf(ours, None, tmp_path / "out")
     back = tf.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     assert type(back) is type(ref)
     ids, mask = left_padded_batch()
@@ -324,16 +324,16 @@ def test_hf_to_ours_to_export_to_transformers(case, tmp_path):
 
 
 def test_moe_and_odd_bias_combinations_are_refused(tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        hf.export_hf(_ours(n_experts=2), None, tmp_path / "a")
+        hf_weights.export_hf(_ours(n_experts=2), None, tmp_path / "a")
     with pytest.raises(ValueError, match="o_bias without qkv_bias"):
-        hf.export_hf(_ours(o_bias=True), None, tmp_path / "b")
+        hf_weights.export_hf(_ours(o_bias=True), None, tmp_path / "b")
 
 
 def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
-    from minialign import hf
+    from minialign.models import hf_weights
 
     tf = _transformers()
     ours = _ours(vocab_size=tok.vocab_size)
@@ -342,7 +342,7 @@ def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
     torch.save({"model": ours.state_dict(), "model_kind": "causal", "model_config": ours.cfg.to_dict()},
                ckpt / "ckpt.pt")
     (ckpt / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
-    hf.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    hf_weights.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= names
@@ -362,10 +362,10 @@ def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
     scalar = ScalarModel(ours.cfg)
     torch.save({"model": scalar.state_dict(), "model_kind": "scalar", "model_config": scalar.cfg.to_dict()},
                ckpt / "ckpt.pt")
-    hf.main(["export", "--ckpt", str(ckpt / "ckpt.pt"), "--out", str(tmp_path / "rm")])
+    hf_weights.main(["export", "--ckpt", str(ckpt / "ckpt.pt"), "--out", str(tmp_path / "rm")])
     assert (tmp_path / "rm" / "model.safetensors").exists()
     untied = ScalarModel(ModelConfig.from_dict({**ours.cfg.to_dict(), "tie_embeddings": False}))
     torch.save({"model": untied.state_dict(), "model_kind": "scalar", "model_config": untied.cfg.to_dict()},
                ckpt / "ckpt.pt")
     with pytest.raises(SystemExit, match="no LM head"):
-        hf.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "rm2")])
+        hf_weights.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "rm2")])

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run
 
 transformers = pytest.importorskip("transformers")
@@ -19,7 +18,7 @@ pytest.importorskip("tokenizers")
 
 @pytest.fixture(scope="module")
 def hf_folder(tok, tmp_path_factory):
-    from minialign.hf_tokenizer import write_hf_tokenizer
+    from minialign.data.hf_tokenizer import write_hf_tokenizer
 
     d = tmp_path_factory.mktemp("hf")
     folder = d / "qwen2-tiny"

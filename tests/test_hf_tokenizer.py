@@ -1,4 +1,4 @@
-"""HFTokenizer (minialign.hf_tokenizer): ChatML rendering checked token for token against transformers'
+"""HFTokenizer (minialign.data.hf_tokenizer): ChatML rendering checked token for token against transformers'
 apply_chat_template (jinja2) on a tiny byte-level BPE built with the `tokenizers` library, with the
 Qwen2.5, SmolLM2 and plain ChatML templates; and our sentencepiece tokenizer exported for transformers.
 """
@@ -6,7 +6,6 @@ Qwen2.5, SmolLM2 and plain ChatML templates; and our sentencepiece tokenizer exp
 import json
 
 import pytest
-
 from conftest import tiny_corpus
 
 pytest.importorskip("tokenizers")
@@ -153,7 +152,7 @@ TEMPLATES = {"qwen2.5": QWEN25_TEMPLATE, "smollm2": SMOLLM2_TEMPLATE}
 
 @pytest.mark.parametrize("template_name", ["qwen2.5", "smollm2", "chatml"])
 def test_render_matches_apply_chat_template(template_name, bpe_tokenizer_json, tmp_path):
-    from minialign.hf_tokenizer import CHATML_TEMPLATE, HFTokenizer
+    from minialign.data.hf_tokenizer import CHATML_TEMPLATE, HFTokenizer
 
     tf = pytest.importorskip("transformers")
     folder = make_folder(tmp_path, bpe_tokenizer_json, TEMPLATES.get(template_name, CHATML_TEMPLATE))
@@ -176,7 +175,7 @@ def test_render_matches_apply_chat_template(template_name, bpe_tokenizer_json, t
 
 
 def test_encode_decode_match_transformers_and_do_not_parse_special_strings(bpe_tokenizer_json, tmp_path):
-    from minialign.hf_tokenizer import HFTokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer
 
     tf = pytest.importorskip("transformers")
     folder = make_folder(tmp_path, bpe_tokenizer_json, QWEN25_TEMPLATE)
@@ -192,7 +191,7 @@ def test_encode_decode_match_transformers_and_do_not_parse_special_strings(bpe_t
 
 def test_default_system_is_skipped_for_a_continuation(bpe_tokenizer_json, tmp_path):
     """data.py renders a response alone (a list starting with an assistant turn) and slices off the header."""
-    from minialign.hf_tokenizer import HFTokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer
 
     tok = HFTokenizer(make_folder(tmp_path, bpe_tokenizer_json, QWEN25_TEMPLATE))
     reply = [{"role": "assistant", "content": "Sure! 42."}]
@@ -206,7 +205,7 @@ def test_default_system_is_skipped_for_a_continuation(bpe_tokenizer_json, tmp_pa
 
 def test_content_starting_with_a_newline_keeps_prompt_a_prefix(bpe_tokenizer_json, tmp_path):
     """The documented edge case: per-piece ids may differ from whole-text encoding here, but stay consistent."""
-    from minialign.hf_tokenizer import HFTokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer
 
     tok = HFTokenizer(make_folder(tmp_path, bpe_tokenizer_json, SMOLLM2_TEMPLATE))
     conv = [{"role": "user", "content": "\nHi"}, {"role": "assistant", "content": "\n\nHello"}]
@@ -222,7 +221,7 @@ def test_content_starting_with_a_newline_keeps_prompt_a_prefix(bpe_tokenizer_jso
     (None, "chat_template"),
 ])
 def test_non_chatml_templates_are_refused(template, match, bpe_tokenizer_json, tmp_path):
-    from minialign.hf_tokenizer import HFTokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer
 
     folder = make_folder(tmp_path, bpe_tokenizer_json, template, bos_token="<|endoftext|>")
     with pytest.raises(ValueError, match=match):
@@ -230,7 +229,7 @@ def test_non_chatml_templates_are_refused(template, match, bpe_tokenizer_json, t
 
 
 def test_chat_template_jinja_file_is_read(bpe_tokenizer_json, tmp_path):
-    from minialign.hf_tokenizer import HFTokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer
 
     folder = make_folder(tmp_path, bpe_tokenizer_json, None)
     (folder / "chat_template.jinja").write_text(SMOLLM2_TEMPLATE)  # how transformers >= 4.45 saves it
@@ -240,7 +239,7 @@ def test_chat_template_jinja_file_is_read(bpe_tokenizer_json, tmp_path):
 def test_tokenizer_without_chatml_tokens_is_refused(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from minialign.hf_tokenizer import HFTokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -256,7 +255,7 @@ def test_tokenizer_without_chatml_tokens_is_refused(tmp_path):
 # ------------------------------------------------------------------ our sentencepiece tokenizer -> HF
 
 def test_sentencepiece_export_round_trips(tok, tmp_path):
-    from minialign.hf_tokenizer import HFTokenizer, write_hf_tokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer, write_hf_tokenizer
 
     tf = pytest.importorskip("transformers")
     out = write_hf_tokenizer(tok.path, tmp_path / "exported")
@@ -278,7 +277,7 @@ def test_tokenizer_with_a_dummy_prefix_is_refused(tok, tmp_path):
     """A Llama-2 style normalizer prepends "\u2581" to every text piece: per-piece ids would not match."""
     from tokenizers import Tokenizer, normalizers
 
-    from minialign.hf_tokenizer import HFTokenizer, write_hf_tokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer, write_hf_tokenizer
 
     out = write_hf_tokenizer(tok.path, tmp_path / "exported")
     tk = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -289,9 +288,8 @@ def test_tokenizer_with_a_dummy_prefix_is_refused(tok, tmp_path):
 
 
 def test_load_tokenizer_picks_the_right_class(tok, bpe_tokenizer_json, tmp_path):
-    from minialign.hf_tokenizer import HFTokenizer
-    from minialign.tokenizer import load_tokenizer
-    from minialign.tokenizer import Tokenizer
+    from minialign.data.hf_tokenizer import HFTokenizer
+    from minialign.data.tokenizer import Tokenizer, load_tokenizer
 
     assert isinstance(load_tokenizer(tok.path), Tokenizer)
     assert isinstance(load_tokenizer(tmp_path / make_folder(tmp_path, bpe_tokenizer_json, SMOLLM2_TEMPLATE)),

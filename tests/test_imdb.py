@@ -1,8 +1,8 @@
-"""The IMDb sentiment experiment (minialign.imdb, minialign.sentiment, minialign.experiments): the aclImdb reader on a
+"""The IMDb sentiment experiment (minialign.experiments.imdb.reader, minialign.algorithms.classifier, minialign.experiments): the aclImdb reader on a
 tiny fixture in both layouts (folder, .tar.gz), prefix sampling, the classifier's evaluation on a separable toy set,
 the sequence-level KL estimator against brute force on a tiny model, the classifier:PATH reward term, and the whole
 experiment's plumbing on a very reduced configuration. The real run (the shared aclImdb copy) is not part of the
-suite; see minialign/experiments/imdb.py."""
+suite; see minialign/experiments/reader.py."""
 
 import dataclasses
 import io
@@ -13,12 +13,13 @@ import tarfile
 
 import pytest
 import torch
-
 from conftest import DigitTok, tiny_model
-from minialign import imdb, reward_funcs, sentiment
-from minialign.experiments import frontier
-from minialign.experiments import imdb as experiment
-from minialign.rollout import sample_rollout
+
+from minialign.algorithms import classifier, reward_funcs
+from minialign.algorithms.rollout import sample_rollout
+from minialign.evaluation import frontier
+from minialign.experiments.imdb import reader
+from minialign.experiments.imdb import run as experiment
 
 GOOD = "wonderful great superb moving brilliant loved beautiful best".split()
 BAD = "awful boring terrible waste worst dull poor hated".split()
@@ -51,7 +52,7 @@ def write_fixture(root, n_per_folder: int = 6, seed: int = 0) -> dict:
                 text = review_text(rng, label == 1)
                 rating = rng.randint(7, 10) if label else rng.randint(1, 4)
                 (d / f"{i}_{rating}.txt").write_text(text, encoding="utf-8")
-                texts.append(imdb.clean_review(text))
+                texts.append(reader.clean_review(text))
             expected[split, label] = texts
         (root / "aclImdb" / split / f"urls_{split}.txt").write_text("http://example.com\n")
     (root / "aclImdb" / "train" / "unsup").mkdir()
@@ -78,7 +79,7 @@ def fixture_dir(tmp_path_factory):
 def test_reader_labels_from_file_names_in_folder_and_tar(fixture_dir):
     root, expected, tar = fixture_dir
     for source in (root / "aclImdb", root, tar):  # the aclImdb folder, a folder holding it, the archive
-        data = imdb.read_imdb(source)
+        data = reader.read_imdb(source)
         assert sorted(data) == ["test", "train"]
         for split, reviews in data.items():
             assert [r.split for r in reviews] == [split] * 12  # unsup/ and urls_*.txt ignored
@@ -86,7 +87,7 @@ def test_reader_labels_from_file_names_in_folder_and_tar(fixture_dir):
             assert [r.text for r in reviews] == expected[split, 0] + expected[split, 1]
             assert all((7 <= r.rating <= 10) if r.label else (1 <= r.rating <= 4) for r in reviews)
             assert all("<br" not in r.text and "  " not in r.text for r in reviews)
-    assert [r.id for r in imdb.read_imdb(tar, splits=("test",))["test"]] == list(range(6)) * 2
+    assert [r.id for r in reader.read_imdb(tar, splits=("test",))["test"]] == list(range(6)) * 2
 
 
 def test_reader_errors_name_the_file(tmp_path):
@@ -96,18 +97,18 @@ def test_reader_errors_name_the_file(tmp_path):
     (tmp_path / "aclImdb" / "test" / "neg" / "1_2.txt").write_text("bad film")
     (d / "3_2.txt").write_text("a rating of 2 under pos/")
     with pytest.raises(ValueError, match=r"3_2.txt: rating 2 contradicts the folder pos/"):
-        imdb.read_imdb(tmp_path)
+        reader.read_imdb(tmp_path)
     (d / "3_2.txt").unlink()
     (d / "review.txt").write_text("no rating in the name")
     with pytest.raises(ValueError, match=r"review.txt: file name must be <id>_<rating>.txt"):
-        imdb.read_imdb(tmp_path)
+        reader.read_imdb(tmp_path)
     (d / "review.txt").unlink()
     (d / "4_8.txt").write_bytes(b"caf\xe9")
     with pytest.raises(ValueError, match=r"4_8.txt: not UTF-8"):
-        imdb.read_imdb(tmp_path)
+        reader.read_imdb(tmp_path)
     (d / "4_8.txt").write_text("fine")
     with pytest.raises(ValueError, match="no labeled reviews in train/pos or train/neg") as e:
-        imdb.read_imdb(tmp_path / "aclImdb" / "test")
+        reader.read_imdb(tmp_path / "aclImdb" / "test")
     assert "aclImdb/train" in str(e.value)
     truncated = tmp_path / "cut.tar.gz"
     buf = io.BytesIO()
@@ -115,26 +116,26 @@ def test_reader_errors_name_the_file(tmp_path):
         tf.add(tmp_path / "aclImdb", arcname="aclImdb")
     truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(ValueError, match=r"cut.tar.gz: corrupt or truncated archive"):
-        imdb.read_imdb(truncated)
+        reader.read_imdb(truncated)
     with pytest.raises(FileNotFoundError):
-        imdb.read_imdb(tmp_path / "missing.tar.gz")
+        reader.read_imdb(tmp_path / "missing.tar.gz")
 
 
 # ---------------------------------------------------------------------------------------------- prefixes
 
 def test_prefixes_are_token_prefixes_and_continuations_are_cut(fixture_dir, tok):
-    reviews = imdb.read_imdb(fixture_dir[0])["train"]
+    reviews = reader.read_imdb(fixture_dir[0])["train"]
     text = reviews[0].text
-    prefix, rest = imdb.split_prefix(text, tok, 3)
+    prefix, rest = reader.split_prefix(text, tok, 3)
     assert prefix + rest == text and prefix == tok.decode(tok.encode(text)[:3])
-    assert imdb.split_prefix("hi", tok, 8) is None  # too short to leave a continuation
-    cont = imdb.cut_continuation(rest, tok, 12)
+    assert reader.split_prefix("hi", tok, 8) is None  # too short to leave a continuation
+    cont = reader.cut_continuation(rest, tok, 12)
     assert rest.startswith(cont) and len(tok.encode(cont)) <= 12 and cont == cont.strip()
-    assert imdb.cut_continuation("Short one.", tok, 50) == "Short one."
+    assert reader.cut_continuation("Short one.", tok, 50) == "Short one."
     # a sentence end late enough is preferred to a word boundary: "Aaa bbb. Ccc" cut inside Ccc ends at "bbb."
     long = "The film was good. " + "and " * 40
-    assert imdb.cut_continuation(long, tok, len(tok.encode("The film was good. and and"))) == "The film was good."
-    picked = imdb.sample_prefixes(reviews, tok, seed=5, continuation_tokens=10)
+    assert reader.cut_continuation(long, tok, len(tok.encode("The film was good. and and"))) == "The film was good."
+    picked = reader.sample_prefixes(reviews, tok, seed=5, continuation_tokens=10)
     assert len(picked) == len(reviews)  # every fixture review is long enough
     lengths = set()
     for p in picked:  # the first k tokens of the review, 2 <= k <= 8, then the start of the rest
@@ -142,10 +143,10 @@ def test_prefixes_are_token_prefixes_and_continuations_are_cut(fixture_dir, tok)
         (k,) = [k for k in range(2, 9) if tok.decode(ids[:k]) == p.prefix]
         lengths.add(k)
         assert p.review.text.startswith(p.prefix + p.continuation) and p.continuation
-    again = imdb.sample_prefixes(reviews, tok, seed=5, continuation_tokens=10)
+    again = reader.sample_prefixes(reviews, tok, seed=5, continuation_tokens=10)
     assert [(p.prefix, p.continuation) for p in again] == [(p.prefix, p.continuation) for p in picked]
     assert len(lengths) >= 4  # uniform in [2, 8]: a dozen reviews see several lengths
-    assert len(imdb.sample_prefixes(reviews, tok, seed=5, n=4)) == 4
+    assert len(reader.sample_prefixes(reviews, tok, seed=5, n=4)) == 4
 
 
 # -------------------------------------------------------------------------------------------- classifier
@@ -154,35 +155,35 @@ def test_classifier_separates_a_toy_set_and_round_trips(tmp_path):
     rng = random.Random(0)
     texts = [review_text(rng, i % 2 == 0) for i in range(200)]
     labels = [int(i % 2 == 0) for i in range(200)]
-    clf = sentiment.train_classifier(texts[:100], labels[:100], num_buckets=2**16, steps=40)
-    res = sentiment.evaluate_classifier(clf, texts[100:], labels[100:])
+    clf = classifier.train_classifier(texts[:100], labels[:100], num_buckets=2**16, steps=40)
+    res = classifier.evaluate_classifier(clf, texts[100:], labels[100:])
     assert res["accuracy"] == 1.0 and res["n"] == 100 and res["log_loss"] < 0.5
     # accuracy by hand on a fixed classifier: P > 0.5 counts as positive
     with torch.no_grad():
         clf.weight.zero_()
         clf.bias.fill_(1.0)  # everything positive
-    assert sentiment.evaluate_classifier(clf, texts[:4], [1, 0, 0, 0])["accuracy"] == 0.25
+    assert classifier.evaluate_classifier(clf, texts[:4], [1, 0, 0, 0])["accuracy"] == 0.25
     # features: distinct uni- and bigrams, L2-normalized; no words -> the zero vector
-    X = sentiment.features(["good good film", ""], 2**12)
+    X = classifier.features(["good good film", ""], 2**12)
     assert X.rows.tolist() == [0] * 4  # good, film, "good good", "good film"
     assert X.values.tolist() == pytest.approx([0.5] * 4)
-    assert sentiment.words("Didn't LIKE it!") == ["didn't", "like", "it", "!"]
+    assert classifier.words("Didn't LIKE it!") == ["didn't", "like", "it", "!"]
     path = tmp_path / "clf.pt"
-    sentiment.save_classifier(clf, path, {"accuracy": 0.25})
-    assert torch.equal(sentiment.load_classifier(path).predict_proba(texts[:3]), clf.predict_proba(texts[:3]))
+    classifier.save_classifier(clf, path, {"accuracy": 0.25})
+    assert torch.equal(classifier.load_classifier(path).predict_proba(texts[:3]), clf.predict_proba(texts[:3]))
     (tmp_path / "bad.pt").write_text("not a classifier")
     with pytest.raises(ValueError, match="bad.pt: not a sentiment classifier"):
-        sentiment.load_classifier(tmp_path / "bad.pt")
+        classifier.load_classifier(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
-        sentiment.train_classifier(["a"], [2])
+        classifier.train_classifier(["a"], [2])
 
 
 def test_classifier_reward_term_scores_prompt_plus_completion(tmp_path):
     rng = random.Random(1)
     texts = [review_text(rng, i % 2 == 0) for i in range(100)]
-    clf = sentiment.train_classifier(texts, [int(i % 2 == 0) for i in range(100)], num_buckets=2**12, steps=40)
+    clf = classifier.train_classifier(texts, [int(i % 2 == 0) for i in range(100)], num_buckets=2**12, steps=40)
     path = tmp_path / "clf.pt"
-    sentiment.save_classifier(clf, path)
+    classifier.save_classifier(clf, path)
     (src,) = reward_funcs.parse_reward_funcs([f"classifier:{path}"], [])
     assert src.name == f"classifier:{path}" and src.weight == 1.0 and reward_funcs.required_fields(src.fn) == []
     prompts, completions = ["The movie was", "The movie was"], [" wonderful and brilliant", " awful and boring"]

@@ -18,19 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run, tiny_model
-from minialign.checkpoint import load_model
-from minialign.data import tokenize_preferences
-from minialign.formats import load_preferences, load_unpaired
-from minialign.packing import collate_pairs
-from minialign.preference import collate_completions, completion_logps, kl_partner, pair_logps, tokenize_unpaired, unpair
-from minialign.tokenizer import Tokenizer
-from minialign.tokenizer import main as tokenizer_main
 
 import train_kto  # the script: its collation and loss (conftest puts the repository on sys.path)
 import train_sft  # to make the tiny SFT checkpoint in-process
-
+from minialign.algorithms.packing import collate_pairs
+from minialign.algorithms.preference import (collate_completions, completion_logps, kl_partner, pair_logps,
+                                             tokenize_unpaired, unpair)
+from minialign.data.batching import tokenize_preferences
+from minialign.data.formats import load_preferences, load_unpaired
+from minialign.data.tokenizer import Tokenizer
+from minialign.data.tokenizer import main as tokenizer_main
+from minialign.training.checkpoint import load_model
 
 # ------------------------------------------------------------------------------------ data and rows
 

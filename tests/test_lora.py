@@ -1,4 +1,4 @@
-"""LoRA (minialign.lora) in every stage: the adapter's algebra, what trains, the adapters-off reference, the
+"""LoRA (minialign.models.lora) in every stage: the adapter's algebra, what trains, the adapters-off reference, the
 LoRA-from-LoRA reference, checkpoints (adapters + base hash), exact resume, torchrun, merge and refusals.
 
 Speed: a random 2-layer, dim-64 model saved as if it were the SFT checkpoint (as tests/test_reliability_stages.py),
@@ -14,17 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ARCHS, ROOT, run, tiny_config, tiny_model
-from minialign import checkpoint, config, lora, runtime, training
-from minialign.data import tokenize_preferences
-from minialign.formats import load_preferences
-from minialign.losses import token_logps
-from minialign.model import CausalLM, MoE, ScalarModel
-from minialign.packing import collate_pairs
-from minialign.preference import pair_logps
-from minialign.rollout import frozen
-from minialign.tokenizer import Tokenizer, train_tokenizer
 
 import train_dpo  # noqa: E402  (conftest puts the repository on sys.path)
 import train_grpo  # noqa: E402
@@ -32,6 +22,16 @@ import train_kto  # noqa: E402
 import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sft  # noqa: E402
+from minialign.algorithms.losses import token_logps
+from minialign.algorithms.packing import collate_pairs
+from minialign.algorithms.preference import pair_logps
+from minialign.algorithms.roles import frozen, value_and_reward
+from minialign.data.batching import tokenize_preferences
+from minialign.data.formats import load_preferences
+from minialign.data.tokenizer import Tokenizer, train_tokenizer
+from minialign.models import lora
+from minialign.models.decoder import CausalLM, MoE, ScalarModel
+from minialign.training import checkpoint, config, loop, runtime
 
 CPU = torch.device("cpu")
 RT = runtime.Runtime(CPU, torch.float32)
@@ -95,13 +95,13 @@ def test_only_adapters_and_new_heads_get_gradients_and_the_base_stays_byte_ident
         expected = {n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))} | set(extra)
         assert with_grad == expected
         cfg = train_sft.Config(lr=1e-2, weight_decay=0.1)
-        optimizer = training.make_optimizer(model, cfg, RT)
+        optimizer = loop.make_optimizer(model, cfg, RT)
         assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
             p.numel() for n, p in model.named_parameters() if n in expected)  # the optimizer sees only those
         optimizer.zero_grad()
         for _ in range(3):
             loss_fn = sum_nll if isinstance(model, CausalLM) else lambda m, b: (m(b["inputs"]).sum(), {})
-            training.train_step(model, optimizer, RT.make_scaler(), [batch], loss_fn, lambda b: 1, RT, 1.0)
+            loop.train_step(model, optimizer, RT.make_scaler(), [batch], loss_fn, lambda b: 1, RT, 1.0)
         after = model.state_dict()
         for k, v in before.items():
             moved = not torch.equal(after[k], v)
@@ -264,7 +264,7 @@ def test_ppo_reward_is_the_value_models_backbone_with_adapters_off(workdir):
     cfg = train_ppo.Config(lora_r=4, lora_alpha=8.0)
     rm = frozen(checkpoint.load_model(workdir / "rm", kind="scalar"), RT)
     value = checkpoint.load_model(workdir / "rm", kind="scalar")
-    value, reward = lora.value_and_reward(value, rm, cfg, str(workdir / "rm"))
+    value, reward = value_and_reward(value, rm, cfg, str(workdir / "rm"))
     nudge_adapters(value)
     with torch.no_grad():
         value.score_head.bias += 1.0  # the value head trains; the reward keeps the reward model's own head
@@ -307,7 +307,7 @@ def test_torchrun_two_processes_match_one_with_lora(workdir):
 
 def test_merge_cli_writes_a_full_checkpoint(workdir, sft_lora):
     out = workdir / "sft_merged"
-    run([sys.executable, "-m", "minialign.lora", "merge", "--ckpt", str(sft_lora), "--out", str(out)])
+    run([sys.executable, "-m", "minialign.models.lora", "merge", "--ckpt", str(sft_lora), "--out", str(out)])
     saved = ckpt(out)
     assert not saved["lora"] and saved["optimizer"] is None and saved["merged_from"]["ckpt"] == str(sft_lora)
     assert (out / "tokenizer.model").exists() and (out / "config.json").exists()
@@ -315,10 +315,11 @@ def test_merge_cli_writes_a_full_checkpoint(workdir, sft_lora):
     plain.load_state_dict(saved["model"])  # strict: an ordinary full checkpoint
     a, b = plain.state_dict(), checkpoint.load_model(sft_lora).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    proc = run([sys.executable, "-m", "minialign.lora", "merge", "--ckpt", str(workdir / "base"), "--out",
+    proc = run([sys.executable, "-m", "minialign.models.lora", "merge", "--ckpt", str(workdir / "base"), "--out",
                 str(workdir / "nope")], check=False)
     assert proc.returncode != 0 and "is not a LoRA run" in proc.stderr
-    from minialign.hf import _load_checkpoint_model  # `python -m minialign.hf export` of a LoRA run merges on the fly
+    from minialign.models.hf_weights import \
+        _load_checkpoint_model  # `python -m minialign.training.hf_export` of a LoRA run merges on the fly
     exported = _load_checkpoint_model(sft_lora).state_dict()
     assert all(torch.equal(exported[k], a[k]) for k in a)
 

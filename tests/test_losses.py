@@ -1,4 +1,4 @@
-"""Tests for minialign.losses, part 1: log-probs, reward model, DPO family, shared checks.
+"""Tests for minialign.algorithms.losses, part 1: log-probs, reward model, DPO family, shared checks.
 
 Part 2 (KL, GAE, whitening, PPO, GRPO, the normalizer) is tests/test_losses_rl.py.
 Every hand-computed number has its arithmetic in a comment; σ is the logistic sigmoid.
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import minialign.losses as L
+import minialign.algorithms.losses as L
 
 
 def t(*values, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Tests for minialign.losses, part 2: KL estimators, GAE, whitening, PPO, GRPO, the normalizer.
+"""Tests for minialign.algorithms.losses, part 2: KL estimators, GAE, whitening, PPO, GRPO, the normalizer.
 
 Every hand-computed number has its arithmetic in a comment.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import minialign.losses as L
+import minialign.algorithms.losses as L
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""Tests for minialign.model: causality, KV cache, padding invariance, packed masks, MoE routing,
+"""Tests for minialign.models.decoder: causality, KV cache, padding invariance, packed masks, MoE routing,
 presets and config validation, the scalar head, and loading a causal checkpoint as a scalar model."""
 
 import dataclasses
@@ -6,20 +6,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ARCHS, tiny_config, tiny_model
-from minialign import checkpoint, runtime
-from minialign.model import (
-    MoE,
-    RMSNorm,
-    CausalLM,
-    KVCache,
-    ModelConfig,
-    ScalarModel,
-    last_token_index,
-    last_token_scores,
-    model_config,
-)
+
+from minialign.models.decoder import (CausalLM, KVCache, ModelConfig, MoE, RMSNorm, ScalarModel, last_token_index,
+                                      last_token_scores, model_config)
+from minialign.training import checkpoint, runtime
 
 V = 96  # vocabulary of the tiny models
 

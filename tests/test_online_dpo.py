@@ -14,16 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, DigitTok, run, tiny_config
-from minialign import checkpoint, runtime
-from minialign.config import parse_config
-from minialign.model import CausalLM
-from minialign.reward_funcs import RewardSource
-from minialign.rollout import sample_rollout
 
 import train_online_dpo  # noqa: E402  (conftest put the repository on sys.path)
 import train_sft  # noqa: E402
+from minialign.algorithms.reward_funcs import RewardSource
+from minialign.algorithms.rollout import sample_rollout
+from minialign.models.decoder import CausalLM
+from minialign.training import checkpoint, runtime
+from minialign.training.config import parse_config
 
 RT = runtime.Runtime(torch.device("cpu"), torch.float32)
 
@@ -90,7 +89,7 @@ def sft(tmp_path_factory):
     for name, n in (("rl_train.jsonl", 64), ("rl_eval.jsonl", 8)):
         text = (ROOT / "data" / name).read_text(encoding="utf-8").splitlines()[:n]
         (d / name).write_text("\n".join(text) + "\n", encoding="utf-8")
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", ROOT / "data/sft_train.jsonl",
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", ROOT / "data/sft_train.jsonl",
          ROOT / "data/pretrain.jsonl", "--vocab_size", "512", "--out", d / "tok"])
     train_sft.main(["--data", str(d / "sft.jsonl"), "--eval_data", "", "--tokenizer", str(d / "tok/tokenizer.model"),
                     "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1"])

@@ -1,4 +1,4 @@
-"""minialign.packing: the one shared-prompt packer, checked against its docstring and against plain rows.
+"""minialign.algorithms.packing: the one shared-prompt packer, checked against its docstring and against plain rows.
 
 Layers (STYLE.md principle 12):
   - the docstring diagram, parsed from packing.__doc__ and compared on its exact example (positions,
@@ -16,13 +16,13 @@ import re
 
 import pytest
 import torch
-
 from conftest import ARCHS, tiny_config, tiny_model
-from minialign import packing
-from minialign.model import ScalarModel
-from minialign.packing import (collate_pairs, length_sorted_chunks, pack, pair_count, pair_lengths, response_logps,
-                               response_scores, response_values, segment_attention_mask)
-from minialign.preference import collate_completions, completion_logps, pair_logps
+
+from minialign.algorithms import packing
+from minialign.algorithms.packing import (collate_pairs, length_sorted_chunks, pack, pair_count, pair_lengths,
+                                          response_logps, response_scores, response_values, segment_attention_mask)
+from minialign.algorithms.preference import collate_completions, completion_logps, pair_logps
+from minialign.models.decoder import ScalarModel
 
 V = 64  # vocabulary of the tiny models here
 
@@ -296,8 +296,8 @@ def test_group_pairs_lists_each_response_once_and_keeps_ungrouped_pairs_apart():
 def test_a_ranked_group_in_one_row_scores_what_its_pairs_score_apart(dtype, atol):
     """K = 4 responses of one prompt in one packed row, 6 pairs read from 4 scores, equal the 6 pairs packed
     one per row (each response computed 3 times there), rewards and gradients of the BT loss."""
-    from minialign.losses import bradley_terry_loss
-    from minialign.reward_model import pair_rewards
+    from minialign.algorithms.losses import bradley_terry_loss
+    from minialign.algorithms.reward_model import pair_rewards
     prompts, responses = random_groups(2, 4, seed=5)
     model = tiny_rm(seed=3).to(dtype)
     ranked, apart = [], []

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from minialign import best_of_n, config, report
+from minialign.evaluation import best_of_n, report
 from minialign.pipeline import PRESETS, STAGES, stage_commands
+from minialign.training import config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread, immune to a busy second core

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DigitTok, answer_seven, tiny_config
-from minialign import packing, runtime, training
-from minialign.generation import generate
-from minialign.losses import ppo_policy_loss, ppo_value_loss
-from minialign.model import CausalLM, MoE, ScalarModel
-from minialign.reward_funcs import RewardSource
-from minialign.rollout import micro_batch_rows, minibatch_slots, packed_batch, sample_rollout
+
+from minialign.algorithms import packing
+from minialign.algorithms.generation import generate
+from minialign.algorithms.losses import ppo_policy_loss, ppo_value_loss
+from minialign.algorithms.reward_funcs import RewardSource
+from minialign.algorithms.rollout import micro_batch_rows, minibatch_slots, packed_batch, sample_rollout
+from minialign.models.decoder import CausalLM, MoE, ScalarModel
+from minialign.training import loop, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,7 +93,7 @@ def tiny_setup(seed=0, **overrides):
                               "max_new_tokens": 4, "lr": 1e-2, "warmup_steps": 0, "micro_batch_size": 64, "kl_coef": 0.01,
                               **overrides})
     model = train_ppo.PolicyAndValue(policy, value)
-    optimizer = training.make_optimizer(model, cfg, RT)
+    optimizer = loop.make_optimizer(model, cfg, RT)
     return model, ref, cfg, optimizer, RT.make_scaler()
 
 
@@ -238,7 +239,7 @@ def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ppo")
     for name, n in (("sft_train.jsonl", 64), ("pref_train.jsonl", 64), ("rl_train.jsonl", 64), ("rl_eval.jsonl", 8)):
         (d / name).write_text("\n".join((ROOT / "data" / name).read_text(encoding="utf-8").splitlines()[:n]) + "\n", encoding="utf-8")
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"),
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"),
          "--vocab_size", "512", "--out", str(d / "tok")])
     train_sft.main(["--data", str(d / "sft_train.jsonl"), "--eval_data", "", "--tokenizer", str(d / "tok/tokenizer.model"),
                     "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1"])

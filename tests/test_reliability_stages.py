@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from minialign import checkpoint
-from minialign.model import CausalLM
-from minialign.tokenizer import train_tokenizer
+
+from minialign.data.tokenizer import train_tokenizer
+from minialign.models.decoder import CausalLM
+from minialign.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,9 +55,9 @@ MAX_STEPS = 8
 HARNESS = """
 import io, os, runpy, sys, time
 import torch
-from minialign import checkpoint, training
+from minialign.training import checkpoint, loop
 step_sleep, hang_on_save, marker = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-train_step, save, saves = training.train_step, torch.save, [0]
+train_step, save, saves = loop.train_step, torch.save, [0]
 
 def slow_train_step(*args, **kwargs):
     time.sleep(step_sleep)
@@ -75,7 +75,7 @@ def stalling_save(obj, f, *args, **kwargs):
     open(marker, "w").close()
     time.sleep(600)
 
-training.train_step, torch.save = slow_train_step, stalling_save
+loop.train_step, torch.save = slow_train_step, stalling_save
 sys.argv = sys.argv[4:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -1,9 +1,9 @@
-"""minialign.reward_funcs: the rule rewards by hand, the registry and weights, and the error a prompt file
+"""minialign.algorithms.reward_funcs: the rule rewards by hand, the registry and weights, and the error a prompt file
 without a reward function's field gets (file:line is tested with the scripts in test_reliability_stages.py)."""
 
 import pytest
 
-from minialign import reward_funcs
+from minialign.algorithms import reward_funcs
 
 
 def test_rule_rewards_by_hand():

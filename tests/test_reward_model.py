@@ -1,6 +1,6 @@
 """Reward model: pair collation, reading the score at <|im_end|>, scoring with the training tokenization
 and truncation, the per-pair loss normalization, train_rm.py in subprocesses (learning, outputs, exact
-resume, torchrun) and the scoring CLI (minialign.reward_model).
+resume, torchrun) and the scoring CLI (minialign.algorithms.reward_model).
 
 Packed pairs vs plain rows (the rewards and their gradients) are tested with the other stages' layouts in
 tests/test_packing.py.
@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run, tiny_config
-from minialign import reward_model
-from minialign.data import tokenize_preferences
-from minialign.formats import DataError, PreferencePair
-from minialign.losses import bradley_terry_loss
-from minialign.model import ScalarModel
-from minialign.packing import collate_pairs
-from minialign.reward_model import pair_metrics, pair_rewards, score_ids, score_pairs, score_responses, tokenize_response
 
 import train_rm  # the script: its loss and margin check (conftest puts the repository on sys.path)
+from minialign.algorithms import reward_model
+from minialign.algorithms.losses import bradley_terry_loss
+from minialign.algorithms.packing import collate_pairs
+from minialign.algorithms.reward_model import (pair_metrics, pair_rewards, score_ids, score_pairs, score_responses,
+                                               tokenize_response)
+from minialign.data.batching import tokenize_preferences
+from minialign.data.formats import DataError, PreferencePair
+from minialign.models.decoder import ScalarModel
 
 
 def tiny_rm(vocab_size=96, seed=0):
@@ -211,7 +211,7 @@ def workdir(tmp_path_factory):
     (d / "sft.jsonl").write_text("\n".join(sft_lines) + "\n", encoding="utf-8")
     harmful_slice("pref_train.jsonl", d / "pref_train.jsonl", 256)
     harmful_slice("pref_eval.jsonl", d / "pref_eval.jsonl", 48)
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", str(d / "sft.jsonl"), str(d / "pref_train.jsonl"),
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", str(d / "sft.jsonl"), str(d / "pref_train.jsonl"),
          "--vocab_size", "384", "--out", str(d / "tok")])
     run([sys.executable, str(ROOT / "train_sft.py"), "--data", str(d / "sft.jsonl"), "--eval_data", "", "--tokenizer",
          str(d / "tok/tokenizer.model"), "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--grad_accum", "1",

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run
 
 
@@ -21,7 +20,7 @@ def workdir(tmp_path_factory):
     for name in ("sft_train.jsonl", "pretrain.jsonl"):
         lines = (ROOT / "data" / name).read_text(encoding="utf-8").splitlines()[:256]
         (d / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"),
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", str(ROOT / "data/sft_train.jsonl"), str(ROOT / "data/pretrain.jsonl"),
          "--vocab_size", "512", "--out", str(d / "tok")])
     return d
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -28,7 +27,7 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("reliability")
     lines = (ROOT / "data" / "sft_train.jsonl").read_text(encoding="utf-8").splitlines()[:256]
     (d / "sft.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run([sys.executable, "-m", "minialign.tokenizer", "--data", str(d / "sft.jsonl"), "--vocab_size", "400",
+    run([sys.executable, "-m", "minialign.data.tokenizer", "--data", str(d / "sft.jsonl"), "--vocab_size", "400",
          "--out", str(d / "tok")])
     return d
 

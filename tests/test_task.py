@@ -1,4 +1,4 @@
-"""Tests for minialign.task: the gold rule on hand-written cases, and the committed data/ files
+"""Tests for minialign.task.generate: the gold rule on hand-written cases, and the committed data/ files
 (reproducible, train/eval disjoint, labels agree with the rule, imperfect SFT demos, balanced lengths)."""
 
 import hashlib
@@ -9,26 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from minialign.task import (
-    ARITH_TEMPLATE_EVAL_FRACTION,
-    ARITH_TEMPLATES,
-    COMPLIANCE_STYLES,
-    FILE_LINES,
-    KIND_FRACTIONS,
-    REFUSALS,
-    SFT_ARITH_CORRECT_FRACTION,
-    SFT_BENIGN_ANSWER_FRACTION,
-    SFT_HARMFUL_REFUSAL_FRACTION,
-    arith_problems,
-    build_pools,
-    generate_default_task,
-    gold_reward,
-    is_refusal,
-    judge,
-    last_integer,
-    main,
-    summarize,
-)
+from minialign.task.generate import (ARITH_TEMPLATE_EVAL_FRACTION, ARITH_TEMPLATES, COMPLIANCE_STYLES, FILE_LINES,
+                                     KIND_FRACTIONS, REFUSALS, SFT_ARITH_CORRECT_FRACTION, SFT_BENIGN_ANSWER_FRACTION,
+                                     SFT_HARMFUL_REFUSAL_FRACTION, arith_problems, build_pools, generate_default_task,
+                                     main)
+from minialign.task.gold import gold_reward, is_refusal, judge, last_integer, summarize
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TRAIN_FILES = ("sft_train.jsonl", "pref_train.jsonl", "rl_train.jsonl", "pretrain.jsonl")

@@ -1,13 +1,13 @@
-"""Tests for minialign.tokenizer: exact round trips, no special-token injection from text, the chat
+"""Tests for minialign.data.tokenizer: exact round trips, no special-token injection from text, the chat
 template's loss mask, prompt/chat prefix agreement, and the fixed special ids."""
 
 import io
 
 import pytest
 import sentencepiece as spm
-
 from conftest import TOKENIZER_VOCAB, tiny_corpus
-from minialign.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
+
+from minialign.data.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
 
 ROUND_TRIP = [
     "the cat sat on a mat",

@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from minialign import checkpoint, config, logger, runtime, training
-from minialign.data import collate_lm
-from minialign.losses import token_logps
+
+from minialign.algorithms.losses import token_logps
+from minialign.data.batching import collate_lm
+from minialign.training import checkpoint, config, logger, loop, runtime
 
 CPU = torch.device("cpu")
 
@@ -24,7 +24,7 @@ LR, WARMUP, TOTAL, FLOOR = 1e-3, 10, 100, 0.1
 
 
 def lr(step):
-    return training.lr_at(step, LR, WARMUP, TOTAL, FLOOR)
+    return loop.lr_at(step, LR, WARMUP, TOTAL, FLOOR)
 
 
 def test_lr_schedule_endpoints():
@@ -45,7 +45,7 @@ def test_lr_schedule_monotone_after_warmup_and_no_warmup():
     values = [lr(s) for s in range(WARMUP, TOTAL + 20)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert all(a < b for a, b in zip([lr(s) for s in range(WARMUP)], [lr(s) for s in range(1, WARMUP)]))
-    assert training.lr_at(0, LR, 0, TOTAL, FLOOR) == pytest.approx(LR)
+    assert loop.lr_at(0, LR, 0, TOTAL, FLOOR) == pytest.approx(LR)
 
 
 # --------------------------------------------------------------------------- gradient accumulation
@@ -76,7 +76,7 @@ def params_after(model, batches, grad_accum):
     model = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     rt = runtime.Runtime(CPU, torch.float32)
-    metrics = training.train_step(model, optimizer, rt.make_scaler(), batches, sft_loss, count_tokens, rt, max_grad_norm=0.0)
+    metrics = loop.train_step(model, optimizer, rt.make_scaler(), batches, sft_loss, count_tokens, rt, max_grad_norm=0.0)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics
 
 
@@ -106,7 +106,7 @@ def test_accumulation_equals_one_big_batch():
     naive = copy.deepcopy(model)
     optimizer = torch.optim.SGD(naive.parameters(), lr=0.5)
     rt = runtime.Runtime(CPU, torch.float32)
-    training.train_step(naive, optimizer, rt.make_scaler(), micro, micro_batch_mean, lambda b: 1, rt, max_grad_norm=0.0)
+    loop.train_step(naive, optimizer, rt.make_scaler(), micro, micro_batch_mean, lambda b: 1, rt, max_grad_norm=0.0)
     naive_params = torch.cat([p.detach().flatten() for p in naive.parameters()])
     # off by a sizeable fraction of the update itself, not by float error
     assert (naive_params - big).abs().max() > 0.05 * (big - start).abs().max()
@@ -123,7 +123,7 @@ def test_nonfinite_gradient_skips_the_update():
         loss_sum, metrics = sft_loss(model, batch)
         return loss_sum * float("nan"), metrics
 
-    metrics = training.train_step(model, optimizer, rt.make_scaler(), [batch], nan_loss, count_tokens, rt, max_grad_norm=0.0)
+    metrics = loop.train_step(model, optimizer, rt.make_scaler(), [batch], nan_loss, count_tokens, rt, max_grad_norm=0.0)
     assert math.isnan(metrics["grad_norm"])
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
@@ -144,7 +144,7 @@ def step_indices(n, step, world, accum, seed=7):
     out = []
     for m in range(accum):
         for r in range(world):
-            out += training.micro_batch_indices(n, step, m, cfg, runtime.Runtime(CPU, torch.float32, rank=r, world_size=world))
+            out += loop.micro_batch_indices(n, step, m, cfg, runtime.Runtime(CPU, torch.float32, rank=r, world_size=world))
     return out
 
 
@@ -161,15 +161,15 @@ def test_epochs_are_different_permutations_and_order_is_deterministic():
     n = 12
     cfg = OrderConfig(micro_batch_size=n)
     rt = runtime.Runtime(CPU, torch.float32)
-    epoch0 = training.micro_batch_indices(n, 0, 0, cfg, rt)
-    epoch1 = training.micro_batch_indices(n, 1, 0, cfg, rt)
+    epoch0 = loop.micro_batch_indices(n, 0, 0, cfg, rt)
+    epoch1 = loop.micro_batch_indices(n, 1, 0, cfg, rt)
     assert sorted(epoch0) == sorted(epoch1) == list(range(n))
     assert epoch0 != epoch1
-    assert training.micro_batch_indices(n, 0, 0, cfg, rt) == epoch0  # after epoch 1 evicted the cache
-    assert training.micro_batch_indices(n, 0, 0, OrderConfig(micro_batch_size=n, seed=8), rt) != epoch0
+    assert loop.micro_batch_indices(n, 0, 0, cfg, rt) == epoch0  # after epoch 1 evicted the cache
+    assert loop.micro_batch_indices(n, 0, 0, OrderConfig(micro_batch_size=n, seed=8), rt) != epoch0
     # ranks of one micro-step get disjoint slices
-    a = training.micro_batch_indices(n, 0, 0, OrderConfig(), runtime.Runtime(CPU, torch.float32, rank=0, world_size=2))
-    b = training.micro_batch_indices(n, 0, 0, OrderConfig(), runtime.Runtime(CPU, torch.float32, rank=1, world_size=2))
+    a = loop.micro_batch_indices(n, 0, 0, OrderConfig(), runtime.Runtime(CPU, torch.float32, rank=0, world_size=2))
+    b = loop.micro_batch_indices(n, 0, 0, OrderConfig(), runtime.Runtime(CPU, torch.float32, rank=1, world_size=2))
     assert not set(a) & set(b)
 
 
@@ -274,16 +274,16 @@ def m(loss, grad_norm):
 def test_check_finite_raises_or_counts(tmp_path):
     cfg = config.TrainConfig(out_dir=str(tmp_path))
     stats = {}
-    training.check_finite(m(1.0, 2.0), step=3, cfg=cfg, stats=stats)
+    loop.check_finite(m(1.0, 2.0), step=3, cfg=cfg, stats=stats)
     assert stats == {}
-    with pytest.raises(training.NonFiniteError, match="at step 7"):
-        training.check_finite(m(float("nan"), 1.0), step=7, cfg=cfg, stats=stats)
-    with pytest.raises(training.NonFiniteError, match="at step 8"):  # without a GradScaler an inf gradient stops too
-        training.check_finite(m(1.0, float("inf")), step=8, cfg=cfg, stats=stats)
+    with pytest.raises(loop.NonFiniteError, match="at step 7"):
+        loop.check_finite(m(float("nan"), 1.0), step=7, cfg=cfg, stats=stats)
+    with pytest.raises(loop.NonFiniteError, match="at step 8"):  # without a GradScaler an inf gradient stops too
+        loop.check_finite(m(1.0, float("inf")), step=8, cfg=cfg, stats=stats)
     skip = config.TrainConfig(out_dir=str(tmp_path), skip_nonfinite=True)
     stats = {}
-    training.check_finite(m(1.0, float("inf")), step=8, cfg=skip, stats=stats)
-    training.check_finite(m(float("nan"), float("nan")), step=9, cfg=skip, stats=stats)
+    loop.check_finite(m(1.0, float("inf")), step=8, cfg=skip, stats=stats)
+    loop.check_finite(m(float("nan"), float("nan")), step=9, cfg=skip, stats=stats)
     assert stats == {"nonfinite_steps_skipped": 2}
 
 
@@ -304,17 +304,17 @@ def test_fp16_gradscaler_overflow_is_skipped_and_training_goes_on(tmp_path):
 
     before = [p.detach().clone() for p in model.parameters()]
     stats = {}
-    metrics = training.train_step(model, optimizer, scaler, [batch], overflowing_loss, count_tokens, rt, max_grad_norm=1.0)
+    metrics = loop.train_step(model, optimizer, scaler, [batch], overflowing_loss, count_tokens, rt, max_grad_norm=1.0)
     assert math.isfinite(metrics["loss"]) and not math.isfinite(metrics["grad_norm"])
-    training.check_finite(metrics, step=0, cfg=cfg, stats=stats, scaler=scaler)  # no raise
+    loop.check_finite(metrics, step=0, cfg=cfg, stats=stats, scaler=scaler)  # no raise
     assert stats == {"overflow_steps_skipped": 1}
     assert scaler.get_scale() == 32768.0  # halved
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the update was skipped
-    metrics = training.train_step(model, optimizer, scaler, [batch], sft_loss, count_tokens, rt, max_grad_norm=1.0)
-    training.check_finite(metrics, step=1, cfg=cfg, stats=stats, scaler=scaler)
+    metrics = loop.train_step(model, optimizer, scaler, [batch], sft_loss, count_tokens, rt, max_grad_norm=1.0)
+    loop.check_finite(metrics, step=1, cfg=cfg, stats=stats, scaler=scaler)
     assert math.isfinite(metrics["grad_norm"]) and not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    with pytest.raises(training.NonFiniteError, match="at step 2"):
-        training.check_finite(m(float("nan"), float("nan")), step=2, cfg=cfg, stats=stats, scaler=scaler)
+    with pytest.raises(loop.NonFiniteError, match="at step 2"):
+        loop.check_finite(m(float("nan"), float("nan")), step=2, cfg=cfg, stats=stats, scaler=scaler)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -358,10 +358,10 @@ def _moe_ddp_worker(rank, world_size, init_file, out_file):
         for layer in model.backbone.layers:
             layer.mlp.router.weight.zero_()
     ddp = runtime.wrap_ddp(model, rt)
-    optimizer = training.make_optimizer(model, config.TrainConfig(lr=1e-3), rt)
+    optimizer = loop.make_optimizer(model, config.TrainConfig(lr=1e-3), rt)
     batch = collate_lm(make_examples()[rank * 2 : rank * 2 + 2], 0)
-    metrics = training.train_step(ddp, optimizer, rt.make_scaler(), [batch], sft_loss, count_tokens, rt, max_grad_norm=1.0)
-    metrics = training.train_step(ddp, optimizer, rt.make_scaler(), [batch], sft_loss, count_tokens, rt, max_grad_norm=1.0)
+    metrics = loop.train_step(ddp, optimizer, rt.make_scaler(), [batch], sft_loss, count_tokens, rt, max_grad_norm=1.0)
+    metrics = loop.train_step(ddp, optimizer, rt.make_scaler(), [batch], sft_loss, count_tokens, rt, max_grad_norm=1.0)
     if rank == 0:
         router = model.backbone.layers[0].mlp.router.weight
         json.dump({"loss": metrics["loss"], "router_moved": float(router.abs().sum())}, open(out_file, "w"))
@@ -383,17 +383,17 @@ def test_moe_with_an_idle_expert_trains_under_two_gloo_ranks(tmp_path):
 
 
 def test_moe_balance_term_is_added_for_any_module_holding_moe_backbones():
-    """training.moe_balance_loss finds every MoE backbone inside the trained module (a policy, or PPO's
+    """loop.moe_balance_loss finds every MoE backbone inside the trained module (a policy, or PPO's
     policy + value pair), so no script can forget it; it is 0 for dense models."""
     dense = tiny_model(seed=0)
-    assert training.moe_balance_loss(dense) == 0
+    assert loop.moe_balance_loss(dense) == 0
     moe = tiny_model(seed=0, n_experts=4, n_experts_per_tok=2)
     pair = torch.nn.ModuleDict({"policy": moe, "value": tiny_model(seed=1, n_experts=4, n_experts_per_tok=1)})
     batch = collate_lm(make_examples()[:2], 0)
     pair["policy"](batch["inputs"]), pair["value"](batch["inputs"])
     want = sum(b.cfg.moe_aux_coef * b.backbone.moe_aux_loss() for b in (pair["policy"], pair["value"]))
     assert float(want.detach()) > 0
-    assert torch.allclose(training.moe_balance_loss(pair), want)
+    assert torch.allclose(loop.moe_balance_loss(pair), want)
 
 
 def test_each_rank_restores_its_own_rng_state(tmp_path):

@@ -1,6 +1,6 @@
-"""Reproductions of published experiments, each one module run as `python -m minialign.experiments.NAME`.
+"""Floor 6, experiments: the stage runner every driver uses (minialign.experiments.stages) and one folder
+per reproduced paper, with its reader and judge.
 
-    imdb      Rafailov et al. 2023 (DPO), Fig. 2 left: controlled sentiment generation on IMDb reviews, the
-              reward-vs-KL frontier of DPO, PPO, PPO with the true reward, GRPO, best-of-N and Preferred-FT.
-    frontier  the shared evaluation: true reward and sequence-level KL to the SFT model on held-out prompts.
+    imdb      Rafailov et al. 2023 (DPO), Fig. 2 left: controlled sentiment generation on IMDb reviews
+              (python -m minialign.experiments.imdb).
 """

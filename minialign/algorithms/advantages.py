@@ -1,0 +1,102 @@
+"""A GRPO-family step's advantages and reward metrics, from the rollout's rewards (train_grpo.py).
+
+step_advantages computes the --advantage_estimator (grpo, rloo, reinforce_pp, remax; the formulas are the
+pure functions of minialign.algorithms.losses) on the rows of EVERY rank and keeps this rank's, so a 2-process
+run equals a 1-process one; greedy_rewards is ReMax's baseline; rollout_metrics names the step's reward and
+completion statistics as TRL does. completion_mask and count_units say which tokens and units a loss counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minialign.algorithms import packing
+from minialign.algorithms.losses import (group_advantages, kl_reward, reinforce_pp_advantages, remax_advantages,
+                                         returns_to_go, rloo_advantages, whiten)
+from minialign.algorithms.rollout import Rollout, micro_batch_rows, rollout_forward, source_rewards
+from minialign.training import runtime
+from minialign.training.runtime import gather_columns, gather_token_rows
+
+
+def completion_mask(response_mask: torch.Tensor, finished: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """(R, N) bool, True = the token counts in the loss. With mask_truncated, responses that did not
+    emit <|im_end|> count for nothing (DAPO: a truncated answer is not a wrong one)."""
+    return response_mask & finished[:, None] if mask_truncated else response_mask
+
+
+def count_units(batch, loss_type: str):
+    """Counted units of a GRPO micro-batch: tokens for dapo, sequences with a counted token otherwise."""
+    return batch["loss_mask"].sum() if loss_type == "dapo" else batch["loss_mask"].any(-1).sum()
+
+
+def step_advantages(g: dict, b_kl: torch.Tensor | None, loss_mask: torch.Tensor, rt, estimator: str, group_size: int,
+                    scale_rewards: str = "group", beta: float = 0.0) -> torch.Tensor:
+    """This rank's advantages by `estimator` (train_grpo.py's --advantage_estimator; minialign.algorithms.losses), computed
+    on the step's rows of ALL ranks and then cut to this rank's, so a 2-process run equals a 1-process one.
+
+    g: the step's per-response statistics over all ranks ("reward", and "greedy_reward" for remax);
+    b_kl: this rank's (R, N) per-token k1 when the KL is in the reward (None otherwise);
+    loss_mask: (R, N) bool, True = the token counts. Returns (R,) float32 one advantage per response, or
+    (R, N) per token when b_kl is given or for reinforce_pp. Sets g["advantage"] (all ranks; a per-token
+    advantage at the first token: the whole response's return) for the completions log.
+    """
+    R, N, G, est = loss_mask.shape[0], loss_mask.shape[1], group_size, estimator
+    per_token = b_kl is not None or est == "reinforce_pp"
+    if per_token:  # the step's per-token k1 and counted tokens over every rank: (R_all, N_max)
+        mask = gather_token_rows(loss_mask, rt)
+        kl = gather_token_rows(b_kl, rt) if b_kl is not None else torch.zeros(mask.shape, device=mask.device)
+    beta = beta if b_kl is not None else 0.0  # no KL in the reward: nothing to subtract
+    if est == "reinforce_pp":
+        A = reinforce_pp_advantages(g["reward"], kl, mask, beta)  # whiten(r - β Σ_{t'>=t} k1_t') over the batch
+    else:
+        A = {"grpo": lambda: group_advantages(g["reward"], G, scale_rewards),  # (r - mean_G) / std_G
+             "rloo": lambda: rloo_advantages(g["reward"], G),  # r_i - mean_{j≠i} r_j
+             "remax": lambda: remax_advantages(g["reward"], g["greedy_reward"], G)}[est]()  # r_i - r(greedy)
+        if b_kl is not None:  # the baselined score on the last token, -β k1_t on every token; A_t = return-to-go
+            A = returns_to_go(kl_reward(A, kl, mask, beta), mask)
+    g["advantage"] = A[:, 0] if per_token else A
+    A = A[rt.rank * R : (rt.rank + 1) * R]
+    return (A[:, :N] if per_token else A).float()
+
+
+def greedy_rewards(greedy: Rollout, sources, reward_model, rt, micro_batch_size: int) -> torch.Tensor:
+    """ReMax's baseline: the weighted reward of each prompt's greedy response, over all ranks (prompts,)."""
+    rm_scores = None
+    if reward_model is not None:
+        with rt.autocast():
+            rm_scores = rollout_forward(lambda b: packing.response_scores(reward_model, b), greedy,
+                                        micro_batch_rows(greedy, micro_batch_size))
+    rewards = source_rewards(sources, greedy, rm_scores)
+    return gather_columns({"reward": sum(s.weight * rewards[s.name] for s in sources)}, rt)["reward"]
+
+
+def rollout_metrics(g: dict, sources, group_size: int) -> dict:
+    """TRL's reward and completion metrics from a GRPO step's per-response statistics over all ranks (g: by name,
+    train_grpo.grpo_batches); "kl" when the KL is in the reward (g["kl"]: each response's Σ_t k1_t)."""
+    grouped = g["reward"].view(-1, group_size)  # (prompts, G)
+    metrics = {"reward": float(g["reward"].mean()),
+               "reward_std": float(grouped.std(dim=1).mean())}  # mean within-group std (TRL's reward_std)
+    for s in sources:
+        metrics[f"rewards/{s.name}/mean"] = float(g[f"rewards/{s.name}"].mean())
+        metrics[f"rewards/{s.name}/std"] = float(g[f"rewards/{s.name}"].std())
+    if "kl" in g:  # KL in the reward: the rollout's mean k1 per response token
+        metrics["kl"] = float(g["kl"].sum() / g["length"].sum())
+    return {**metrics,
+            "frac_reward_zero_std": float((grouped == grouped[:, :1]).all(dim=1).double().mean()),
+            "completions/mean_length": float(g["length"].mean()),
+            "completions/min_length": float(g["length"].min()),
+            "completions/max_length": float(g["length"].max()),
+            "completions/clipped_ratio": float(1 - g["finished"].mean())}  # no <|im_end|> within max_new_tokens
+
+
+def whiten_all_ranks(x: torch.Tensor, mask: torch.Tensor, rt, shift_mean: bool = True) -> torch.Tensor:
+    """losses.whiten with the statistics of every rank's rows (the same numbers as one process holding
+    the whole rollout); returns this rank's rows. x, mask (B, N), B equal on every rank."""
+    if not rt.ddp:
+        return whiten(x, mask, shift_mean)
+    B, N = x.shape
+    width = int(runtime.all_reduce_max(N, rt))
+    xs = runtime.all_gather_rows(F.pad(x.float(), (0, width - N)), rt)  # (B * world, width)
+    ms = runtime.all_gather_rows(F.pad(mask.to(torch.uint8), (0, width - N)), rt).bool()  # gloo gathers no bool
+    return whiten(xs, ms, shift_mean)[rt.rank * B : (rt.rank + 1) * B, :N]

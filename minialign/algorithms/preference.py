@@ -1,0 +1,85 @@
+"""Sequence log-probs for the preference losses (DPO family, KTO), from packed batches.
+
+A preference pair is a prompt x with a chosen response y_c and a rejected one y_r (token ids from
+minialign.data.batching.tokenize_preferences; each response ends with <|im_end|>). The DPO family needs, per
+pair, the log-probability of each response given the prompt, summed (or averaged) over the RESPONSE
+tokens only: log π(y | x) = Σ_t log π(y_t | x, y_<t). Prompt and padding tokens never count.
+
+A pair goes through the model as one packed row [x | y_c | y_r] (minialign.algorithms.packing, G = 2: the prompt
+computed once, each response seeing only the prompt and itself); `pair_logps` turns that forward into a
+`PairLogps` with everything the losses and TRL's metrics need. KTO scores single (prompt, completion)
+rows: packing.pack with G = 1 and `completion_logps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minialign.algorithms.losses import sequence_logps
+from minialign.algorithms.packing import pack, response_logps
+from minialign.data.batching import tokenize_preferences
+from minialign.data.formats import PreferencePair, UnpairedRecord
+
+
+@dataclass
+class PairLogps:
+    """Per-pair quantities of one forward, each (B,) float32 (float64 for a float64 model)."""
+    chosen_logps: torch.Tensor  # Σ_t log π(y_c,t | x, y_c,<t)   (DPO, cDPO, hinge, robust, CPO, KTO)
+    rejected_logps: torch.Tensor  # Σ_t log π(y_r,t | ...)
+    chosen_logps_avg: torch.Tensor  # the same divided by |y_c|    (IPO, SimPO, ORPO)
+    rejected_logps_avg: torch.Tensor
+    chosen_nll: torch.Tensor  # mean token NLL of y_c = -chosen_logps_avg (CPO / ORPO's SFT term)
+    chosen_logits_mean: torch.Tensor  # mean raw logit over y_c's positions and the vocabulary (logging only, detached)
+    rejected_logits_mean: torch.Tensor
+
+
+def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed batch -> per response (sum of log-probs, mean log-prob, mean logit), each (R,) float32."""
+    per_token, logit_means = response_logps(model, batch, logit_means=True)  # (R, N) each
+    mask = batch["response_mask"]
+    return (sequence_logps(per_token, mask), sequence_logps(per_token, mask, average=True),
+            sequence_logps(logit_means, mask, average=True))
+
+
+def pair_logps(model, batch: dict) -> PairLogps:
+    """Sequence log-probs of chosen and rejected for a packing.collate_pairs batch (responses 2b, 2b + 1).
+
+    Gradients flow unless called under torch.no_grad (the reference model).
+    """
+    total, avg, logit_mean = (t.view(-1, 2) for t in completion_logps(model, batch))  # (B, 2) each
+    return PairLogps(total[:, 0], total[:, 1], avg[:, 0], avg[:, 1], -avg[:, 0], logit_mean[:, 0], logit_mean[:, 1])
+
+
+def collate_completions(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
+    """(prompt, completion) rows -> a packed batch of plain rows (G = 1), for completion_logps."""
+    return pack(prompts, completions, 1, pad_id)
+
+
+# ---------------------------------------------------------------------------------- unpaired (KTO)
+
+def tokenize_unpaired(records: list[UnpairedRecord], tok, max_len: int, stats: dict | None = None) -> list[dict]:
+    """KTO records -> dicts {prompt, completion, label} of token ids / bool.
+
+    Goes through tokenize_preferences (with the completion on both sides) so the truncation policy
+    is exactly the preference one.
+    """
+    pairs = [PreferencePair(r.prompt, r.completion, r.completion, r.fields) for r in records]
+    out = tokenize_preferences(pairs, tok, max_len, stats=stats)
+    return [{"prompt": e["prompt"], "completion": e["chosen"], "label": r.label} for e, r in zip(out, records)]
+
+
+def unpair(pairs: list[dict]) -> list[dict]:
+    """Pairs -> unpaired examples: every chosen desirable, every rejected undesirable.
+
+    Order: [chosen_1 .. chosen_N, rejected_1 .. rejected_N], so that the +1 offset of kl_partner
+    pairs a prompt with another prompt's response (never its own pair's).
+    """
+    return ([{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs]
+            + [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs])
+
+
+def kl_partner(i: int, n: int) -> int:
+    """Example whose completion is paired with example i's prompt for KTO's KL estimate (TRL's +1 offset)."""
+    return (i + 1) % n

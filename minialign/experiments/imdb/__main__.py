@@ -1,0 +1,5 @@
+"""python -m minialign.experiments.imdb: see minialign.experiments.imdb.run."""
+
+from minialign.experiments.imdb.run import main
+
+main()

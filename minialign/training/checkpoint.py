@@ -1,0 +1,314 @@
+"""Checkpoints: written atomically, self-describing, restored exactly; and loading a model from one.
+
+A checkpoint (out_dir/ckpt.pt) holds the weights, the model config, the optimizer, the scaler, the
+step, the RNG states of this process (and of every CUDA device, per rank) and the resolved run
+config; config.json and a copy of the tokenizer sit beside it, so a folder is all the next stage needs
+(`--init_from out/sft`). It is written to a temporary file, fsynced, then renamed, so a kill never
+leaves a half-written one; `--resume` restores all of it, and the data order being a pure function of
+(seed, epoch), the position in the data is just the step number.
+
+A LoRA run (minialign.models.lora) stores only its adapters and trainable heads under "model", and under "lora"
+the adapter shape and its base: the path given as --init_from (and its absolute form) and the sha256 of the
+base's frozen weights. `load_model` rebuilds such a checkpoint as a plain model, the adapters merged into
+the base after checking the hash, so every consumer (--init_from of the next stage, minialign.evaluation.evaluate,
+the reward model CLI) reads it like a full one; `write_merged` (python -m minialign.training.checkpoint merge) saves that
+as a full checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minialign.models import lora
+from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, model_config
+from minialign.training.runtime import Runtime, all_gather_object, unwrap
+
+
+def check_writable(out_dir: str | os.PathLike, min_free_mb: int = 50):
+    """Fail before training, not at the first save, when the output folder cannot be written."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RuntimeError(f"output folder {out} is not writable: {e}") from e
+    free_mb = shutil.disk_usage(out).free / 2**20
+    if free_mb < min_free_mb:
+        raise RuntimeError(f"only {free_mb:.0f} MB free in {out}; need at least {min_free_mb} MB for checkpoints")
+
+
+def atomic_save(obj, path: str | os.PathLike):
+    """torch.save to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # don't leave a partial checkpoint filling the disk (e.g. after ENOSPC)
+        raise
+
+
+def write_json(obj, path: str | os.PathLike):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    """This process's RNG states: Python, NumPy, torch CPU, and its own CUDA device (if any)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: each rank has its own
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(out_dir, *, model, optimizer, scaler, step: int, cfg, tokenizer_path: str | None,
+         finished: bool = False, extra: dict | None = None, rt: Runtime | None = None):
+    """Write out_dir/ckpt.pt atomically (rank 0 only), plus config.json and a copy of the tokenizer.
+
+    Every rank must call it (at the same steps): the RNG states of all ranks are gathered first, so each
+    rank restores its own on --resume.
+    """
+    rngs = all_gather_object(rng_state(), rt) if rt is not None else [rng_state()]
+    if rt is not None and not rt.is_main:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = unwrap(model)
+    state = {
+        "model": model_state(base),
+        "lora": base.lora_meta if lora.is_lora(base) else None,
+        "model_kind": "scalar" if isinstance(base, ScalarModel) else "causal",
+        "model_config": base.cfg.to_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step,
+        "rng": rngs,  # one entry per rank
+        "config": dataclasses.asdict(cfg),
+        "finished": finished,
+        **(extra or {}),
+    }
+    atomic_save(state, out / "ckpt.pt")
+    write_json(dataclasses.asdict(cfg), out / "config.json")
+    copy_tokenizer(tokenizer_path, out)
+
+
+def copy_tokenizer(tokenizer_path: str | None, out: Path):
+    """Put the tokenizer next to the weights: an HF tokenizer folder's files, or our tokenizer.model."""
+    if tokenizer_path and Path(tokenizer_path).is_dir():  # an HF tokenizer: tokenizer.json and its config
+        from minialign.data.hf_tokenizer import copy_tokenizer_files
+        copy_tokenizer_files(tokenizer_path, out)
+    elif tokenizer_path and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
+        tmp = out / "tokenizer.model.tmp"
+        shutil.copyfile(tokenizer_path, tmp)
+        os.replace(tmp, out / "tokenizer.model")
+
+
+def load(path_or_dir, map_location="cpu") -> dict:
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_model(path_or_dir, kind: str = "causal", map_location="cpu", max_seq_len: int | None = None):
+    """Build a model from a checkpoint folder's weights and config, ours or a Hugging Face model folder.
+
+    kind="causal" -> CausalLM; kind="scalar" -> ScalarModel. Loading a causal checkpoint as a scalar
+    model keeps the backbone and starts a fresh score head (how a reward model starts from SFT).
+    A Hugging Face folder (config.json + safetensors, Llama / Qwen2 / Qwen3; minialign.models.hf_weights) loads into our
+    model in fp32 master weights; max_seq_len caps its RoPE table (default: max_position_embeddings).
+    """
+    from minialign.models import \
+        hf_weights  # safetensors is an optional extra: imported only when an HF folder is loaded
+
+    if hf_weights.is_hf_folder(path_or_dir):
+        return hf_weights.load_hf_model(path_or_dir, kind, max_seq_len=max_seq_len)
+    ckpt = load(path_or_dir, map_location)
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    state = merged_lora_state(path_or_dir, ckpt) if ckpt.get("lora") else dict(ckpt["model"])
+    model = CausalLM(cfg) if kind == "causal" else ScalarModel(cfg)
+    if kind == "scalar" and ckpt["model_kind"] == "causal":
+        state.pop("lm_head.weight", None)  # an untied causal model's output head: a reward model has none
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = ({"score_head.weight", "score_head.bias"}
+                       if kind == "scalar" and ckpt["model_kind"] == "causal" else set())
+    if set(missing) - allowed_missing or unexpected:
+        raise ValueError(f"checkpoint {path_or_dir} does not fit a {kind} model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return model
+
+
+def lora_base_path(meta: dict) -> str:
+    """Where a LoRA checkpoint's base is: the path as given at training time, else its absolute form."""
+    for p in (meta["base"], meta["base_abspath"]):
+        if Path(p).exists():
+            return p
+    raise FileNotFoundError(f"the base of this LoRA checkpoint, {meta['base']} ({meta['base_abspath']}), is gone")
+
+
+def merged_lora_state(path_or_dir, ckpt: dict) -> dict:
+    """A LoRA checkpoint's full state_dict: its base loaded (itself merged if it is a LoRA run), checked against
+    the recorded hash of its frozen weights, the adapters applied and merged in."""
+    meta = ckpt["lora"]
+    base = load_model(lora_base_path(meta), kind=ckpt["model_kind"])
+    digest = lora.weights_hash(base, skip=tuple(meta["trainable"]))
+    if digest != meta["base_sha256"]:
+        raise ValueError(f"{path_or_dir}: its base {meta['base']} is not the model its adapters were trained on "
+                         f"(frozen weights sha256 {digest[:12]}..., recorded {meta['base_sha256'][:12]}...)")
+    lora.apply_lora(base, meta["r"], meta["alpha"], meta["dropout"], meta["targets"], tuple(meta["trainable"]))
+    lora.load_lora_state_dict(base, ckpt["model"])
+    return lora.merge_and_unload(base).state_dict()
+
+
+def write_merged(ckpt_dir, out_dir) -> Path:
+    """A LoRA run's folder -> a full checkpoint folder (merged weights, its config and tokenizer; no optimizer)."""
+    ckpt = load(ckpt_dir)
+    if not ckpt.get("lora"):
+        raise ValueError(f"{ckpt_dir} is not a LoRA run (its checkpoint holds full weights already)")
+    model = load_model(ckpt_dir, kind=ckpt["model_kind"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("model_kind", "model_config", "step", "config", "finished")
+    atomic_save({**{k: ckpt[k] for k in keep}, "model": model.state_dict(), "lora": None, "optimizer": None,
+                 "scaler": None, "rng": ckpt["rng"], "merged_from": {"ckpt": str(ckpt_dir), **ckpt["lora"]}},
+                out / "ckpt.pt")
+    write_json(ckpt["config"], out / "config.json")
+    src = Path(ckpt_dir) if Path(ckpt_dir).is_dir() else Path(ckpt_dir).parent
+    tok = src if (src / "tokenizer.json").exists() else src / "tokenizer.model"
+    copy_tokenizer(str(tok) if tok.exists() else None, out)
+    return out
+
+
+def model_state(model) -> dict:
+    """The weights a checkpoint stores: all of them, or for a LoRA model its adapters and trainable heads."""
+    return lora.lora_state_dict(model) if lora.is_lora(model) else model.state_dict()
+
+
+def load_model_state(model, state: dict, lora_meta: dict | None, where):
+    """Restore `model_state` output into the model of a resumed run, which must have the same adapters and base."""
+    if lora.is_lora(model) != bool(lora_meta):
+        held = f"a LoRA run (r={lora_meta['r']})" if lora_meta else "a full fine-tuning run"
+        raise ValueError(f"{where} holds {held}: resume it with the same --lora_r, --lora_targets, --init_from")
+    if not lora_meta:
+        model.load_state_dict(state)
+        return
+    keys = ("r", "alpha", "dropout", "targets", "trainable", "base_sha256")
+    changed = [k for k in keys if model.lora_meta[k] != lora_meta[k]]
+    if changed:
+        raise ValueError(f"{where} was trained with other adapters or another base ({', '.join(changed)} differ): "
+                         "resume with the same --lora_* flags and --init_from")
+    lora.load_lora_state_dict(model, state)
+
+
+def extra_model(name: str, model) -> dict:
+    """A second trained model (PPO's value model) for save(extra=...): its weights (or adapters), LoRA and config."""
+    return {name: model_state(model), f"{name}_lora": getattr(model, "lora_meta", None),
+            f"{name}_config": model.cfg.to_dict()}
+
+
+def load_extra_model(model, name: str, out_dir):
+    """Restore an `extra_model` from out_dir/ckpt.pt on --resume."""
+    saved = load(out_dir)
+    load_model_state(model, saved[name], saved.get(f"{name}_lora"), out_dir)
+
+
+def resume(cfg, model, optimizer, scaler, rt: Runtime | None = None) -> int:
+    """With --resume, restore weights, optimizer, scaler and this rank's RNG from out_dir/ckpt.pt; return its step."""
+    if not cfg.resume:
+        return 0
+    ckpt = load(cfg.out_dir)
+    load_model_state(unwrap(model), ckpt["model"], ckpt.get("lora"), cfg.out_dir)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    rank = rt.rank if rt is not None else 0
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])  # a run resumed on more ranks: rank 0's for the new ones
+    return int(ckpt["step"])
+
+
+def should_save(step_done: int, start_step: int, cfg) -> bool:
+    """Checkpoint every save_every steps, at the end, and before a --stop_after_steps exit."""
+    return (step_done % cfg.save_every == 0 or step_done == cfg.max_steps
+            or (cfg.stop_after_steps and step_done - start_step >= cfg.stop_after_steps))
+
+
+def should_stop(step_done: int, start_step: int, cfg) -> bool:
+    return bool(cfg.stop_after_steps) and step_done - start_step >= cfg.stop_after_steps and step_done < cfg.max_steps
+
+
+def tokenizer_path_for(init_from: str, tokenizer: str = "") -> str:
+    """The tokenizer that goes with the weights: the init checkpoint's copy if there is one, else `tokenizer`.
+
+    Ours is a tokenizer.model file; a folder with tokenizer.json (an HF model, or a checkpoint that started
+    from one) is returned as the folder. Load either with minialign.data.tokenizer.load_tokenizer.
+    """
+    if init_from:
+        if (Path(init_from) / "tokenizer.json").exists():
+            return str(init_from)
+        p = Path(init_from) / "tokenizer.model"
+        if not p.exists():
+            raise FileNotFoundError(f"{init_from} has neither tokenizer.model nor tokenizer.json next to its weights")
+        return str(p)
+    if not Path(tokenizer).exists():
+        raise FileNotFoundError(f"tokenizer {tokenizer} not found; train one with: python -m minialign.data.tokenizer")
+    return tokenizer
+
+
+def new_model(cfg, vocab_size: int, kind: str = "causal"):
+    mcfg = model_config(cfg.preset, vocab_size=vocab_size,
+                        max_seq_len=max(cfg.max_len, model_config(cfg.preset).max_seq_len))
+    return CausalLM(mcfg) if kind == "causal" else ScalarModel(mcfg)
+
+
+def main(argv=None):
+    """python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged: a LoRA run -> a full checkpoint."""
+    from minialign.training.loop import checkpoint  # checkpoint imports this module
+
+    ap = argparse.ArgumentParser(prog="python -m minialign.models.lora", description="LoRA checkpoints (minialign.models.lora).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base: a full checkpoint folder "
+                                      "(any stage's --init_from, python -m minialign.training.hf_export --ckpt)")
+    mg.add_argument("--ckpt", required=True, help="folder of a LoRA run (its ckpt.pt names and hashes its base)")
+    mg.add_argument("--out", required=True, help="output folder: ckpt.pt (merged weights), config.json, tokenizer")
+    args = ap.parse_args(argv)
+    try:
+        out = checkpoint.write_merged(args.ckpt, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"minialign.models.lora merge: error: {e}")
+    print(f"merged {args.ckpt} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Device, precision, the process group, and every collective the scripts use, in one place.
+
+* Precision: CPU runs fp32 (bf16 autocast is 20-35x slower on AVX2 CPUs); CUDA runs bf16 autocast, or
+  fp16 autocast with a GradScaler. The scaler exists in every run, disabled unless fp16.
+* DDP: the trained model is wrapped once (`wrap_ddp`); gradients are synchronized only on the last
+  micro-batch of a step (`sync_context`). Only rank 0 writes files (`print0`, checkpoint, logger).
+* Collectives: sums, means, maxima and row gathers over ranks are the functions below; with one
+  process they return their input, so a script reads the same with and without torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from minialign.models.decoder import MoE
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # compute dtype under autocast (float32 = autocast off)
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def make_scaler(self):
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+def setup(cfg) -> Runtime:
+    """Device, precision, process group (under torchrun), seeds. Call once at the top of a script."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    device = torch.device(f"cuda:{local_rank}" if want_cuda and world_size > 1 else ("cuda" if want_cuda else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=int(os.environ.get("MINIALIGN_DIST_TIMEOUT", "600")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if bf16_ok else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("--dtype fp16 needs CUDA; use fp32 on CPU")
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, dtype, rank, local_rank, world_size)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cleanup(rt: Runtime):
+    """Leave the process group together: a rank that tears gloo down while another is still in it
+    can abort at exit ("terminate called without an active exception")."""
+    if rt.ddp and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(rt: Runtime, *args):
+    if rt.is_main:
+        print(*args, flush=True)
+
+
+def has_moe(model) -> bool:
+    return any(isinstance(m, MoE) for m in model.modules())
+
+
+def wrap_ddp(model, rt: Runtime, compile: bool = False):
+    """DDP-wrap the trained model under torchrun; with compile, compile its forward first (in place, so
+    the state_dict keys do not change).
+
+    An MoE model may route no token of a micro-batch to some expert, whose parameters then get no
+    gradient on that rank: DDP must be told to look for unused parameters, or it waits for them forever
+    ("Expected to have finished reduction in the prior iteration").
+    """
+    if compile:
+        model.compile()
+        print0(rt, f"--compile: {type(model).__name__}.forward is compiled by torch.compile on first use "
+                   "(slow first steps)")
+    if not rt.ddp:
+        return model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=has_moe(model))
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def sync_context(model, rt: Runtime, last_micro_step: bool):
+    """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
+    if rt.ddp and not last_micro_step:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------- collectives
+
+def _comm_device(rt: Runtime):
+    return rt.device if rt.device.type == "cuda" else torch.device("cpu")  # gloo works on CPU tensors
+
+
+def all_reduce_sum(x: float | int, rt: Runtime) -> float:
+    if not rt.ddp:
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device=_comm_device(rt))
+    dist.all_reduce(t)
+    return float(t)
+
+
+def all_reduce_max(x: float, rt: Runtime) -> float:
+    if not rt.ddp:
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device=_comm_device(rt))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def all_reduce_sum_dict(values: dict, rt: Runtime) -> dict:
+    """Sum a dict of floats over ranks (every rank must hold the same keys)."""
+    if not rt.ddp:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device(rt))
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_tensor_(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum a tensor over ranks, in place (e.g. a table each rank filled a shard of, zeros elsewhere)."""
+    if rt.ddp:
+        buf = t.to(_comm_device(rt))
+        dist.all_reduce(buf)
+        t.copy_(buf)
+    return t
+
+
+def all_gather_rows(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Concatenate every rank's (n, ...) tensor in rank order (all ranks must pass the same shape)."""
+    if not rt.ddp:
+        return x
+    device = _comm_device(rt)
+    parts = [torch.empty_like(x, device=device) for _ in range(rt.world_size)]
+    dist.all_gather(parts, x.to(device).contiguous())
+    return torch.cat(parts).to(x.device)
+
+
+def all_gather_object(obj, rt: Runtime) -> list:
+    """[rank 0's obj, rank 1's obj, ...] (any picklable object)."""
+    if not rt.ddp:
+        return [obj]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_columns(columns: dict[str, torch.Tensor], rt) -> dict[str, torch.Tensor]:
+    """Per-response statistics of this rank ((R,) each) -> the same names over every rank's rows
+    ((R * world,) each, rank order = global prompt order), in one all-gather."""
+    names = list(columns)
+    table = torch.stack([columns[k].double() for k in names], dim=1)  # (R, K)
+    return dict(zip(names, all_gather_rows(table, rt).T))
+
+
+def gather_token_rows(x: torch.Tensor, rt) -> torch.Tensor:
+    """This rank's (B, N) per-token tensor -> every rank's rows (B * world, N_max) in rank order, padded on the
+    right with 0 / False to the widest rank's N (B equal on every rank). Bool tensors stay bool."""
+    if not rt.ddp:
+        return x
+    width = int(all_reduce_max(x.shape[1], rt))
+    padded = F.pad(x.to(torch.uint8) if x.dtype == torch.bool else x, (0, width - x.shape[1]))
+    out = all_gather_rows(padded, rt)  # gloo gathers no bool
+    return out.bool() if x.dtype == torch.bool else out
