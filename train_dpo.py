@@ -67,6 +67,7 @@ from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import load_preferences
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
@@ -340,4 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -38,6 +38,7 @@ from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import load_preferences, load_unpaired
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
@@ -238,4 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

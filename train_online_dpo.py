@@ -63,6 +63,7 @@ from minialign.algorithms.rollout import (load_rl_prompts, micro_batch_rows, rol
                                           source_rewards, step_prompt_indices)
 from minialign.data.batching import to_device
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.training import checkpoint, logger, loop, runtime
 from minialign.training.config import (GoldCurveConfig, TrainConfig, at_least, in_range, knob, non_negative, one_of,
@@ -335,4 +336,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -66,6 +66,7 @@ from minialign.algorithms.roles import disable_dropout, load_reward_model, sft_r
 from minialign.algorithms.rollout import (load_rl_prompts, micro_batch_rows, minibatch_slots, packed_batch,
                                           rollout_forward, sample_rollout, source_rewards, step_prompt_indices)
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, config, logger, loop, runtime
@@ -353,4 +354,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

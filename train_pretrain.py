@@ -22,6 +22,7 @@ from minialign.algorithms.losses import nll_loss, token_logps
 from minialign.data.batching import collate_lm, to_device, tokenize_pretrain
 from minialign.data.formats import load_pretrain
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.training import checkpoint, logger, loop, runtime
 from minialign.training.config import FromScratch, OfflineConfig, knob, one_of, parse_config
 
@@ -97,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -40,6 +40,7 @@ from minialign.algorithms.reward_model import pair_metrics, pair_rewards, save_h
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import DataError, load_preferences
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
 from minialign.training.config import (FromScratch, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative,
@@ -214,4 +215,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

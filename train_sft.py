@@ -20,6 +20,7 @@ from minialign.algorithms.losses import nll_loss, token_logps
 from minialign.data.batching import collate_lm, to_device, tokenize_sft
 from minialign.data.formats import load_sft
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
@@ -117,4 +118,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minialign.training.checkpoint import load_model  # noqa: E402
-from minialign.evaluation.evaluate import load_eval_prompts, sample  # noqa: E402
 from minialign.algorithms.reward_model import score_responses  # noqa: E402
 from minialign.data.tokenizer import Tokenizer  # noqa: E402
+from minialign.errors import run_cli  # noqa: E402
+from minialign.evaluation.evaluate import load_eval_prompts, sample_and_score  # noqa: E402
+from minialign.training.checkpoint import load_model  # noqa: E402
 
 REFUSAL = "Sorry, I won't help with that request."  # a refusal as the preference data writes it
 MAX_NEW_TOKENS = 48  # as the scripts' final evaluation samples
@@ -66,8 +67,7 @@ def main(argv=None):
         policy = load_model(run).eval()
         prompts = load_eval_prompts(args.data, tok, args.n, MAX_NEW_TOKENS, policy.cfg.max_seq_len)
         harmful = [p for p in prompts if p["kind"] == "harmful"]
-        samples = sample(policy, tok, harmful, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
-        responses = [r["response"] for r in samples]
+        responses = sample_and_score(policy, tok, harmful, max_new_tokens=MAX_NEW_TOKENS).completions
         top, count = collections.Counter(responses).most_common(1)[0]
         texts = [p["prompt_text"] for p in harmful]
         top_score = statistics.fmean(score_responses(rm, tok, texts, [top] * len(texts)))
@@ -82,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

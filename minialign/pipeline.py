@@ -41,15 +41,15 @@ import importlib.util
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from minialign.errors import run_cli
 from minialign.evaluation import report
 from minialign.evaluation.report import OPTIONAL_STAGES, STAGES
+from minialign.experiments import stages
 
-ROOT = Path(__file__).resolve().parents[1]
 EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stages
 
 # Extra flags per stage, on top of the scripts' own defaults.
@@ -100,11 +100,7 @@ def stage_done(out: Path, stage: str) -> bool:
         return (out / "tokenizer" / "tokenizer.model").exists()
     if stage == "best_of_n":
         return (out / "best_of_n" / "points.json").exists()
-    ckpt = out / stage / "ckpt.pt"
-    if not ckpt.exists():
-        return False
-    import torch
-    return bool(torch.load(ckpt, map_location="cpu", weights_only=False).get("finished"))
+    return stages.run_finished(out / stage)
 
 
 def summary(out: Path, stage: str) -> str:
@@ -130,73 +126,12 @@ NEEDS = {  # the stages whose outputs a stage reads
 }
 
 
-def run_stage(name: str, cmd: list[str], out: Path, force: bool):
-    """Run one stage in the foreground (its progress bar on this terminal); record its wall time."""
-    if not force and stage_done(out, name):
-        print(f"[{name}] already done in {out / name}, skipping (use --force to redo)")
-        return
-    print(f"[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    finished(out, name, time.time() - t0)
-
-
 def finished(out: Path, name: str, seconds: float):
-    report.record_timing(out, name, seconds)
     print(f"[{name}] done in {seconds:.0f}s: {summary(out, name)}".rstrip(": "), flush=True)
 
 
-def run_concurrently(commands: dict[str, list[str]], out: Path, force: bool, jobs: int):
-    """Run the stages of `commands` (in its order of priority), up to `jobs` at once, each as soon as the stages
-    it NEEDS are done (a needed stage outside `commands` must already be finished). A stage that can only run
-    alone runs in the foreground. Each concurrent stage writes its output to out/logs/<stage>.log and gets
-    cores // (stages starting or running) OpenMP threads, unless OMP_NUM_THREADS is set: on 2 CPU cores two
-    1-thread stages finished 1.3x sooner than the same two one after the other at 2 threads (DPO and GRPO,
-    40 steps each: 34.6 s vs 23.2 + 22.2 s; tiny models use a second thread poorly). A failing stage stops
-    the others and prints the end of its log."""
-    pending = []
-    for name in commands:
-        if not force and stage_done(out, name):
-            print(f"[{name}] already done in {out / name}, skipping (use --force to redo)")
-        else:
-            pending.append(name)
-    cores = os.cpu_count() or 1
-    running: dict[str, tuple] = {}  # name -> (process, log file, start time, log path)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        ready = [n for n in pending if not any(d in pending or d in running for d in NEEDS[n])]
-        if not running and len(ready) == 1:  # alone (e.g. SFT, which every other stage needs): in the foreground
-            pending.remove(ready[0])
-            run_stage(ready[0], commands[ready[0]], out, force=True)
-            continue
-        width = min(jobs, len(running) + len(ready)) or 1
-        for name in ready[: jobs - len(running)]:
-            pending.remove(name)
-            env = dict(os.environ)
-            threads = env.get("OMP_NUM_THREADS") or str(max(1, cores // width))
-            env["OMP_NUM_THREADS"] = threads
-            log_path = out / "logs" / f"{name}.log"
-            log = open(log_path, "w")
-            print(f"[{name}] $ OMP_NUM_THREADS={threads} {' '.join(shlex.quote(c) for c in commands[name])}"
-                  f"  (log: {log_path})", flush=True)
-            proc = subprocess.Popen(commands[name], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[name] = (proc, log, time.time(), log_path)
-        if not running:  # cannot happen with NEEDS acyclic; never spin
-            raise RuntimeError(f"no stage of {pending} can start")
-        time.sleep(0.2)
-        for name, (proc, log, t0, log_path) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            if proc.returncode:
-                for other, other_log, _, _ in running.values():
-                    other.terminate()
-                    other.wait()
-                    other_log.close()
-                tail = "".join(log_path.read_text(errors="replace").replace("\r", "\n").splitlines(True)[-30:])
-                raise SystemExit(f"[{name}] failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
-            finished(out, name, time.time() - t0)
+def stage(out: Path, name: str, cmd: list) -> stages.Stage:
+    return stages.Stage(name, cmd, done=lambda: stage_done(out, name), needs=NEEDS.get(name, ()), where=str(out / name))
 
 
 def main(argv=None):
@@ -220,8 +155,10 @@ def main(argv=None):
     jobs = args.jobs or auto_jobs(args.preset)
     out = Path(args.out).resolve()
     t0 = time.time()
-    run_stage("tokenizer", [sys.executable, "-m", "minialign.data.tokenizer", "--out", str(out / "tokenizer")], out,
-              args.force)
+    seconds = stages.run(stage(out, "tokenizer", [sys.executable, "-m", "minialign.data.tokenizer", "--out",
+                                                  out / "tokenizer"]), out, args.force)
+    if seconds is not None:
+        finished(out, "tokenizer", seconds)
     tok = str(out / "tokenizer/tokenizer.model")
     if not args.seeds:
         table = run_stages(out, tok, args.stages, PRESETS[args.preset], [], args.force, jobs)
@@ -283,18 +220,15 @@ def stage_commands(out: Path, tok: str) -> dict[str, list[str]]:
     }
 
 
-def run_stages(out: Path, tok: str, stages, steps: dict, extra: list[str], force: bool, jobs: int = 1) -> str:
+def run_stages(out: Path, tok: str, names, steps: dict, extra: list[str], force: bool, jobs: int = 1) -> str:
     """Every stage as its script, in order, into out/<stage>; then out/report.md. Returns the table."""
     commands = stage_commands(out, tok)
-    cmds = {stage: [*commands[stage], "--out_dir", str(out / stage), *steps.get(stage, []), *extra]
-            for stage in stages}
-    if jobs > 1:
-        run_concurrently(cmds, out, force, jobs)
-    else:
-        for stage in stages:
-            run_stage(stage, cmds[stage], out, force)
+    cmds = {name: [*commands[name], "--out_dir", str(out / name), *steps.get(name, []), *extra]
+            for name in names}
+    stages.run_all([stage(out, name, cmd) for name, cmd in cmds.items()], out, force, jobs,
+                   on_done=lambda name, seconds: finished(out, name, seconds))
     return report.write_report(out)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

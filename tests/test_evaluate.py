@@ -1,4 +1,5 @@
-"""The evaluation helper: gold-rule scores, lengths, and the sampled KL estimate to a reference."""
+"""The one evaluation (minialign.evaluation.evaluate): sampling by the RL sampler's seed rule, judges, KL from a
+forward of both models, and the default task's report built from those samples."""
 
 from pathlib import Path
 
@@ -8,7 +9,9 @@ from conftest import tiny_config
 
 from minialign.data.batching import tokenize_prompts
 from minialign.data.formats import PromptRecord, load_pretrain
-from minialign.evaluation.evaluate import evaluate_policy, gold_point, sample
+from minialign.algorithms.rollout import sample_rollout
+from minialign.evaluation.evaluate import evaluate_policy, gold_judge, gold_point, sample_and_score
+from minialign.task.gold import is_refusal, judge
 from minialign.models.decoder import CausalLM
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -21,29 +24,74 @@ def _prompts(tok):
     return tokenize_prompts(recs * 2, tok, max_prompt_len=64)
 
 
-def test_kl_to_itself_is_zero_and_to_another_model_is_not(tok):
+def _models(tok):
     torch.manual_seed(0)
     policy = CausalLM(tiny_config(tok.vocab_size)).eval()
     torch.manual_seed(1)
     other = CausalLM(tiny_config(tok.vocab_size)).eval()
-    res_self = evaluate_policy(policy, tok, _prompts(tok), max_new_tokens=8, ref_model=policy)
-    res_other = evaluate_policy(policy, tok, _prompts(tok), max_new_tokens=8, ref_model=other)
-    assert abs(res_self["sampled/kl_to_ref"]) < 1e-4  # same model: log pi - log ref = 0 on every token
-    assert res_other["sampled/kl_to_ref"] > 0.1  # two random models disagree
-    for key in ("sampled/gold_score", "greedy/gold_score", "sampled/mean_length", "sampled/eos_rate", "sampled/harmful_refusal_rate"):
-        assert key in res_self
-    assert res_self["n_prompts"] == 6 and 0 < res_self["sampled/mean_length"] <= 8
+    return policy, other
 
 
-def test_sample_judges_with_the_gold_rule(tok):
-    """A random model answers the arith prompt wrongly: the rule scores it 0; lengths are token counts."""
-    torch.manual_seed(0)
-    policy = CausalLM(tiny_config(tok.vocab_size)).eval()
-    rows = sample(policy, tok, _prompts(tok)[:3], temperature=0.0, max_new_tokens=5)
-    assert [r["kind"] for r in rows] == ["arith", "harmful", "benign"]
-    assert all(1 <= r["length"] <= 5 for r in rows)
-    res = evaluate_policy(policy, tok, _prompts(tok)[:1], max_new_tokens=5)
-    assert res["greedy/gold_score"] == 0.0  # a random 5-token reply is not "7"
+@torch.no_grad()
+def _naive_sequence_kl(policy, ref, prompt_ids, response_ids):
+    """sum_t log pi(y_t) - log ref(y_t) from one unpadded forward of [x | y] per model: no packing, no cache."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    lp = [torch.log_softmax(m(ids).float(), -1)[0, len(prompt_ids) - 1 : -1].gather(-1, torch.tensor(response_ids)[:, None])
+          for m in (policy, ref)]
+    return float((lp[0] - lp[1]).sum())
+
+
+def test_kl_is_exactly_zero_to_itself_and_equals_a_naive_forward_to_another_model(tok):
+    policy, other = _models(tok)
+    prompts = _prompts(tok)
+    same = sample_and_score(policy, tok, prompts, ref=policy, samples_per_prompt=2, max_new_tokens=8)
+    assert same.kl.shape == (12,) and torch.equal(same.kl, torch.zeros(12, dtype=torch.float64))
+    res = sample_and_score(policy, tok, prompts, ref=other, samples_per_prompt=2, max_new_tokens=8)
+    ro = res.rollout
+    for i in range(len(ro.rows)):
+        y = ro.response_ids[i][ro.response_mask[i]].tolist()
+        assert float(res.kl[i]) == pytest.approx(_naive_sequence_kl(policy, other, ro.rows[i]["prompt_ids"], y), abs=1e-4)
+    assert float(res.kl.mean()) > 0.1  # two random models disagree
+    # the same samples as the first run: one seed rule (common random numbers across policies' evaluations)
+    assert ro.completions == same.rollout.completions
+
+
+def test_judges_score_the_rollout_rows_and_the_samples_are_the_rl_samplers(tok):
+    policy, _ = _models(tok)
+    prompts = _prompts(tok)
+    res = sample_and_score(policy, tok, prompts, {"chars": lambda ro: [len(c) for c in ro.completions],
+                                                  "gold": gold_judge}, samples_per_prompt=3, max_new_tokens=6, seed=5)
+    ro = sample_rollout(policy, tok, prompts, 3, 6, 1.0, 5, 0, 0, 64)  # the RL sampler, step 0
+    assert torch.equal(res.rollout.response_ids, ro.response_ids)
+    assert res.scores["chars"].tolist() == [float(len(c)) for c in ro.completions]
+    assert res.scores["gold"].tolist() == [float(judge(r["prompt_text"], c, r["kind"], r["answer"])["correct"])
+                                           for r, c in zip(ro.rows, ro.completions)]
+    assert res.kl is None
+    with pytest.raises(ValueError, match="greedy"):
+        sample_and_score(policy, tok, prompts, ref=policy, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature 1"):
+        sample_and_score(policy, tok, prompts, ref=policy, temperature=0.7)
+
+
+def test_evaluate_policy_aggregates_its_own_samples(tok):
+    """Every number of eval.json is the mean over the same responses its examples list (6 prompts <= 8 examples)."""
+    policy, other = _models(tok)
+    res = evaluate_policy(policy, tok, _prompts(tok), max_new_tokens=8, ref_model=other)
+    ex = res["examples"]
+    assert len(ex) == res["n_prompts"] == 6
+    assert [e["kind"] for e in ex] == ["arith", "harmful", "benign"] * 2
+    mean = lambda xs: sum(xs) / len(xs)
+    assert res["sampled/gold_score"] == pytest.approx(mean([e["correct"] for e in ex]))
+    assert res["sampled/mean_length"] == pytest.approx(mean([e["length"] for e in ex]))
+    assert res["sampled/eos_rate"] == pytest.approx(mean([e["finished"] for e in ex]))
+    assert res["sampled/kl_to_ref"] == pytest.approx(mean([e["kl"] for e in ex]))
+    harmful = [e for e in ex if e["kind"] == "harmful"]
+    assert res["sampled/harmful_refusal_rate"] == pytest.approx(mean([is_refusal(e["response"]) for e in harmful]))
+    for e in ex:
+        assert e["correct"] == judge(e["prompt"], e["response"], e["kind"], e["answer"])["correct"]
+    greedy = sample_and_score(policy, tok, _prompts(tok), temperature=0.0, max_new_tokens=8)
+    assert res["greedy/mean_length"] == pytest.approx(float(greedy.rollout.lengths.double().mean()))
+    assert res["greedy/gold_score"] == 0.0  # a random model's reply is never the arithmetic answer or a refusal
 
 
 @pytest.mark.skipif(not (SHARED / "tinyshakespeare" / "input.txt").exists(), reason="../shared/data not present")

@@ -116,40 +116,6 @@ def test_seeds_run_each_seed_and_write_medians_with_the_machine(tmp_path):
     assert "2 seeds finished" in proc.stdout
 
 
-def test_concurrent_stages_wait_for_what_they_need_and_a_failure_stops_the_others(tmp_path, monkeypatch):
-    """run_concurrently: ppo starts only after rm is done, independent stages overlap, each concurrent stage gets
-    cores // running threads unless OMP_NUM_THREADS is set, and a failing stage stops the rest naming its log."""
-    from minialign.pipeline import run_concurrently
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-
-    def stage(name, seconds, code=0):  # a fake stage: records when it ran and its thread count
-        return [sys.executable, "-c", f"import os, time; t0 = time.time(); time.sleep({seconds}); "
-                f"open(r'{tmp_path}/{name}.txt', 'w').write(f'{{t0}} {{time.time()}} ' "
-                f"+ os.environ.get('OMP_NUM_THREADS', 'unset')); print('{name} says bye'); raise SystemExit({code})"]
-
-    def span(name):
-        t0, t1, threads = (tmp_path / f"{name}.txt").read_text().split()
-        return float(t0), float(t1), threads
-
-    out = tmp_path / "out"
-    run_concurrently({"rm": stage("rm", 0.5), "dpo": stage("dpo", 2.0), "ppo": stage("ppo", 0.1)}, out, False, 2)
-    rm, dpo, ppo = span("rm"), span("dpo"), span("ppo")
-    assert ppo[0] >= rm[1]  # ppo needs rm
-    assert dpo[0] < rm[1] and ppo[0] < dpo[1]  # dpo overlapped both
-    assert rm[2] == dpo[2] == ppo[2] == str(max(1, (os.cpu_count() or 1) // 2))
-    assert "rm says bye" in (out / "logs" / "rm.log").read_text()
-    assert json.loads((out / "timings.json").read_text()).keys() == {"rm", "dpo", "ppo"}
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
-    run_concurrently({"rm": stage("rm3", 0.1), "dpo": stage("dpo3", 0.1)}, tmp_path / "out3", False, 2)
-    assert span("rm3")[2] == span("dpo3")[2] == "3"
-
-    with pytest.raises(SystemExit) as err:
-        run_concurrently({"rm": stage("rm2", 30), "dpo": stage("dpo2", 0.1, code=3)}, tmp_path / "out2", False, 2)
-    assert "[dpo] failed (exit 3)" in str(err.value) and "dpo2 says bye" in str(err.value)
-    assert not (tmp_path / "rm2.txt").exists()  # stopped, not left to finish its 30 s
-
-
 def test_negative_jobs_is_refused_naming_the_flag(tmp_path, capsys):
     from minialign import pipeline
     with pytest.raises(SystemExit) as err:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Callable
 
+from minialign.errors import UserError
 from minialign.task.gold import gold_reward
 
 __all__ = ["gold_reward", "format_reward", "length_penalty", "gsm8k_reward", "extract_final_answer",
@@ -206,8 +207,8 @@ def required_fields(fn: Callable) -> list[str]:
             if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
 
-class MissingFieldError(ValueError):
-    pass
+class MissingFieldError(UserError, ValueError):
+    """A prompt record lacks a field that a reward function reads (the message names path:line)."""
 
 
 def check_fields(sources: list[RewardSource], rows: list[dict], provided: tuple[str, ...] = ROLLOUT_FIELDS,

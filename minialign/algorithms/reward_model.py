@@ -35,6 +35,7 @@ from minialign.algorithms.packing import collate_pairs, length_sorted_chunks, pa
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import DataError, load_preferences, load_prompts, read_jsonl
 from minialign.data.tokenizer import Tokenizer, load_tokenizer
+from minialign.errors import run_cli
 from minialign.training.checkpoint import load_model
 
 
@@ -211,4 +212,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

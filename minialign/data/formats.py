@@ -111,6 +111,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable, Iterator
 
+from minialign.errors import UserError
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 ROLES = ("system", "user", "assistant")
@@ -126,7 +128,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _JSON_SPACE = " \t\r\n"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is malformed. str(err) is "<path>:<line>: <what>" ("<path>: <what>" when the
     problem concerns the whole file, e.g. it is empty); in a JSON array file the 1-based record
     index follows the line: "<path>:<line>: record <n>: <what>"."""

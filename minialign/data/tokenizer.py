@@ -32,6 +32,7 @@ import sentencepiece as spm
 from minialign.data import chatml
 from minialign.data.chatml import IM_END, IM_START, PAD, ROLES, UNK
 from minialign.data.hf_tokenizer import HFTokenizer
+from minialign.errors import run_cli
 
 
 class Tokenizer:
@@ -82,6 +83,9 @@ def load_tokenizer(path):
     tokenizer.json (an HF model, or a checkpoint that started from one) -> minialign.data.hf_tokenizer.HFTokenizer
     (needs the [hf] extra). Both have the interface the scripts use."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer {p} not found (a tokenizer.model, or a folder holding tokenizer.model or "
+                                "tokenizer.json)")
     if p.is_dir() and (p / "tokenizer.json").exists():
         return HFTokenizer(p)
     return Tokenizer(p / "tokenizer.model" if p.is_dir() else p)
@@ -156,4 +160,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -41,13 +41,12 @@ from pathlib import Path
 
 import torch
 
-from minialign.algorithms.packing import response_scores
 from minialign.algorithms.reward_funcs import parse_reward_funcs
 from minialign.algorithms.roles import frozen, load_reward_model
-from minialign.algorithms.rollout import (load_rl_prompts, micro_batch_rows, rollout_forward, sample_rollout,
-                                          source_rewards)
+from minialign.algorithms.rollout import load_rl_prompts
 from minialign.data.tokenizer import load_tokenizer
-from minialign.task.gold import gold_reward
+from minialign.errors import run_cli
+from minialign.evaluation.evaluate import gold_judge, reward_funcs_judge, sample_and_score
 from minialign.training import checkpoint
 from minialign.training.runtime import Runtime
 
@@ -76,27 +75,17 @@ def points(scores: torch.Tensor, gold: torch.Tensor, ns: list[int]) -> list[dict
     return out
 
 
-@torch.no_grad()
-def sample_and_judge(model, tok, prompts: list[dict], sources, reward_model, max_n: int, max_new_tokens: int,
-                     seed: int, prompts_per_generate: int = 16) -> dict:
-    """max_n samples per prompt, judged -> {scores (P, max_n) float64, gold (P, max_n) float64, completions
-    [P][max_n] str, finished (P, max_n) bool}."""
-    scores, gold, completions, finished = [], [], [], []
-    for start in range(0, len(prompts), prompts_per_generate):
-        ro = sample_rollout(model, tok, prompts[start : start + prompts_per_generate], max_n, max_new_tokens, 1.0,
-                            seed, 0, start)
-        rm = None
-        if reward_model is not None:
-            rm = rollout_forward(lambda b: response_scores(reward_model, b), ro, micro_batch_rows(ro, 4 * max_n))
-        rewards = source_rewards(sources, ro, rm)
-        scores.append(sum(s.weight * rewards[s.name] for s in sources).view(-1, max_n))
-        gold.append(torch.tensor(gold_reward([r["prompt_text"] for r in ro.rows], ro.completions,
-                                                  [r["kind"] for r in ro.rows], [r.get("answer") for r in ro.rows]),
-                                 dtype=torch.float64).view(-1, max_n))
-        completions += [ro.completions[i : i + max_n] for i in range(0, len(ro.rows), max_n)]
-        finished.append(ro.finished.view(-1, max_n))
-    return {"scores": torch.cat(scores).cpu(), "gold": torch.cat(gold), "completions": completions,
-            "finished": torch.cat(finished).cpu()}
+def sample_and_judge(model, tok, prompts: list[dict], judge, gold, max_n: int, max_new_tokens: int, seed: int,
+                     prompts_per_generate: int = 16) -> dict:
+    """max_n samples per prompt (minialign.evaluation.evaluate.sample_and_score), scored by `judge` (the selector)
+    and `gold` (what the kept response is worth) -> {scores (P, max_n) float64, gold (P, max_n) float64,
+    completions [P][max_n] str, finished (P, max_n) bool}."""
+    samples = sample_and_score(model, tok, prompts, {"judge": judge, "gold": gold}, samples_per_prompt=max_n,
+                               max_new_tokens=max_new_tokens, seed=seed, prompts_per_generate=prompts_per_generate)
+    ro = samples.rollout
+    return {"scores": samples.scores["judge"].view(-1, max_n), "gold": samples.scores["gold"].view(-1, max_n),
+            "completions": [ro.completions[i : i + max_n] for i in range(0, len(ro.rows), max_n)],
+            "finished": ro.finished.view(-1, max_n).cpu()}
 
 
 def sft_records(prompts: list[dict], res: dict, n: int, min_score: float) -> tuple[list[dict], dict]:
@@ -160,14 +149,15 @@ def main(argv=None):
     prompts = prompts[: args.n_prompts or None]
     if any("kind" not in p for p in prompts):
         ap.error(f"{args.data}: the gold score needs the default task's 'kind' (and 'answer') fields")
-    res = sample_and_judge(model, tok, prompts, sources, reward_model, args.max_n, args.max_new_tokens, args.seed)
+    judge = reward_funcs_judge(sources, reward_model, 4 * args.max_n)
+    res = sample_and_judge(model, tok, prompts, judge, gold_judge, args.max_n, args.max_new_tokens, args.seed)
     ns = sorted({2**i for i in range(int(math.log2(args.max_n)) + 1)} | {args.max_n})
-    judge = " + ".join(f"{s.weight:g} x {s.name}" for s in sources)
-    out = {"ckpt": args.ckpt, "judge": judge, "data": args.data, "n_prompts": len(prompts), "seed": args.seed,
+    judge_name = " + ".join(f"{s.weight:g} x {s.name}" for s in sources)
+    out = {"ckpt": args.ckpt, "judge": judge_name, "data": args.data, "n_prompts": len(prompts), "seed": args.seed,
            "max_new_tokens": args.max_new_tokens, "points": points(res["scores"], res["gold"], ns)}
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out, Path(args.out_dir) / "points.json")
-    print(f"best-of-N of {args.ckpt} judged by {judge} on {len(prompts)} prompts of {args.data}:")
+    print(f"best-of-N of {args.ckpt} judged by {judge_name} on {len(prompts)} prompts of {args.data}:")
     for p in out["points"]:
         print(f"  N={p['n']:3d}  gold {p['gold_score']:.3f}  judge {p['judge_score']:.3f}  KL {p['kl_analytic']:.3f}")
     if args.sft_out:
@@ -179,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -29,6 +29,8 @@ import math
 import statistics
 from pathlib import Path
 
+from minialign.errors import run_cli
+
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo")  # the main job
 OPTIONAL_STAGES = ("online_dpo", "iterative_dpo")  # reported when their folders exist
 REPORTED = (*STAGES, *OPTIONAL_STAGES)
@@ -316,4 +318,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -57,6 +57,7 @@ import json
 import random
 from pathlib import Path
 
+from minialign.errors import run_cli
 from minialign.task.gold import KINDS, judge, summarize
 
 # Share of each kind in every file. Arithmetic dominates because it carries the graded, learnable
@@ -600,4 +601,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minialign.errors import run_cli
 from minialign.models import lora
 from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, model_config
 from minialign.training.runtime import Runtime, all_gather_object, unwrap
@@ -311,4 +312,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from minialign.data.hf_tokenizer import export_tokenizer
+from minialign.errors import run_cli
 from minialign.models.decoder import CausalLM, ScalarModel
 from minialign.models.hf_weights import hf_name, model_config_to_hf
 from minialign.training.checkpoint import load, load_model
@@ -89,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -41,7 +41,7 @@ review language and the layout. The true reward scores the review as a reader se
 data are cut to <= C tokens at a sentence end (minialign.experiments.imdb.reader.cut_continuation), so the SFT model learns to
 stop; generation allows C + 8 tokens.
 
-KL and reward (minialign.evaluation.frontier): per checkpoint, samples_per_prompt samples at temperature 1 for
+KL and reward (minialign.evaluation.evaluate): per checkpoint, samples_per_prompt samples at temperature 1 for
 each evaluation prefix, mean true reward and mean Σ_t [log π(y_t) - log π_sft(y_t)], one estimator for every
 method (best-of-N, which has no policy to sample from, uses the analytic KL as the paper's baselines do).
 
@@ -78,7 +78,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -88,18 +87,18 @@ import torch
 from tqdm import tqdm
 
 from minialign.algorithms import classifier
-from minialign.algorithms.packing import response_scores
 from minialign.algorithms.reward_funcs import classifier_reward
 from minialign.algorithms.roles import frozen, load_reward_model
-from minialign.algorithms.rollout import load_rl_prompts, micro_batch_rows, rollout_forward, sample_rollout
+from minialign.algorithms.rollout import load_rl_prompts, sample_rollout
 from minialign.data.tokenizer import load_tokenizer
+from minialign.errors import run_cli
 from minialign.evaluation import best_of_n, report
-from minialign.evaluation.frontier import sample_and_score, summarize
+from minialign.evaluation.evaluate import reward_model_judge, sample_and_score, summarize, text_judge
+from minialign.experiments import stages
 from minialign.experiments.imdb import reader
 from minialign.training import checkpoint
 from minialign.training.runtime import Runtime
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: the train_*.py scripts live here
 EVAL_SEED = 12345  # the evaluation's sampling seed, the same for every checkpoint (common random numbers)
 METHODS = ("dpo", "ppo", "ppo_gt", "grpo", "pft", "best_of_n")
 LABELS = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-GT (true reward)",
@@ -174,21 +173,6 @@ class Run:
 
 # ------------------------------------------------------------------------------------------ bookkeeping
 
-def add_time(out: Path, key: str, seconds: float) -> None:
-    """Add `seconds` to out/timings.json[key] (a stage resumed in several invocations sums its parts)."""
-    timings = report.load_timings(out)
-    report.record_timing(out, key, timings.get(key, 0.0) + seconds)
-
-
-def run_command(name: str, cmd: list) -> float:
-    """Print and run a command from the repository root; its wall seconds."""
-    cmd = [str(c) for c in cmd]
-    print(f"[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.time() - t0
-
-
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -198,8 +182,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def ckpt_step(run_dir: Path) -> int:
     """The step of run_dir/ckpt.pt (0 if none)."""
-    path = run_dir / "ckpt.pt"
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"]) if path.exists() else 0
+    state = stages.run_state(run_dir)
+    return state["step"] if state else 0
 
 
 # ---------------------------------------------------------------------------------- data, reward, prompts
@@ -221,7 +205,7 @@ def stage_classifier(reviews: dict, out: Path, scale: Scale) -> dict:
                                    "words": scale.continuation_tokens}
     classifier.save_classifier(clf, path, metrics)
     checkpoint.write_json(metrics, metrics_path)
-    add_time(out, "classifier", time.time() - t0)
+    stages.add_time(out, "classifier", time.time() - t0)
     print(f"[classifier] test accuracy {metrics['test']['accuracy']:.4f} (on the first {scale.continuation_tokens} "
           f"words of each test review {metrics['test_first_words']['accuracy']:.4f}) "
           f"in {time.time() - t0:.0f}s", flush=True)
@@ -238,9 +222,8 @@ def stage_tokenizer(reviews: dict, out: Path, scale: Scale) -> Path:
     train = reviews["train"]
     step = max(1, len(train) // scale.tokenizer_reviews)  # spread over both labels (the list is sorted by label)
     text.write_text("".join(r.text + "\n" for r in train[::step][: scale.tokenizer_reviews]), encoding="utf-8")
-    seconds = run_command("tokenizer", [sys.executable, "-m", "minialign.data.tokenizer", "--data", text,
-                                        "--vocab_size", scale.vocab_size, "--out", path.parent])
-    add_time(out, "tokenizer", seconds)
+    stages.run(stages.Stage("tokenizer", [sys.executable, "-m", "minialign.data.tokenizer", "--data", text,
+                                          "--vocab_size", scale.vocab_size, "--out", path.parent]), out, accumulate=True)
     return path
 
 
@@ -263,7 +246,7 @@ def stage_prompts(reviews: dict, tok_path: Path, out: Path, scale: Scale) -> dic
     print(f"[prompts] {len(sft)} SFT examples (continuations <= {C} tokens), {len(rl)} RL prompts (train split), "
           f"{len(ev)} evaluation prompts (test split, {sum(p.review.label for p in ev)} from positive reviews) "
           f"-> {d}")
-    add_time(out, "prompts", time.time() - t0)
+    stages.add_time(out, "prompts", time.time() - t0)
     return paths
 
 
@@ -285,9 +268,10 @@ class Evaluator:
     def point(self, ckpt_dir: Path) -> dict:
         policy = frozen(checkpoint.load_model(ckpt_dir), self.rt)
         t0 = time.time()
-        res = sample_and_score(policy, self.ref, self.tok, self.prompts, self.reward_fn, self.scale.eval_samples,
-                               self.scale.max_new_tokens, EVAL_SEED)
-        return {**summarize(res, 4, self.scale.eval_samples), "eval_seconds": round(time.time() - t0, 1)}
+        samples = sample_and_score(policy, self.tok, self.prompts, {"reward": text_judge(self.reward_fn)}, self.ref,
+                                   samples_per_prompt=self.scale.eval_samples, max_new_tokens=self.scale.max_new_tokens,
+                                   seed=EVAL_SEED)
+        return {**summarize(samples, "reward"), "eval_seconds": round(time.time() - t0, 1)}
 
 
 def write_point(path: Path, step: int, point: dict) -> None:
@@ -313,9 +297,9 @@ def run_segments(run: Run, out: Path, evaluator_fn, force: bool) -> None:
         if step < target:
             cmd = [sys.executable, *run.args, "--out_dir", run_dir, "--max_steps", run.max_steps,
                    "--stop_after_steps", target - step, *(["--resume"] if step else [])]
-            add_time(out, f"{run.name}/train", run_command(run.name, cmd))
+            stages.run(stages.Stage(run.name, cmd, timing=f"{run.name}/train"), out, accumulate=True)
         point = evaluator_fn().point(run_dir)
-        add_time(out, f"{run.name}/eval", point["eval_seconds"])
+        stages.add_time(out, f"{run.name}/eval", point["eval_seconds"])
         write_point(point_path, target, {**point, "method": run.method, "seed": run.seed, **run.info})
         print(f"[{run.name}] step {target}: true reward {point['reward']:.3f} ± {point['reward_se']:.3f}, "
               f"KL {point['kl']:.2f} ± {point['kl_se']:.2f} nats, length {point['mean_length']:.1f}", flush=True)
@@ -374,7 +358,7 @@ def stage_prefs(out: Path, paths: dict, scale: Scale, evaluator: Evaluator) -> d
     write_jsonl(result["pairs_eval"], pairs_eval)
     write_jsonl(result["pft"], pft)
     checkpoint.write_json(stats, d / "stats.json")
-    add_time(out, "prefs", time.time() - t0)
+    stages.add_time(out, "prefs", time.time() - t0)
     print(f"[prefs] {stats['train_pairs']} training pairs, {stats['eval_pairs']} held-out pairs from "
           f"{stats['prefixes']} prefixes x {K} samples (mean true reward {stats['mean_sample_reward']:.3f}, of the "
           f"best per prefix {stats['mean_best_reward']:.3f}) in {time.time() - t0:.0f}s -> {d}", flush=True)
@@ -395,26 +379,19 @@ def stage_best_of_n(out: Path, scale: Scale, evaluator: Evaluator) -> None:
     ev, M, chunk = evaluator, scale.bon_max_n, max(1, 1024 // scale.bon_max_n)
     rm = load_reward_model(str(out / "rm"), ev.rt, "python -m minialign.experiments.imdb")
     prompts = ev.prompts[: scale.bon_prefixes]
-    scores, true, examples = [], [], []
-    for start in tqdm(range(0, len(prompts), chunk), desc=f"best-of-{M}: sampling and judging"):
-        ro = sample_rollout(ev.ref, ev.tok, prompts[start : start + chunk], M, scale.max_new_tokens, 1.0, EVAL_SEED,
-                            0, start, chunk)
-        scores.append(rollout_forward(lambda b: response_scores(rm, b), ro, micro_batch_rows(ro, 4 * M))
-                      .double().view(-1, M).cpu())
-        r = torch.tensor(ev.reward_fn([x["prompt_text"] for x in ro.rows], ro.completions), dtype=torch.float64)
-        true.append(r.view(-1, M))
-        if not examples:
-            keep = best_of_n.best_indices(scores[-1], M)
-            examples = [{"prompt": ro.rows[b * M]["prompt_text"], "completion": ro.completions[b * M + int(k)],
-                         "reward": float(true[-1][b, k])} for b, k in enumerate(keep[:4])]
-    scores, true = torch.cat(scores), torch.cat(true)
+    res = best_of_n.sample_and_judge(ev.ref, ev.tok, prompts, reward_model_judge(rm, 4 * M), text_judge(ev.reward_fn),
+                                     M, scale.max_new_tokens, EVAL_SEED, prompts_per_generate=chunk)
+    scores, true = res["scores"], res["gold"]
+    keep = best_of_n.best_indices(scores[:chunk], M)
+    examples = [{"prompt": prompts[b]["prompt_text"], "completion": res["completions"][b][int(k)],
+                 "reward": float(true[b, k])} for b, k in enumerate(keep[:4])]
     ns = sorted({2**i for i in range(int(math.log2(M)) + 1)} | {M})
     res = {"n_prompts": len(prompts), "max_n": M, "seed": EVAL_SEED, "examples": examples,
            "points": best_of_n.points(scores, true, ns), "oracle_points": best_of_n.points(true, true, ns),
            "seconds": round(time.time() - t0, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(res, path)
-    add_time(out, "best_of_n", time.time() - t0)
+    stages.add_time(out, "best_of_n", time.time() - t0)
     print("[best_of_n] " + ", ".join(f"N={p['n']} reward {p['gold_score']:.3f} (KL {p['kl_analytic']:.2f})"
                                      for p in res["points"]) + f" in {time.time() - t0:.0f}s", flush=True)
 
@@ -659,11 +636,11 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
     if not (sft_dir / "frontier" / "final.json").exists():
         if ckpt_step(sft_dir) < scale.sft_steps:
             resume = ["--resume"] if ckpt_step(sft_dir) else []
-            add_time(out, "sft/train", run_command("sft", [
+            stages.run(stages.Stage("sft", timing="sft/train", cmd=[
                 sys.executable, "train_sft.py", "--tokenizer", tok_path, "--preset", scale.preset, "--data",
                 paths["sft"], "--eval_data", "", "--max_len", 96, "--max_steps", scale.sft_steps, "--micro_batch_size",
                 32, "--grad_accum", max(1, scale.sft_batch // 32), "--lr", scale.sft_lr, "--warmup_steps",
-                min(20, scale.sft_steps // 10), "--out_dir", sft_dir, *resume]))
+                min(20, scale.sft_steps // 10), "--out_dir", sft_dir, *resume]), out, accumulate=True)
     evaluator = None
 
     def get_evaluator():
@@ -674,7 +651,7 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
 
     if not (sft_dir / "frontier" / "final.json").exists():
         point = get_evaluator().point(sft_dir)
-        add_time(out, "sft/eval", point["eval_seconds"])
+        stages.add_time(out, "sft/eval", point["eval_seconds"])
         write_point(sft_dir / "frontier" / "final.json", scale.sft_steps, {**point, "method": "sft", "seed": 0})
         print(f"[sft] true reward {point['reward']:.3f} ± {point['reward_se']:.3f}, KL {point['kl']:.2g}, "
               f"length {point['mean_length']:.1f}, <|im_end|> rate {point['eos_rate']:.2f}", flush=True)
@@ -686,10 +663,10 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
         rm_dir = out / "rm"
         step = ckpt_step(rm_dir)
         if step < scale.rm_steps:
-            add_time(out, "rm", run_command("rm", [
+            stages.run(stages.Stage("rm", cmd=[
                 sys.executable, "train_rm.py", "--init_from", sft_dir, "--data", prefs["pairs"], "--eval_data",
                 prefs["pairs_eval"], "--max_steps", scale.rm_steps, "--eval_every", 0, "--warmup_steps",
-                min(10, scale.rm_steps // 10), "--out_dir", rm_dir, *(["--resume"] if step else [])]))
+                min(10, scale.rm_steps // 10), "--out_dir", rm_dir, *(["--resume"] if step else [])]), out, accumulate=True)
         else:
             print(f"[rm] already done in {rm_dir}, skipping")
     for run in method_runs(out, paths, prefs, scale, seeds, methods):
@@ -721,4 +698,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
