@@ -275,7 +275,7 @@ def main(argv=None):
     model = runtime.wrap_ddp(model, rt, cfg.compile)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
-    def sft_reference():  # the SFT model for KL: the live reference while it is still that model, else a fresh copy
+    def kl_reference():  # the SFT model for KL: the live reference while it is still that model, else a fresh copy
         if ref_model is not None and not cfg.ref_update_every:
             return ref_model
         return sft_reference(model, cfg, rt)  # LoRA: the adapters-off policy
@@ -284,7 +284,7 @@ def main(argv=None):
     eval_prompts = gold_ref = None
     if cfg.eval_data and rt.is_main:
         eval_prompts = load_eval_prompts(cfg.eval_data, tok, 0, cfg.eval_max_new_tokens, model.cfg.max_seq_len)
-        gold_ref = sft_reference() if cfg.gold_eval_every else None
+        gold_ref = kl_reference() if cfg.gold_eval_every else None
 
     # ---- train
     model.train()
@@ -330,7 +330,7 @@ def main(argv=None):
             checkpoint.write_json(res, f"{cfg.out_dir}/eval_pairs.json")
         if eval_prompts:
             res = evaluate_policy(policy, tok, eval_prompts[:cfg.eval_prompts or None], cfg.eval_max_new_tokens,
-                                  gold_ref or sft_reference())
+                                  gold_ref or kl_reference())
             checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
             log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
             before = Path(cfg.init_from) / "eval.json"

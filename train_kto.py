@@ -186,10 +186,10 @@ def main(argv=None):
         ref_table = precompute_reference(ref_model, examples, tok.pad_id, cfg, rt)
         ref_model = None  # freed: one model in memory while training
 
-    def sft_reference():  # the SFT model for KL: the live reference, or loaded again if precompute freed it
+    def kl_reference():  # the SFT model for KL: the live reference, or loaded again if precompute freed it
         return ref_model if ref_model is not None else sft_reference(model, cfg, rt)
 
-    gold_ref = sft_reference() if eval_prompts and cfg.gold_eval_every else None
+    gold_ref = kl_reference() if eval_prompts and cfg.gold_eval_every else None
 
     # ---- optimizer, resume
     optimizer = loop.make_optimizer(model, cfg, rt)
@@ -231,7 +231,7 @@ def main(argv=None):
     # ---- evaluate with the gold rule, KL measured against the SFT model
     if eval_prompts:
         res = evaluate_policy(runtime.unwrap(model).eval(), tok, eval_prompts[:cfg.eval_prompts or None],
-                              cfg.eval_max_new_tokens, gold_ref or sft_reference())
+                              cfg.eval_max_new_tokens, gold_ref or kl_reference())
         checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
         log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
         print(f"kto eval on {res['n_prompts']} held-out prompts: {format_result(res)}")

@@ -16,8 +16,7 @@ import torch
 from conftest import DigitTok, tiny_model
 
 from minialign.algorithms import classifier, reward_funcs
-from minialign.algorithms.rollout import sample_rollout
-from minialign.evaluation import frontier
+from minialign.evaluation.evaluate import sample_and_score, summarize, text_judge
 from minialign.experiments.imdb import reader
 from minialign.experiments.imdb import run as experiment
 
@@ -226,38 +225,27 @@ def exact_kl(policy, ref, prompt: list[int], max_new_tokens: int, eos: int, voca
     return total
 
 
-def test_sequence_kl_is_zero_for_identical_models_and_matches_brute_force():
+def test_sequence_kl_monte_carlo_mean_converges_to_the_exact_kl():
+    """The frontier's KL axis: the mean of sample_and_score's per-sample k1 values over many samples is the exact
+    KL(pi || ref), enumerated over every response of <= 2 tokens."""
     V = 8
     policy, ref = tiny_model(0, vocab_size=V), tiny_model(1, vocab_size=V)
     with torch.no_grad():
         policy.backbone.norm.weight.mul_(4)  # sharper logits than the random init's: a KL far from 0
     tok = DigitTok()
     prompts = [{"prompt_ids": [5, 6, 1], "prompt_text": "a"}, {"prompt_ids": [2, 7], "prompt_text": "b"}]
-    reward = lambda p, c: [float(len(x)) for x in c]  # noqa: E731
-    same = frontier.sample_and_score(policy, policy, tok, prompts, reward, samples_per_prompt=8, max_new_tokens=3)
-    assert same["kl"].abs().max() == 0.0  # both log-probs from the same forward: exactly 0
-    # each sample's k1 value is Σ_t log π - log ref of that very sequence, by a plain forward of [x y]
-    res = frontier.sample_and_score(policy, ref, tok, prompts, reward, samples_per_prompt=4, max_new_tokens=3)
-    ro = sample_rollout(policy, tok, prompts, 4, 3, 1.0, 0, 0, 0, 64)
-    for i, row in enumerate(ro.rows):
-        y, x = ro.response_ids[i][ro.response_mask[i]].tolist(), row["prompt_ids"]
-        by_hand = 0.0
-        for model, sign in ((policy, 1), (ref, -1)):
-            with torch.no_grad():
-                lp = torch.log_softmax(model(torch.tensor([x + y]))[0].float(), -1)  # (T, V)
-            by_hand += sign * sum(float(lp[len(x) - 1 + t, v]) for t, v in enumerate(y))  # column P-1+t predicts y_t
-        assert float(res["kl"][i]) == pytest.approx(by_hand, abs=1e-4)
-    # the Monte-Carlo mean converges to the exact KL (enumerated: 8 + 8^2 + ... sequences of <= 2 tokens)
+    reward = text_judge(lambda p, c: [float(len(x)) for x in c])
     n = 1500
-    many = frontier.sample_and_score(policy, ref, tok, prompts[:1], reward, samples_per_prompt=n, max_new_tokens=2,
-                                     seed=3, micro_batch_size=n)
+    many = sample_and_score(policy, tok, prompts[:1], {"reward": reward}, ref, samples_per_prompt=n,
+                            max_new_tokens=2, seed=3, micro_batch_size=n)
     exact = exact_kl(policy, ref, prompts[0]["prompt_ids"], 2, DigitTok.eos_id, V)
-    se = float(many["kl"].std()) / math.sqrt(n)
-    assert exact > 0.3 and abs(float(many["kl"].mean()) - exact) < 4 * se
-    s = frontier.summarize(res, n_examples=2, stride=4)
+    se = float(many.kl.std()) / math.sqrt(n)
+    assert exact > 0.3 and abs(float(many.kl.mean()) - exact) < 4 * se
+    res = sample_and_score(policy, tok, prompts, {"reward": reward}, ref, samples_per_prompt=4, max_new_tokens=3)
+    s = summarize(res, "reward", n_examples=2)
     assert s["n_samples"] == 8 and [e["prompt"] for e in s["examples"]] == ["a", "b"]
-    assert s["reward"] == pytest.approx(float(res["reward"].mean()))
-    assert s["kl"] == pytest.approx(float(res["kl"].mean()))
+    assert s["reward"] == pytest.approx(float(res.scores["reward"].mean()))
+    assert s["kl"] == pytest.approx(float(res.kl.mean()))
 
 
 # ------------------------------------------------------------------------------------- the whole experiment
