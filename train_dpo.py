@@ -60,9 +60,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from minialign.algorithms.packing import collate_pairs, length_sorted_chunks, pair_count, pair_lengths
-from minialign.algorithms.preference import pair_logps
+from minialign.algorithms.preference import (DEFAULT_BETA, LENGTH_AVERAGED, LOSS_TYPES, REFERENCE_FREE, pair_logps,
+                                            preference_terms, reference_logps, used_logps)
 from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import load_preferences
@@ -74,12 +74,6 @@ from minialign.training import checkpoint, logger, loop, runtime
 from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, in_range, knob,
                                        non_negative, one_of, parse_config)
 
-LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "cpo", "orpo")
-REFERENCE_FREE = ("simpo", "cpo", "orpo")
-LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # these use mean token log-probs, the others sums
-# β where --beta is 0. sigmoid: tuned on the default task (see the docstring); robust and hinge share its scale
-# (summed log-ratios), so its value; ipo: 1/(2β) = 0.5 nat per token target; simpo, cpo, orpo: their papers
-DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1}
 
 
 @dataclass
@@ -122,35 +116,6 @@ class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
 
 
 # ------------------------------------------------------------------------------------------ the loss
-
-def used_logps(pl, loss_type):
-    """(chosen, rejected) log-probs the loss type works with: length-averaged or summed."""
-    if loss_type in LENGTH_AVERAGED:
-        return pl.chosen_logps_avg, pl.rejected_logps_avg
-    return pl.chosen_logps, pl.rejected_logps
-
-
-def reference_logps(ref_model, batch, cfg):
-    """(ref_chosen, ref_rejected) (B,): precomputed ones from the batch, else a no-grad forward."""
-    if "ref_chosen_logps" in batch:
-        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    with torch.no_grad():
-        return used_logps(pair_logps(ref_model, batch), cfg.loss_type)
-
-
-def preference_terms(cfg, policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, ref_chosen_logps,
-                     ref_rejected_logps):
-    """-> per-pair losses (B,), chosen and rejected implicit rewards (B,), detached."""
-    t, beta, eps = cfg.loss_type, cfg.beta, cfg.label_smoothing
-    if t in DPO_LOSS_TYPES:
-        return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, t, eps)
-    if t == "simpo":
-        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta, cfg.simpo_gamma_beta_ratio, eps)
-    if t == "cpo":
-        return cpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, beta, cfg.cpo_alpha, "sigmoid",
-                        eps)
-    return orpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, beta)
-
 
 def pair_loss(model, batch, ref_model, cfg):
     """Summed loss over the batch's pairs and TRL's metrics summed over pairs (loop.train_step divides)."""

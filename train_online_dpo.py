@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from minialign.algorithms.losses import DPO_LOSS_TYPES, dpo_loss
 from minialign.algorithms.packing import collate_pairs, pair_count, pair_lengths, response_logps, response_scores
-from minialign.algorithms.preference import pair_logps
+from minialign.algorithms.preference import best_and_worst, pair_logps
 from minialign.algorithms.reward_funcs import parse_reward_funcs
 from minialign.algorithms.roles import disable_dropout, frozen, load_reward_model
 from minialign.algorithms.rollout import (load_rl_prompts, micro_batch_rows, rollout_forward, sample_rollout,
@@ -136,13 +136,6 @@ class Config(TrainConfig, GoldCurveConfig):
 
 
 # ---------------------------------------------------------------------------------------- pairs
-
-def best_and_worst(scores: torch.Tensor, group_size: int):
-    """scores (B*K,) of B prompts' K responses (rows b*K .. b*K + K - 1) -> best (B,), worst (B,) indices
-    within each group (the first of equal scores), keep (B,) bool: False where all K scores are equal."""
-    grouped = scores.view(-1, group_size)  # (B, K)
-    return grouped.argmax(1), grouped.argmin(1), grouped.amax(1) > grouped.amin(1)
-
 
 @torch.no_grad()
 def sample_pairs(policy, ref_model, reward_model, tok, prompts, sources, sample_step, rt, cfg):

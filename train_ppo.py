@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from minialign.algorithms.advantages import whiten_all_ranks
+from minialign.algorithms.advantages import token_rewards, whiten_all_ranks
 from minialign.algorithms.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from minialign.algorithms.packing import response_logps, response_scores, response_values
 from minialign.algorithms.reward_funcs import parse_reward_funcs
@@ -134,23 +134,6 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, batch: dict, temperature: float):
         return response_logps(self.policy, batch, temperature), response_values(self.value, batch)
-
-
-def token_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float):
-    """Per-token rewards r_t = -kl_coef · kl_t, plus the sequence score at the LAST response token.
-
-    scores (B,) float; kl (B, N) per-token KL estimates; response_mask (B, N) bool, True for each row's
-    first L_b positions (right-padded, contiguous, L_b >= 1). Returns (rewards (B, N), non_score_reward
-    (B, N)), both 0 at pads; the score sits at column L_b - 1, the last real token, never on a pad.
-    """
-    lengths = response_mask.sum(-1)  # (B,) L_b
-    columns = torch.arange(response_mask.shape[1], device=lengths.device)
-    if not bool((lengths >= 1).all()) or not torch.equal(response_mask, columns < lengths[:, None]):
-        raise ValueError("response_mask must be right-padded and non-empty in every row")
-    non_score_reward = (-kl_coef * kl).masked_fill(~response_mask, 0.0)  # r_t = -β kl_t
-    last = (lengths - 1)[:, None]  # (B, 1) column of the last response token
-    rewards = non_score_reward.scatter_add(1, last, scores[:, None].to(non_score_reward.dtype))  # r_{L-1} += s
-    return rewards, non_score_reward
 
 
 def epoch_minibatches(ro, step: int, epoch: int, rt, cfg) -> list[list[list[int]]]:

@@ -4,6 +4,7 @@ step_advantages computes the --advantage_estimator (grpo, rloo, reinforce_pp, re
 pure functions of minialign.algorithms.losses) on the rows of EVERY rank and keeps this rank's, so a 2-process
 run equals a 1-process one; greedy_rewards is ReMax's baseline; rollout_metrics names the step's reward and
 completion statistics as TRL does. completion_mask and count_units say which tokens and units a loss counts.
+PPO's pieces (train_ppo.py): token_rewards, the KL-shaped per-token reward; whiten_all_ranks over every rank's rows.
 """
 
 from __future__ import annotations
@@ -88,6 +89,23 @@ def rollout_metrics(g: dict, sources, group_size: int) -> dict:
             "completions/min_length": float(g["length"].min()),
             "completions/max_length": float(g["length"].max()),
             "completions/clipped_ratio": float(1 - g["finished"].mean())}  # no <|im_end|> within max_new_tokens
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float):
+    """PPO's per-token rewards: r_t = -kl_coef · kl_t, plus the sequence score at the LAST response token.
+
+    scores (B,) float; kl (B, N) per-token KL estimates; response_mask (B, N) bool, True for each row's
+    first L_b positions (right-padded, contiguous, L_b >= 1). Returns (rewards (B, N), non_score_reward
+    (B, N)), both 0 at pads; the score sits at column L_b - 1, the last real token, never on a pad.
+    """
+    lengths = response_mask.sum(-1)  # (B,) L_b
+    columns = torch.arange(response_mask.shape[1], device=lengths.device)
+    if not bool((lengths >= 1).all()) or not torch.equal(response_mask, columns < lengths[:, None]):
+        raise ValueError("response_mask must be right-padded and non-empty in every row")
+    non_score_reward = (-kl_coef * kl).masked_fill(~response_mask, 0.0)  # r_t = -β kl_t
+    last = (lengths - 1)[:, None]  # (B, 1) column of the last response token
+    rewards = non_score_reward.scatter_add(1, last, scores[:, None].to(non_score_reward.dtype))  # r_{L-1} += s
+    return rewards, non_score_reward
 
 
 def whiten_all_ranks(x: torch.Tensor, mask: torch.Tensor, rt, shift_mean: bool = True) -> torch.Tensor:

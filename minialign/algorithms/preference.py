@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minialign.algorithms.losses import sequence_logps
+from minialign.algorithms.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from minialign.algorithms.packing import pack, response_logps
 from minialign.data.batching import tokenize_preferences
 from minialign.data.formats import PreferencePair, UnpairedRecord
@@ -51,6 +51,56 @@ def pair_logps(model, batch: dict) -> PairLogps:
     total, avg, logit_mean = (t.view(-1, 2) for t in completion_logps(model, batch))  # (B, 2) each
     return PairLogps(total[:, 0], total[:, 1], avg[:, 0], avg[:, 1], -avg[:, 0], logit_mean[:, 0], logit_mean[:, 1])
 
+
+# ------------------------------------------------------------------------ the DPO family's loss (train_dpo.py)
+
+LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "cpo", "orpo")  # train_dpo.py's --loss_type
+REFERENCE_FREE = ("simpo", "cpo", "orpo")
+LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # these use mean token log-probs, the others sums
+# β where --beta is 0. sigmoid: tuned on the default task (see train_dpo.py's docstring); robust and hinge share its
+# scale (summed log-ratios), so its value; ipo: 1/(2β) = 0.5 nat per token target; simpo, cpo, orpo: their papers
+DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1}
+
+
+def used_logps(pl: PairLogps, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs the loss type works with: length-averaged or summed."""
+    if loss_type in LENGTH_AVERAGED:
+        return pl.chosen_logps_avg, pl.rejected_logps_avg
+    return pl.chosen_logps, pl.rejected_logps
+
+
+def reference_logps(ref_model, batch: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref_chosen, ref_rejected) (B,): precomputed ones from the batch, else a no-grad forward."""
+    if "ref_chosen_logps" in batch:
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    with torch.no_grad():
+        return used_logps(pair_logps(ref_model, batch), cfg.loss_type)
+
+
+def preference_terms(cfg, policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, ref_chosen_logps,
+                     ref_rejected_logps):
+    """The --loss_type's loss from minialign.algorithms.losses -> per-pair losses (B,), chosen and rejected implicit
+    rewards (B,), detached. cfg: loss_type, beta, label_smoothing, simpo_gamma_beta_ratio, cpo_alpha (train_dpo.py's)."""
+    t, beta, eps = cfg.loss_type, cfg.beta, cfg.label_smoothing
+    if t in DPO_LOSS_TYPES:
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, t, eps)
+    if t == "simpo":
+        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta, cfg.simpo_gamma_beta_ratio, eps)
+    if t == "cpo":
+        return cpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, beta, cfg.cpo_alpha, "sigmoid",
+                        eps)
+    return orpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, beta)
+
+
+def best_and_worst(scores: torch.Tensor, group_size: int):
+    """Online DPO's pair of each prompt (train_online_dpo.py): scores (B*K,) of B prompts' K responses (rows
+    b*K .. b*K + K - 1) -> best (B,), worst (B,) indices within each group (the first of equal scores),
+    keep (B,) bool: False where all K scores are equal."""
+    grouped = scores.view(-1, group_size)  # (B, K)
+    return grouped.argmax(1), grouped.argmin(1), grouped.amax(1) > grouped.amin(1)
+
+
+# ------------------------------------------------------------------------------------ single rows (KTO)
 
 def collate_completions(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
     """(prompt, completion) rows -> a packed batch of plain rows (G = 1), for completion_logps."""
