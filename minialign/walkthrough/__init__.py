@@ -33,7 +33,8 @@ from minialign.walkthrough.context import prepare
 from minialign.walkthrough.trace import Trace
 
 ALGOS = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "online_dpo")
-DEFAULT_BATCH = {"sft": 4, "rm": 4, "dpo": 4, "kto": 4, "ppo": 4, "grpo": 4, "online_dpo": 4}
+DEFAULT_BATCH = {"sft": 4, "rm": 4, "dpo": 4, "kto": 4, "ppo": 4, "grpo": 4, "online_dpo": 8}
+DEFAULT_GENERATIONS = {"grpo": 8, "online_dpo": 4}  # the scripts' --num_generations
 LOSS_TYPE_CHOICES = {"dpo": LOSS_TYPES, "online_dpo": DPO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}
 
 
@@ -55,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
                                                       f"{' | '.join(DPO_LOSS_TYPES)}; grpo: {' | '.join(GRPO_LOSS_TYPES)}")
     ap.add_argument("--label_smoothing", type=float, default=0.0, help="dpo: ε of cDPO (sigmoid) / rDPO (robust)")
     ap.add_argument("--advantage_estimator", default="grpo", choices=ADVANTAGE_ESTIMATORS, help="grpo's baseline")
-    ap.add_argument("--num_generations", type=int, default=4, help="grpo G / online_dpo K: samples per prompt")
+    ap.add_argument("--num_generations", type=int, default=0, help="grpo G / online_dpo K: samples per prompt (0 = the "
+                                                                   f"script's: {DEFAULT_GENERATIONS})")
     ap.add_argument("--max_new_tokens", type=int, default=32, help="ppo / grpo / online_dpo generation budget "
                                                                   "(the scripts' 32)")
     ap.add_argument("--rows", type=int, default=0, help="token rows per table (0 = every token of the response)")
@@ -87,6 +89,8 @@ def walk(argv: list[str], echo: bool = True, log=sys.stderr) -> Trace:
         tr = Trace(echo)
         batch = args.batch or DEFAULT_BATCH[args.algo]
         common = {"lr": args.lr, "batch_size": batch, "rows": args.rows}
+        sampled = {"num_generations": args.num_generations or DEFAULT_GENERATIONS.get(args.algo, 0),
+                   "max_new_tokens": args.max_new_tokens}
         if args.algo == "sft":
             offline.walk_sft(ctx, tr, **common)
         elif args.algo == "rm":
@@ -99,11 +103,10 @@ def walk(argv: list[str], echo: bool = True, log=sys.stderr) -> Trace:
         elif args.algo == "ppo":
             online.walk_ppo(ctx, tr, kl_coef=args.beta, max_new_tokens=args.max_new_tokens, **common)
         elif args.algo == "grpo":
-            online.walk_grpo(ctx, tr, args.advantage_estimator, args.loss_type or "grpo", beta=args.beta,
-                             num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, **common)
+            online.walk_grpo(ctx, tr, args.advantage_estimator, args.loss_type or "grpo", beta=args.beta, **sampled,
+                             **common)
         else:
-            online.walk_online_dpo(ctx, tr, args.loss_type or "sigmoid", args.beta or 0.0,
-                                   num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, **common)
+            online.walk_online_dpo(ctx, tr, args.loss_type or "sigmoid", args.beta or 0.0, **sampled, **common)
     finally:
         torch.set_num_threads(threads)
     return tr

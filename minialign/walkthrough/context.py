@@ -45,7 +45,7 @@ SCRIPT_DEFAULTS = {
 MAX_GRAD_NORM = 1.0  # every script's --max_grad_norm
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyRecipe:
     """How the tiny SFT model is made (saved as its checkpoint's config)."""
     vocab_size: int = 1024
@@ -90,12 +90,13 @@ def first_step_indices(n: int, batch_size: int, seed: int, rt) -> list[int]:
 _TINY: dict = {}
 
 
-def tiny_sft(data_dir: Path, log=None) -> str:
-    """The tiny SFT checkpoint folder (trained once per process, in a temporary folder removed at exit)."""
-    if "path" in _TINY:
-        return _TINY["path"]
+def tiny_sft(data_dir: Path, log=None, recipe: TinyRecipe = TinyRecipe(), fresh: bool = False) -> str:
+    """The tiny SFT checkpoint folder, trained once per process and recipe (fresh: again) in a temporary folder
+    removed at exit."""
+    if recipe in _TINY and not fresh:
+        return _TINY[recipe]
     t0 = time.time()
-    r = TinyRecipe()
+    r = recipe
     out = Path(tempfile.mkdtemp(prefix="minialign_walkthrough_"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     convs = load_sft(str(data_dir / "sft_train.jsonl"))
@@ -121,11 +122,11 @@ def tiny_sft(data_dir: Path, log=None) -> str:
         torch.set_num_threads(threads)
     checkpoint.save(out / "sft", model=model, optimizer=None, scaler=None, step=r.steps, cfg=r,
                     tokenizer_path=tok.path, finished=True)
-    _TINY["path"] = str(out / "sft")
+    _TINY[r] = str(out / "sft")
     if log is not None:
         print(f"[walkthrough] tiny SFT model: {model.num_params() / 1e6:.2f}M parameters, {r.steps} steps, final "
               f"loss {metrics['loss']:.3f}, trained in {time.time() - t0:.1f}s", file=log)
-    return _TINY["path"]
+    return _TINY[r]
 
 
 @dataclass
@@ -151,7 +152,7 @@ def prepare(ckpt: str = "", reward_model: str | None = None, tiny: bool = False,
     data_dir = Path(data_dir) if data_dir else (REPO_DATA if REPO_DATA.exists() else Path("data"))
     use_tiny = tiny or (not ckpt and not (Path("out/sft") / "ckpt.pt").exists())
     if use_tiny:
-        if log is not None and not tiny and "path" not in _TINY:
+        if log is not None and not tiny and TinyRecipe() not in _TINY:
             print("[walkthrough] no --ckpt and no out/sft: training a tiny SFT model (seconds; rough text)", file=log)
         path = tiny_sft(data_dir, log)
     else:

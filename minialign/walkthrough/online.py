@@ -166,7 +166,7 @@ def walk_ppo(ctx: Context, tr: Trace, kl_coef: float | None = None, lr: float = 
     tr.scalar("grad_norm", metrics["grad_norm"], "policy and value together, before clipping at 1.0")
     tr.keep("update_loss", metrics["loss"])
 
-    tr.section("the next epoch's forward on the same rollout: ratio, clipping, value clipping")
+    tr.section("after the step: the next epoch's forward on the same rollout (ratio, clipping)")
     with torch.no_grad():
         new_logps = rollout_forward(lambda b: response_logps(policy, b, T), ro, mb_rows)
         new_values = rollout_forward(lambda b: response_values(value, b), ro, mb_rows)
@@ -307,7 +307,8 @@ def walk_grpo(ctx: Context, tr: Trace, estimator: str = "grpo", loss_type: str =
         return policy_gradient_loss(logps, logps, ref_all, A_tok, mask, eps_low, eps_high, beta_loss, loss_t,
                                     max_new_tokens, normalizer)
 
-    show = int((signal & counted).nonzero()[0])  # the first response that moves
+    moving = (signal & counted).nonzero().flatten().tolist() or counted.nonzero().flatten().tolist() or [0]
+    show = moving[0]  # the first response that moves (else the first that counts)
     ids = ro.response_ids[show][ro.response_mask[show]].tolist()
     n = len(ids) if not rows else min(rows, len(ids))
     ell = per_token(lambda one: pg(one, "dapo", 1)[0], loss_mask, show)
