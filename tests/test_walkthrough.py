@@ -228,8 +228,11 @@ def test_ppo_gae_table_equals_gae_and_the_ratio_table_equals_the_losses():
     # the second epoch's table: ℓ_t = max(-Â ratio, -Â clip(ratio)); the printed losses are their token means
     ratio, Ah = v["ratio"], v["advantages"]
     pg = torch.max(-Ah * ratio, -Ah * ratio.clamp(0.8, 1.2))
-    m0 = mask[0]
-    assert torch.allclose(v["pg_token_0"][m0], pg[0][m0], atol=1e-6)
+    k = v["clipped_response"]
+    assert torch.allclose(v["pg_token"][mask[k]], pg[k][mask[k]], atol=1e-6)
+    v_clip = v["values"] + (v["new_values"] - v["values"]).clamp(-0.2, 0.2)
+    vf = 0.5 * torch.max((v["new_values"] - v["returns"]) ** 2, (v_clip - v["returns"]) ** 2)
+    assert torch.allclose(v["vf_token"][mask[k]], vf[k][mask[k]], atol=1e-6)
     loss, _ = L.ppo_policy_loss(v["new_logps"], v["old_logps"], Ah, mask, 0.2)
     assert float(loss) == pytest.approx(float(pg[mask].mean()), abs=1e-5)
     assert float(loss) == pytest.approx(printed_scalar(tr, "ppo_policy_loss"), abs=1e-4)

@@ -172,26 +172,31 @@ def walk_ppo(ctx: Context, tr: Trace, kl_coef: float | None = None, lr: float = 
         new_values = rollout_forward(lambda b: response_values(value, b), ro, mb_rows)
         pg_loss, pg = ppo_policy_loss(new_logps, b_old_logps, b_whitened, mask, eps)
         vf_loss, vf = ppo_value_loss(new_values, b_values, b_returns, mask, eps_v)
-        pg_t = per_token(lambda one: ppo_policy_loss(new_logps, b_old_logps, b_whitened, one, eps, normalizer=1)[0],
-                         mask, 0)
-        vf_t = per_token(lambda one: ppo_value_loss(new_values, b_values, b_returns, one, eps_v, normalizer=1)[0],
-                         mask, 0)
     ratio = torch.exp(new_logps - b_old_logps).masked_fill(~mask, 1.0)  # r_t(θ) = π / π_old
     clipped = ratio.clamp(1 - eps, 1 + eps)
-    tr.line(f"  response 0: ℓ_t = max(-Â_t · ratio, -Â_t · clip(ratio, {1 - eps:g}, {1 + eps:g}))")
+    is_clipped = (-b_whitened * clipped > -b_whitened * ratio) & mask  # the clipped branch is the larger loss
+    k = int(is_clipped.sum(-1).argmax())  # the response with the most clipped tokens (0 if none is clipped)
+    with torch.no_grad():
+        pg_t = per_token(lambda one: ppo_policy_loss(new_logps, b_old_logps, b_whitened, one, eps, normalizer=1)[0],
+                         mask, k)
+        vf_t = per_token(lambda one: ppo_value_loss(new_values, b_values, b_returns, one, eps_v, normalizer=1)[0],
+                         mask, k)
+    rk = ro.response_ids[k][mask[k]].tolist()
+    nk = len(rk) if not rows else min(rows, len(rk))
+    tr.line(f"  response {k}, the one with the most clipped tokens:")
+    tr.line(f"  ℓ_t = max(-Â_t · ratio, -Â_t · clip(ratio, {1 - eps:g}, {1 + eps:g}))")
     tr.table(["t", "token", "Â_t", "ratio", "-Â·ratio", "-Â·clip", "ℓ_t", "clipped"],
-             [[str(t), piece(tok, r0[t]), float(b_whitened[0, t]), float(ratio[0, t]),
-               float(-b_whitened[0, t] * ratio[0, t]), float(-b_whitened[0, t] * clipped[0, t]), float(pg_t[t]),
-               "yes" if -b_whitened[0, t] * clipped[0, t] > -b_whitened[0, t] * ratio[0, t] else "no"]
-              for t in range(n0)])
+             [[str(t), piece(tok, rk[t]), float(b_whitened[k, t]), float(ratio[k, t]),
+               float(-b_whitened[k, t] * ratio[k, t]), float(-b_whitened[k, t] * clipped[k, t]), float(pg_t[t]),
+               "yes" if is_clipped[k, t] else "no"] for t in range(nk)])
     v_clip = b_values + (new_values - b_values).clamp(-eps_v, eps_v)
-    tr.line(f"  response 0: ℓ^V_t = ½ max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±{eps_v:g})")
+    tr.line(f"  response {k}: ℓ^V_t = ½ max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±{eps_v:g})")
     tr.table(["t", "V_old", "V", "V_clip", "R_t", "(V - R)²", "(V_clip - R)²", "ℓ^V_t"],
-             [[str(t), float(b_values[0, t]), float(new_values[0, t]), float(v_clip[0, t]), float(b_returns[0, t]),
-               float((new_values[0, t] - b_returns[0, t]) ** 2), float((v_clip[0, t] - b_returns[0, t]) ** 2),
-               float(vf_t[t])] for t in range(n0)])
-    for name, v in (("new_logps", new_logps), ("new_values", new_values), ("ratio", ratio), ("pg_token_0", pg_t),
-                    ("vf_token_0", vf_t)):
+             [[str(t), float(b_values[k, t]), float(new_values[k, t]), float(v_clip[k, t]), float(b_returns[k, t]),
+               float((new_values[k, t] - b_returns[k, t]) ** 2), float((v_clip[k, t] - b_returns[k, t]) ** 2),
+               float(vf_t[t])] for t in range(nk)])
+    for name, v in (("new_logps", new_logps), ("new_values", new_values), ("ratio", ratio), ("pg_token", pg_t),
+                    ("vf_token", vf_t), ("clipped_response", k)):
         tr.keep(name, v)
     tr.scalar("ppo_policy_loss", pg_loss, f"clipfrac {num(pg['clipfrac'])}, approx_kl {num(pg['approx_kl'])}, "
                                           f"ratio_mean {num(pg['ratio_mean'])}")
