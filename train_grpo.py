@@ -69,14 +69,14 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, config, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, knob, non_negative,
-                                       one_of, positive, rl_problems)
+from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig, at_least, knob,
+                                       non_negative, one_of, positive, rl_problems)
 from minialign.training.logger import completions_log, log_completions
 from minialign.training.runtime import gather_columns
 
 
 @dataclass
-class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
+class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
     out_dir: str = knob("out/grpo", "output folder")
     init_from: str = knob("out/sft", "policy (and reference) checkpoint to start from",
                           (bool, "is required (GRPO starts from an SFT policy, e.g. out/sft)"))

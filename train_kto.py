@@ -42,12 +42,12 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative,
-                                       parse_config)
+from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, SequenceBatch, knob,
+                                       non_negative, parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
+class Config(OfflineConfig, SequenceBatch, PairsConfig, GoldCurveConfig, LoRAConfig):
     out_dir: str = knob("out/kto", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("", "unpaired examples {prompt, completion, label} or {messages, label} ('' = split --pairs)")

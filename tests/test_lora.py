@@ -131,8 +131,8 @@ def args(stage, d, out, *extra, init="base"):
     init = str(d / init)
     per_stage = {
         "sft": ["--data", str(d / "sft.jsonl"), "--micro_batch_size", "8", "--grad_accum", "1"],
-        "rm": ["--data", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--grad_accum", "1"],
-        "dpo": ["--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_size", "4", "--beta", "0.1"],
+        "rm": ["--data", str(d / "pref.jsonl"), "--micro_batch_pairs", "4", "--grad_accum", "1"],
+        "dpo": ["--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_pairs", "4", "--beta", "0.1"],
         "kto": ["--pairs", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--beta", "0.1"],
         "ppo": ["--reward_model", str(d / "rm"), "--data", str(d / "rl.jsonl"), "--prompts_per_step", "4",
                 "--max_new_tokens", "6", "--micro_batch_size", "4", "--num_ppo_epochs", "1", "--num_minibatches", "1"],

@@ -41,7 +41,7 @@ def micro_batch_indices(n_examples: int, step: int, micro_step: int, cfg, rt: Ru
     within it, micro-step m of rank r takes the slice (m*world + r). The same global batch therefore
     reaches the optimizer whatever the split into ranks and micro-batches, and resuming needs only s.
     """
-    mb = cfg.micro_batch_size
+    mb = cfg.micro_batch
     global_batch = mb * cfg.grad_accum * rt.world_size
     start = step * global_batch + (micro_step * rt.world_size + rt.rank) * mb
     return [int(_epoch_permutation(n_examples, cfg.seed, (start + i) // n_examples)[(start + i) % n_examples])
@@ -58,7 +58,7 @@ def step_batches(n_examples: int, step: int, cfg, rt: Runtime, lengths=None) -> 
     idx = [i for m in range(cfg.grad_accum) for i in micro_batch_indices(n_examples, step, m, cfg, rt)]
     if cfg.group_by_length and lengths is not None:
         idx.sort(key=lambda i: lengths[i])
-    mb = cfg.micro_batch_size
+    mb = cfg.micro_batch
     return [idx[m * mb : (m + 1) * mb] for m in range(cfg.grad_accum)]
 
 
