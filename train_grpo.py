@@ -137,6 +137,9 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
         beta = self.beta if self.kl_placement() == "loss" else 0.0
         return beta, "k3" if self.kl_estimator == "auto" else self.kl_estimator
 
+    def per_token_advantages(self) -> bool:  # as minialign.algorithms.advantages.step_advantages returns them
+        return self.advantage_estimator == "reinforce_pp" or (self.beta > 0 and self.kl_placement() == "reward")
+
     def problems(self, world_size: int) -> list[str]:
         out = rl_problems(self, world_size)
         if self.scale_rewards != "group" and self.advantage_estimator != "grpo":
@@ -159,20 +162,25 @@ def grpo_loss_sum(model, batch, cfg):
         dr_grpo    1/(S · L) · Σ_i Σ_t ℓ_it                    S sequences         L = max_new_tokens
     where a sequence counts when it has at least one counted token (grpo_loss's convention), ℓ is the
     per-token clipped objective + β k (KL in the loss), and S, T are over the step. The metrics (clip ratios, kl) are
-    returned as sums over tokens; the caller rescales them to token means. The forward's detached
-    log-probs are kept in batch["logps"] for the first-update checks.
+    returned as sums over tokens; the caller rescales them to token means. Also returned, as maxima over the
+    batch's tokens for the first-update checks: |π/π_old - 1| and |log π - log π_sampler|.
     """
     logps = response_logps(model, batch, cfg.temperature)  # (r, n) float32: the packed training forward
     old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()  # μ = 1: π_old is this forward
-    batch["logps"] = logps.detach()
+    m = batch["response_mask"]
+    maxima = {"ratio_max_abs_dev": (logps.detach() - old_logps)[m].exp().sub(1).abs().max(),
+              "sampler_logp_max_abs_diff": (logps.detach() - batch["sampler_logps"])[m].abs().max()}
     normalizer = cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else 1
     beta, kl_estimator = cfg.loss_kl()  # β = 0 when the KL is in the reward
-    loss_fn = grpo_loss if batch["advantages"].dim() == 1 else policy_gradient_loss  # (r,) per response | (r, n)
+    # one advantage per response (grpo, rloo, remax with the KL in the loss) or per token (reinforce_pp, or the KL
+    # in the reward: A_t is a return-to-go); grpo_loss broadcasts the first over the response's tokens
+    loss_fn = policy_gradient_loss if cfg.per_token_advantages() else grpo_loss
     loss_sum, metrics = loss_fn(logps, old_logps, batch.get("ref_logps"), batch["advantages"], batch["loss_mask"],
-                                cfg.epsilon_low, cfg.epsilon_high, beta, cfg.loss_type, cfg.max_new_tokens, normalizer,
-                                kl_estimator)
+                                clip_eps_low=cfg.epsilon_low, clip_eps_high=cfg.epsilon_high, beta=beta,
+                                loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+                                normalizer=normalizer, kl_estimator=kl_estimator)
     n_tokens = batch["loss_mask"].sum()
-    return loss_sum, {k: v * n_tokens for k, v in metrics.items()}
+    return loss_sum, {k: v * n_tokens for k, v in metrics.items()}, maxima
 
 
 def grpo_batches(ro, sources, reward_model, ref_model, rt, cfg, policy=None, greedy=None) -> tuple[list[dict], dict]:
@@ -223,16 +231,12 @@ def grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats) -> dict
         out = loop.train_step(model, optimizer, scaler, batches, lambda m, b: grpo_loss_sum(m, b, cfg),
                                   lambda b: count_units(b, cfg.loss_type), rt, cfg.max_grad_norm)
         loop.check_finite(out, step, cfg, stats, scaler)
-        if it == 0:  # the policy had not moved: ratio = π / π_old must be exactly 1
-            for b in batches:
-                m, logps = b["response_mask"], b["logps"]
-                ratio_dev = (logps - b.get("old_logps", logps))[m].exp().sub(1).abs().max()
-                first["ratio_dev"] = max(first["ratio_dev"], float(ratio_dev))
-                first["sampler_diff"] = max(first["sampler_diff"], float((logps - b["sampler_logps"])[m].abs().max()))
+        ratio_dev, sampler_diff = out.pop("ratio_max_abs_dev"), out.pop("sampler_logp_max_abs_diff")
+        if it == 0:  # the policy had not moved: ratio = π / π_old must be exactly 1 (maxima over all ranks)
+            first = {"ratio_dev": ratio_dev, "sampler_diff": sampler_diff}
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v
         updates += 1
-    first = {k: runtime.all_reduce_max(v, rt) for k, v in first.items()}
     if first["ratio_dev"] > 1e-4 and rt.device.type == "cpu":
         raise RuntimeError(f"GRPO ratio on the first update deviates from 1 by {first['ratio_dev']:.3g}: two training "
                            "forwards of the same micro-batches disagree (dropout on? a nondeterministic kernel?)")
@@ -328,7 +332,7 @@ def main(argv=None):
         if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
             log_completions(completions, step + 1, ro, g, sources, rt, bar)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {**metrics, "learning_rate": lr}, bar)
+            log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if gold_ref is not None and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
             log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts], cfg.eval_max_new_tokens,
                                          gold_ref), bar)

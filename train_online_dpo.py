@@ -317,7 +317,7 @@ def main(argv=None):
         bar.set_postfix(score=f"{round_stats['objective/scores']:.3f}", pairs=round_stats["pairs/used"])
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log.log(done, metrics, bar)
+            log.log(done, {**metrics, **loop.skip_counts(stats)}, bar)
         round_end = cfg.rounds and done % steps_per_round == 0
         if eval_prompts and (round_end or (cfg.gold_eval_every and done % cfg.gold_eval_every == 0
                                            and done < cfg.max_steps)):

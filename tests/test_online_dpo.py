@@ -125,6 +125,8 @@ def test_online_script_resume_and_torchrun(sft):
     d = sft
     train_online_dpo.main(odpo_args(d, d / "full"))
     full = metric_rows(d / "full")
+    # what the run left out is in every line of its log (prompts dropped at load, steps skipped)
+    assert all(r["dropped_prompt_too_long"] == 0 and r["nonfinite_steps_skipped"] == 0 for r in full if "loss" in r)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert all(r["pairs/used"] + r["pairs/ties_skipped"] == 4 and not r["update_skipped"] for r in full)
     # step 1: the policy IS the reference, so every pair's log-ratio is 0 and the loss is log 2 (a pair whose
