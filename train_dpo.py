@@ -63,7 +63,7 @@ from tqdm import tqdm
 from minialign.algorithms.losses import (DEFAULT_BETA, DPO_LOSS_TYPES, LABEL_SMOOTHED, cpo_loss, dpo_loss, orpo_loss,
                                          simpo_loss)
 from minialign.algorithms.packing import collate_pairs, length_sorted_chunks, pair_count, pair_lengths
-from minialign.algorithms.preference import pair_logps
+from minialign.algorithms.preference import pair_logps, reference_table
 from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import load_preferences
@@ -189,18 +189,12 @@ def collate_pair_batch(pairs, idx, pad_id, ref_table=None):
     return batch
 
 
-@torch.no_grad()
 def precompute_reference(ref_model, pairs, pad_id, cfg, rt, desc):
-    """(n, 2) float32 table of reference log-probs, each rank computing a shard, then summed across ranks."""
-    table = torch.zeros(len(pairs), 2, device=rt.device)
-    mine = list(range(rt.rank, len(pairs), rt.world_size))
-    for idx in tqdm(length_sorted_chunks(pair_lengths(pairs), cfg.micro_batch_pairs, mine), desc=desc,
-                    disable=not rt.is_main):
-        with rt.autocast():
-            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), rt.device)
-            logps = used_logps(pair_logps(ref_model, batch), cfg.loss_type)
-        table[idx] = torch.stack(logps, dim=1).float()
-    return runtime.all_reduce_tensor_(table, rt)  # every row was filled by exactly one rank, zeros elsewhere
+    """(n, 2) float32 table of the reference's (chosen, rejected) log-probs, as the loss type uses them."""
+    def rows(idx):
+        batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), rt.device)
+        return torch.stack(used_logps(pair_logps(ref_model, batch), cfg.loss_type), dim=1)
+    return reference_table(pair_lengths(pairs), cfg.micro_batch_pairs, 2, rows, rt, desc)
 
 
 @torch.no_grad()

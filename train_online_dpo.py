@@ -199,7 +199,7 @@ def sample_pairs(policy, ref_model, reward_model, tok, prompts, sources, sample_
     return pairs, stats
 
 
-def collate_pair_batch(pairs, pad_id, loss_type):
+def collate_sampled_pairs(pairs, pad_id, loss_type):
     """Pairs -> a packing.collate_pairs batch plus their reference log-probs ((B,) each; ipo: per token)."""
     batch = collate_pairs(pairs, pad_id)
     ref = torch.tensor([[p["ref_chosen_logps"], p["ref_rejected_logps"]] for p in pairs])  # (B, 2) summed
@@ -302,7 +302,7 @@ def main(argv=None):
         else:  # every pair of the step, dealt out over the ranks
             idx = list(range(rt.rank, len(pairs), rt.world_size))
             idx = sorted(idx, key=lambda i: lengths[i]) if cfg.group_by_length else idx
-        batches = [to_device(collate_pair_batch([pairs[i] for i in idx[j : j + cfg.micro_batch_pairs]], tok.pad_id,
+        batches = [to_device(collate_sampled_pairs([pairs[i] for i in idx[j : j + cfg.micro_batch_pairs]], tok.pad_id,
                                                 cfg.loss_type), rt.device)
                    for j in range(0, len(idx), cfg.micro_batch_pairs)]
         skip = len(pairs) < rt.world_size  # same on every rank; each needs a pair (DDP all-reduces in backward)
