@@ -78,8 +78,8 @@ PRESETS = {
     },
     "tiny": {
         "sft": ["--max_steps", "6", "--eval_prompts", "16", "--micro_batch_size", "8"],
-        "rm": ["--max_steps", "4", "--micro_batch_size", "4", "--eval_every", "0"],
-        "dpo": ["--max_steps", "3", "--micro_batch_size", "8", "--eval_prompts", "16", "--gold_eval_every", "1",
+        "rm": ["--max_steps", "4", "--micro_batch_pairs", "4", "--eval_every", "0"],
+        "dpo": ["--max_steps", "3", "--micro_batch_pairs", "8", "--eval_prompts", "16", "--gold_eval_every", "1",
                 "--gold_eval_prompts", "8"],
         "ppo": ["--max_steps", "2", "--prompts_per_step", "8", "--eval_prompts", "16", "--max_new_tokens", "16",
                 "--gold_eval_every", "1", "--gold_eval_prompts", "8"],

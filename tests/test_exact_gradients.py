@@ -139,11 +139,11 @@ def expected_loss_gradient(cfg, theta0, ref_theta, score, finished, greedy_rewar
         advantages = step_advantages(g, kl, loss_mask, RT, cfg.advantage_estimator, group_size, cfg.scale_rewards,
                                      cfg.beta)
         batch = {"theta_logps": logps, "old_logps": logps.detach(), "advantages": advantages.to(F64),
-                 "loss_mask": loss_mask}
+                 "loss_mask": loss_mask, "response_mask": response_mask, "sampler_logps": logps.detach()}
         units = count_units(batch, cfg.loss_type)
         if units == 0:
             continue
-        loss_sum, _ = train_grpo.grpo_loss_sum(None, batch, cfg)
+        loss_sum = train_grpo.grpo_loss_sum(None, batch, cfg)[0]  # (loss_sum, metric sums, first-update maxima)
         (grad,) = torch.autograd.grad(loss_sum / units, theta)
         expected += torch.tensor([prob[o] for o in group], dtype=F64).prod() * grad
     return expected

@@ -87,8 +87,9 @@ def test_equal_rewards_give_zero_advantage_and_no_update():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the loss itself has a zero gradient with zero advantages (beta = 0), so skipping changes nothing but the cost
     ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
-    batch = packed_batch(ro, list(range(64)), loss_mask=ro.response_mask, old_logps=ro.logps, advantages=torch.zeros(64))
-    loss, _ = train_grpo.grpo_loss_sum(model, batch, cfg)
+    batch = packed_batch(ro, list(range(64)), loss_mask=ro.response_mask, old_logps=ro.logps, advantages=torch.zeros(64),
+                         sampler_logps=ro.logps)
+    loss, _, _ = train_grpo.grpo_loss_sum(model, batch, cfg)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     # control: rewards that differ within groups do move the weights
@@ -169,7 +170,7 @@ def test_micro_batch_sums_equal_one_big_batch(loss_type):
     torch.manual_seed(1)
     mask = train_grpo.completion_mask(ro.response_mask, ro.finished, mask_truncated=True)
     t = {"loss_mask": mask, "old_logps": ro.logps + 0.1 * torch.randn_like(ro.logps), "advantages": torch.randn(64),
-         "ref_logps": ro.logps + 0.1 * torch.randn_like(ro.logps)}
+         "ref_logps": ro.logps + 0.1 * torch.randn_like(ro.logps), "sampler_logps": ro.logps}
     batches = [packed_batch(ro, rows, **t) for rows in micro_batch_rows(ro, 24, by_length=True)]
     assert len(batches) == 3 and len({b["response_ids"].shape[1] for b in batches}) >= 1
     with torch.no_grad():
@@ -326,6 +327,8 @@ def test_script_resume_and_torchrun(sft):
     d = sft
     train_grpo.main(grpo_args(d, d / "full"))
     full = metric_rows(d / "full")
+    # what the run left out is in every line of its log (prompts dropped at load, steps skipped)
+    assert all(r["dropped_prompt_too_long"] == 0 and r["nonfinite_steps_skipped"] == 0 for r in full if "loss" in r)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert not any(r["update_skipped"] for r in full) and all(r["grad_norm"] > 0 for r in full)
     assert all(abs(r["ratio/first_iteration_max_abs_dev"]) < 1e-4 for r in full)

@@ -25,13 +25,17 @@ def completion_mask(response_mask: torch.Tensor, finished: torch.Tensor, mask_tr
     return response_mask & finished[:, None] if mask_truncated else response_mask
 
 
-def resolve_loss_type(loss_type: str, kl_in_reward: bool) -> str:
-    """train_grpo.py's --loss_type with "auto" resolved: dr_grpo when a KL penalty is in the reward (β > 0), grpo
-    otherwise. The KL in the reward estimates the gradient of -β KL(π ‖ π_ref) only under a constant normalizer
+def default_loss_type(kl_in_reward: bool) -> str:
+    """train_grpo.py's --loss_type when unset: dr_grpo when a KL penalty is in the reward (β > 0), grpo otherwise.
+    The KL in the reward estimates the gradient of -β KL(π ‖ π_ref) only under a constant normalizer
     (losses.kl_reward; tests/test_exact_gradients.py), so the docs' "unbiased" holds at the default."""
-    if loss_type != "auto":
-        return loss_type
     return "dr_grpo" if kl_in_reward else "grpo"
+
+
+def advantages_per_token(estimator: str, kl_in_reward: bool) -> bool:
+    """Whether step_advantages returns (R, N) per-token advantages (else (R,) one per response): reinforce_pp always;
+    grpo and remax with the KL in the reward (A_t a return-to-go); rloo never (its baseline holds the whole R_i)."""
+    return estimator == "reinforce_pp" or (kl_in_reward and estimator != "rloo")
 
 
 def count_units(batch, loss_type: str):
@@ -53,7 +57,7 @@ def step_advantages(g: dict, b_kl: torch.Tensor | None, loss_mask: torch.Tensor,
     a per-token advantage at the first token: the whole response's return) for the completions log.
     """
     R, N, G, est = loss_mask.shape[0], loss_mask.shape[1], group_size, estimator
-    per_token = (b_kl is not None and est != "rloo") or est == "reinforce_pp"  # RLOO baselines the whole R_i
+    per_token = advantages_per_token(est, b_kl is not None)
     if per_token:  # the step's per-token k1 and counted tokens over every rank: (R_all, N_max)
         mask = gather_token_rows(loss_mask, rt)
         kl = gather_token_rows(b_kl, rt) if b_kl is not None else torch.zeros(mask.shape, device=mask.device)

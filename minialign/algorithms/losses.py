@@ -345,6 +345,14 @@ def _smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Ten
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
+# β of each DPO-family loss when a script's --beta is not given. sigmoid: tuned on the default task (train_dpo.py's
+# docstring); robust and hinge share its scale (summed log-ratios); ipo: 1/(2β) = a 0.5-nat target margin of the
+# token-averaged log-ratios; simpo, cpo, orpo: their papers' values
+DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1}
+# the loss types whose --label_smoothing means something (cDPO, rDPO, and the smoothed sigmoid of SimPO and CPO)
+LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "cpo")
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -98,6 +98,7 @@ def _response_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
 def tokenize_prompts(records: list[PromptRecord], tok: Tokenizer, max_prompt_len: int, stats: dict | None = None):
     """-> list of dicts {prompt_ids, prompt_text, **fields}; over-long prompts dropped and counted."""
     out = []
+    _bump(stats, "dropped_prompt_too_long", 0)  # in the log even when 0
     for rec in records:
         ids = tok.render_prompt(rec.prompt)
         if len(ids) > max_prompt_len:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minialign.errors import run_cli
+from minialign.errors import UserError, run_cli
 from minialign.models import lora
 from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, model_config
 from minialign.training.runtime import Runtime, all_gather_object, unwrap
@@ -295,9 +295,8 @@ def new_model(cfg, vocab_size: int, kind: str = "causal"):
 
 def main(argv=None):
     """python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged: a LoRA run -> a full checkpoint."""
-    from minialign.training.loop import checkpoint  # checkpoint imports this module
-
-    ap = argparse.ArgumentParser(prog="python -m minialign.models.lora", description="LoRA checkpoints (minialign.models.lora).")
+    ap = argparse.ArgumentParser(prog="python -m minialign.training.checkpoint",
+                                 description="Checkpoint folders: merge a LoRA run into a full checkpoint.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base: a full checkpoint folder "
                                       "(any stage's --init_from, python -m minialign.training.hf_export --ckpt)")
@@ -305,9 +304,9 @@ def main(argv=None):
     mg.add_argument("--out", required=True, help="output folder: ckpt.pt (merged weights), config.json, tokenizer")
     args = ap.parse_args(argv)
     try:
-        out = checkpoint.write_merged(args.ckpt, args.out)
+        out = write_merged(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"minialign.models.lora merge: error: {e}")
+        raise UserError(str(e)) from e
     print(f"merged {args.ckpt} -> {out}")
 
 
