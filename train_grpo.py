@@ -7,7 +7,7 @@ Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.algorithms.
      optionally a trained reward model (`--reward_funcs ... reward_model --reward_model out/rm`);
   3. advantages, `--advantage_estimator` (minialign.algorithms.losses), from the rewards of the whole step (all ranks):
         grpo          A_i = (r_i - mean_G(r)) / (std_G(r) + eps)          (`--scale_rewards`; Shao et al. 2024)
-        rloo          A_i = r_i - mean_{j≠i} r_j                          (leave-one-out; Ahmadian et al. 2024)
+        rloo          A_i = R_i - mean_{j≠i} R_j, R = r - β Σ_t k1_t        (leave-one-out; Ahmadian et al. 2024)
         reinforce_pp  A_t = r - β Σ_{t'>=t} k1_t', normalized over the global batch, no baseline (Hu 2025)
         remax         A_i = r_i - r(greedy response to the same prompt)   (one extra greedy generation; Li et al. 2023)
   4. `num_iterations` (μ) optimizer updates on this rollout, each minimizing over the step's tokens
@@ -18,12 +18,17 @@ Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.algorithms.
      detached; with μ > 1 a no-grad forward over the same micro-batches before the first update. So
      the first update's ratio is exactly 1, under autocast too (ratio/first_iteration_max_abs_dev);
      the sampler's own log-probs differ by rounding and are only compared (sampler/logp_max_abs_diff).
-     The reduction over tokens is `--loss_type` (grpo | dapo | dr_grpo), normalized by the count of
-     the WHOLE step over micro-batches and ranks (see `grpo_loss_sum`).
+     The reduction over tokens is `--loss_type` (grpo | dapo | dr_grpo; unset: dr_grpo with the KL in the
+     reward, grpo otherwise), normalized by the count of the WHOLE step over micro-batches and ranks (see
+     `grpo_loss_sum`).
 Where the KL goes (`--kl_in`, β > 0; see TRL #4967, OpenRLHF #1309): in the LOSS, k3 (GRPO's) has an unbiased
 value but a biased gradient, E[∇k3] = ∇KL(π_ref ‖ π) (the FORWARD KL); k1's is 0 in expectation; k2's is the reverse
 KL's on-policy. In the REWARD, -β·k1_t per token (k1 = log π_old/π_ref, a constant), A_t its return-to-go (the
-baselined score on the last token): the policy gradient of E[r] - β KL(π ‖ π_ref), unbiased (as PPO, REINFORCE++).
+baselined score on the last token; RLOO baselines R = r - β Σ_t k1_t whole): the policy gradient of
+E[r] - β KL(π ‖ π_ref), unbiased (as PPO, REINFORCE++) ON CONDITION that the loss has a constant normalizer
+(--loss_type dr_grpo, the default there; grpo's 1/|o_i| and dapo's 1/Σ|o_i| weight each response's KL by its
+inverse length) and that every response counts (--mask_truncated_completions drops a truncated one's KL);
+REINFORCE++'s batch whitening makes it a rescaled estimate, not an unbiased one.
 Speed: each prompt is prefilled once for its G samples, and every training forward (policy, reference,
 reward model) packs a prompt's G responses into one row [x | y_1 | ... | y_G] (minialign.algorithms.packing), so
 the prompt is computed once, not G times; the log-probs equal one row [x y_i] per response's to float error.
@@ -32,7 +37,8 @@ there is nothing to learn and the update is skipped (logged as update_skipped), 
 Adam's momentum move the weights on a zero gradient. Responses cut off at max_new_tokens get no loss
 by default (--mask_truncated_completions): the gold rule does not read past a refusal or a benign
 answer's first words, so a response that rambles on to the budget is rewarded in full (see the flag; remax
-needs it off: its advantages r_i - r(greedy) are mostly <= 0, and a truncated response would escape them).
+refuses it, pass --no-mask_truncated_completions: its advantages r_i - r(greedy) are mostly <= 0, and a
+truncated response would escape them; measured with the mask: gold 0.52 at KL 70.8, without it 0.95).
 Dropout is off in every model (RL needs the same log-probs in every forward); an MoE policy gets its
 load-balancing loss from loop.train_step.
 
@@ -55,8 +61,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.advantages import (completion_mask, count_units, greedy_rewards, rollout_metrics,
-                                             step_advantages)
+from minialign.algorithms.advantages import (advantages_per_token, completion_mask, count_units, default_loss_type,
+                                             greedy_rewards, rollout_metrics, step_advantages)
 from minialign.algorithms.losses import (ADVANTAGE_ESTIMATORS, GROUP_SCALES, GRPO_LOSS_TYPES, grpo_loss,
                                          policy_gradient_loss)
 from minialign.algorithms.packing import response_logps, response_scores
@@ -96,11 +102,14 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
                                         "rank's share to get the same rollouts with any number of ranks", non_negative)
     num_iterations: int = knob(1, "μ: optimizer updates per rollout (1 = on-policy; > 1 reuses it with the clipped "
                                   "ratio)", at_least(1))
-    loss_type: str = knob("grpo", "grpo (per-sequence token mean) | dapo (token mean over the step) | dr_grpo "
-                                  "(tokens / (sequences x max_new_tokens))", one_of(*GRPO_LOSS_TYPES))
+    loss_type: str | None = knob(None, "grpo (per-sequence token mean) | dapo (token mean over the step) | dr_grpo "
+                                       "(tokens / (sequences x max_new_tokens)); unset = dr_grpo when β·KL is in the "
+                                       "reward (its gradient is unbiased only with a constant normalizer), else grpo",
+                                 one_of(*GRPO_LOSS_TYPES))
     advantage_estimator: str = knob("grpo", "baseline: grpo (group mean, std) | rloo (mean of the other G-1) | "
                                             "reinforce_pp (none; returns-to-go normalized over the global batch) | "
-                                            "remax (greedy response's reward; needs --no-mask_truncated_completions)",
+                                            "remax (greedy response's reward; refused without "
+                                            "--no-mask_truncated_completions)",
                                     one_of(*ADVANTAGE_ESTIMATORS))
     scale_rewards: str = knob("group", "grpo's advantage scale: group std (GRPO) | batch std | none (Dr. GRPO)",
                               one_of(*GROUP_SCALES))
@@ -108,8 +117,9 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
     epsilon_high: float = knob(0.2, "ratio clip above: 1 + epsilon_high (DAPO's clip-higher uses 0.28)", non_negative)
     beta: float = knob(0.0, "β of the KL to the SFT reference (see --kl_in); 0 = no reference model", non_negative)
     kl_in: str = knob("auto", "where β·KL enters: loss (--kl_estimator; k3's gradient is biased, it descends the "
-                              "forward KL) | reward (-β·k1_t per token: unbiased for the reverse KL; TRL #4967, "
-                              "OpenRLHF #1309) | auto = as each paper: loss for grpo, reward for the others",
+                              "forward KL) | reward (-β·k1_t per token: unbiased for the reverse KL under a constant "
+                              "normalizer, --loss_type dr_grpo, its default there; TRL #4967, OpenRLHF #1309) | "
+                              "auto = as each paper: loss for grpo, reward for the others",
                       one_of("auto", "loss", "reward"))
     kl_estimator: str = knob("auto", "KL estimate in the loss: k1 (zero gradient in expectation) | k2 (reverse-KL "
                                      "gradient on-policy) | k3 (GRPO's; forward-KL gradient) | auto = k3 in the "
@@ -118,7 +128,8 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
                                                   "(DAPO). The harmful and benign rules do not read past a response's "
                                                   "first words, so rambling to the budget is rewarded; measured at the "
                                                   "defaults: KL to SFT 2.2 nats with the mask, 5.8 without, same gold; "
-                                                  "remax needs it off (gold 0.52 on, 0.95 off; see the docstring)")
+                                                  "remax refuses it (gold 0.52 at KL 70.8 on, 0.95 off; see the "
+                                                  "docstring)")
     max_steps: int = knob(150, "optimizer steps (= rollouts; each does num_iterations updates)", at_least(1))
     lr: float = knob(5e-4, "peak learning rate (measured on the default task: 1e-3 drifts further from SFT and "
                            "scores lower)", positive)
@@ -130,6 +141,10 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
                                          "out_dir/completions.jsonl (all ranks) and print 3 (0 = off)", non_negative)
     eval_max_new_tokens: int = knob(48, "generation length for the evaluation (48, as for SFT)", at_least(1))
 
+    def resolve(self):  # the effective --loss_type, printed and saved with the config
+        if self.loss_type is None:
+            self.loss_type = default_loss_type(self.kl_placement() == "reward" and self.beta > 0)
+
     def kl_placement(self) -> str:  # "loss" or "reward": --kl_in with auto resolved for the estimator
         return self.kl_in if self.kl_in != "auto" else ("loss" if self.advantage_estimator == "grpo" else "reward")
 
@@ -138,7 +153,7 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
         return beta, "k3" if self.kl_estimator == "auto" else self.kl_estimator
 
     def per_token_advantages(self) -> bool:  # as minialign.algorithms.advantages.step_advantages returns them
-        return self.advantage_estimator == "reinforce_pp" or (self.beta > 0 and self.kl_placement() == "reward")
+        return advantages_per_token(self.advantage_estimator, self.beta > 0 and self.kl_placement() == "reward")
 
     def problems(self, world_size: int) -> list[str]:
         out = rl_problems(self, world_size)
@@ -147,6 +162,11 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
         if self.kl_placement() == "reward" and self.kl_estimator not in ("auto", "k1"):
             out.append(f"--kl_estimator={self.kl_estimator} with the KL in the reward (--kl_in): the reward takes k1 "
                        "only (a detached k2 or k3 reward does not give the KL's gradient); use --kl_in loss")
+        if self.advantage_estimator == "remax" and self.mask_truncated_completions:
+            out.append("--advantage_estimator remax with --mask_truncated_completions (the default) is refused: ReMax's "
+                       "advantages r_i - r(greedy) are not centred, so a truncated response escapes its (mostly "
+                       "negative) advantage and the policy drifts to truncation (measured: gold 0.52 at KL 70.8 against "
+                       "0.95 without the mask); pass --no-mask_truncated_completions")
         return out
 
 
@@ -276,7 +296,7 @@ def main(argv=None):
     ref = ("adapters off" if cfg.lora_r else "frozen copy of " + cfg.init_from) + kl
     runtime.print0(rt, f"policy from {cfg.init_from}: {lora.describe(policy)}; reference: "
                        f"{ref if ref_model is not None else 'none (beta = 0)'}; "
-                       f"advantages: {cfg.advantage_estimator}; reward: "
+                       f"advantages: {cfg.advantage_estimator}; loss_type: {cfg.loss_type}; reward: "
                    + " + ".join(f"{s.weight:g} x {s.name}" for s in sources))
 
     # ---- data: prompts fit max_len together with the generation budget

@@ -10,7 +10,7 @@ Each iteration (Ouyang et al. 2022, Sec. 3.5; Schulman et al. 2017; the numbers 
      (its <|im_end|>, or the last token of a truncated response; never a pad) and/or rule rewards
      (minialign.algorithms.reward_funcs); minus `missing_eos_penalty` for responses without <|im_end|>;
   3. per-token reward (`token_rewards`):
-        r_t = -kl_coef · kl_t            kl_t = KL estimate of log π_old(y_t) vs log π_ref(y_t) (k1 or k3)
+        r_t = -kl_coef · kl_t            kl_t = k1 = log π_old(y_t) - log π_ref(y_t) (k3 refused, see the flag)
         r_{L-1} += s                      at the last response token t = L - 1 only
      optionally whitened (`--whiten_rewards`, scale only, as TRL);
   4. GAE (γ, λ) over V_t = V(s_t), s_t = prompt + y_<t, gives advantages A_t and returns R_t = A_t + V_t;
@@ -71,7 +71,7 @@ from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_p
 from minialign.models import lora
 from minialign.training import checkpoint, config, logger, loop, runtime
 from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig, at_least,
-                                       in_range, knob, non_negative, one_of, positive, rl_problems)
+                                       in_range, knob, non_negative, positive, rl_problems)
 from minialign.training.runtime import gather_columns
 
 
@@ -95,8 +95,12 @@ class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
     kl_coef: float = knob(0.5, "β of the per-token KL penalty -β·kl_t. TRL's 0.05 assumes unit-scale scores; out/rm's "
                                "span about ±10. Measured: 0.05 -> gold 0.600, KL 8.3 (the policy hacks the reward "
                                "model, examples/reward_hacking.md); 0.5 -> gold 0.868, KL 1.9", non_negative)
-    kl_estimator: str = knob("k1", "per-token KL estimate in the reward: k1 (log π/π_ref, unbiased) | k3 (unbiased, "
-                                   ">= 0)", one_of("k1", "k3"))
+    kl_estimator: str = knob("k1", "per-token KL estimate in the reward: k1 = log π_old/π_ref, the only one whose "
+                                   "detached reward has the policy gradient of -kl_coef · KL(π ‖ π_ref)",
+                             (lambda v: v == "k1", "is refused: as a detached per-token reward (-kl_coef · k3_t) its "
+                                                   "expected policy gradient is ∇KL(π ‖ π_ref) - ∇KL(π_ref ‖ π), not "
+                                                   "∇KL(π ‖ π_ref) (k3's value is unbiased, its gradient is not; "
+                                                   "minialign.algorithms.losses.kl_penalty); use k1"))
     whiten_rewards: bool = knob(False, "rescale the per-token rewards to unit variance over the rollout (mean kept)")
     gamma: float = knob(1.0, "GAE discount γ", in_range(0, 1))
     lam: float = knob(0.95, "GAE λ", in_range(0, 1))

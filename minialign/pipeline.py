@@ -98,8 +98,8 @@ PRESETS = {
 def stage_done(out: Path, stage: str) -> bool:
     if stage == "tokenizer":
         return (out / "tokenizer" / "tokenizer.model").exists()
-    if stage == "best_of_n":
-        return (out / "best_of_n" / "points.json").exists()
+    if stage == "best_of_n":  # an older points.json (analytic KL only) is redone
+        return report.has_exact_kl(report.read_json(out / "best_of_n" / "points.json"))
     return stages.run_finished(out / stage)
 
 
@@ -107,7 +107,7 @@ def summary(out: Path, stage: str) -> str:
     """The one line printed when a stage ends: what its evaluation says."""
     if stage == "best_of_n":
         res = report.read_json(out / "best_of_n" / "points.json")
-        return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl_analytic']:.2f})"
+        return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl']:.2f})"
                          for p in res["points"][:: max(1, len(res["points"]) - 1)]) if res else ""
     if stage == "rm":
         scores = report.read_json(out / "rm" / "rm_scores.json")

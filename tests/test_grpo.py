@@ -498,9 +498,9 @@ def test_remax_baseline_is_the_greedy_responses_reward():
 
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
 def test_kl_in_the_reward_or_in_the_loss(kl_in):
-    """--kl_in reward: no reference log-probs in the loss; the per-token advantages are RLOO's on the last token
-    minus β·k1 per token, so the first token's is rloo_i - β Σ_t k1_t, with k1 recomputed here from plain-rows
-    forwards of the policy and the reference; "kl" is the rollout's mean k1 per token. --kl_in loss: the
+    """--kl_in reward: no reference log-probs in the loss; one advantage per response, RLOO's of the KL-penalised
+    R_i = r_i - β Σ_t k1_t (Ahmadian et al. 2024), with k1 recomputed here from plain-rows forwards of the policy
+    and the reference; "kl" is the rollout's mean k1 per token. --kl_in loss: the
     advantages are per response, the reference goes into the loss (k2 here) and "kl" is its mean."""
     from minialign.algorithms.losses import rloo_advantages
     model, cfg, optimizer, scaler = tiny_setup(advantage_estimator="rloo", beta=0.1, kl_in=kl_in,
@@ -521,12 +521,13 @@ def test_kl_in_the_reward_or_in_the_loss(kl_in):
         torch.testing.assert_close(g["advantage"], rloo_advantages(g["reward"], 8))
         assert "kl" not in g and m["kl"] > 0  # k2 >= 0, and the reference differs
         return
-    assert all(b["advantages"].dim() == 2 and "ref_logps" not in b for b in batches)
+    assert all(b["advantages"].dim() == 1 and "ref_logps" not in b for b in batches)
     torch.testing.assert_close(g["kl"], k1.sum(-1).double(), rtol=1e-5, atol=1e-5)
     assert m["kl"] == pytest.approx(float(k1.sum() / ro.response_mask.sum()), abs=1e-5)
-    expected = rloo_advantages(g["reward"], 8) - 0.1 * k1.sum(-1).double()  # rloo_i - β Σ_t k1_t
+    expected = rloo_advantages(g["reward"] - 0.1 * k1.sum(-1).double(), 8)  # R_i - mean_{j≠i} R_j
     torch.testing.assert_close(g["advantage"], expected, rtol=1e-5, atol=1e-5)
     assert (expected != rloo_advantages(g["reward"], 8)).all()  # the KL term is really there
+    assert abs(float(expected.view(-1, 8).sum(-1).abs().max())) < 1e-6  # each group's advantages sum to 0
 
 
 def test_rloo_script_resume_and_torchrun(sft):
@@ -561,7 +562,8 @@ def test_completions_log_with_remax_and_resume(sft, capsys):
     each reward function's value, the weighted reward, advantage and length; 3 lines printed per step; ReMax's
     advantages share the baseline within a group; a --resume drops the rows logged after the checkpoint."""
     d = sft
-    args = ("--advantage_estimator", "remax", "--log_completions_every", "1", "--beta", "0", "--num_iterations", "1")
+    args = ("--advantage_estimator", "remax", "--no-mask_truncated_completions", "--log_completions_every", "1",
+            "--beta", "0", "--num_iterations", "1")
     train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "3", "--stop_after_steps", "2"))
     train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "3", "--resume"))
     rows = [json.loads(l) for l in (d / "logged/completions.jsonl").read_text().splitlines()]
@@ -592,6 +594,8 @@ def test_reinforce_family_bad_flags_are_refused(sft, capsys):
             (["--advantage_estimator", "reinforce_pp", "--kl_estimator", "k2"],  # auto: REINFORCE++'s is the reward
              "--kl_estimator=k2 with the KL in the reward"),
             (["--kl_in", "both"], "--kl_in='both' must be one of auto, loss, reward"),
+            (["--advantage_estimator", "remax"],  # ReMax's uncentred advantages and the default mask: refused
+             "--advantage_estimator remax with --mask_truncated_completions (the default) is refused"),
             (["--log_completions_every", "-1"], "--log_completions_every=-1 must be >= 0")]:
         with pytest.raises(SystemExit):
             train_grpo.main(grpo_args(d, d / "bad_rf_flags", *flags))
@@ -602,4 +606,10 @@ def test_reinforce_family_bad_flags_are_refused(sft, capsys):
                                                   "--kl_estimator", "k2", "--beta", "0.01"])
     assert cfg.kl_placement() == "loss" and cfg.loss_kl() == (0.01, "k2")
     assert config.parse_config(train_grpo.Config, []).loss_kl() == (0.0, "k3")  # GRPO's default: k3 in the loss
-    assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "remax"]).kl_placement() == "reward"
+    remax = config.parse_config(train_grpo.Config, ["--advantage_estimator", "remax", "--no-mask_truncated_completions"])
+    assert remax.kl_placement() == "reward" and remax.loss_type == "grpo"  # β = 0: nothing in the reward, auto = grpo
+    # --loss_type auto: a constant normalizer (dr_grpo) when β·KL is in the reward, as its unbiasedness needs
+    assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "rloo", "--beta", "0.1"]).loss_type == "dr_grpo"
+    assert config.parse_config(train_grpo.Config, ["--beta", "0.1"]).loss_type == "grpo"  # KL in the loss (GRPO's)
+    assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "rloo", "--beta", "0.1", "--loss_type",
+                                                   "grpo"]).loss_type == "grpo"  # an explicit choice is kept
