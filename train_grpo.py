@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from minialign.algorithms.advantages import (advantages_per_token, completion_mask, count_units, default_loss_type,
                                              greedy_rewards, rollout_metrics, step_advantages)
-from minialign.algorithms.losses import (ADVANTAGE_ESTIMATORS, GROUP_SCALES, GRPO_LOSS_TYPES, grpo_loss,
+from minialign.algorithms.losses import (ADVANTAGE_ESTIMATORS, GROUP_SCALES, GRPO_LOSS_TYPES, SUM, grpo_loss,
                                          policy_gradient_loss)
 from minialign.algorithms.packing import response_logps, response_scores
 from minialign.algorithms.reward_funcs import parse_reward_funcs
@@ -190,14 +190,14 @@ def grpo_loss_sum(model, batch, cfg):
     m = batch["response_mask"]
     maxima = {"ratio_max_abs_dev": (logps.detach() - old_logps)[m].exp().sub(1).abs().max(),
               "sampler_logp_max_abs_diff": (logps.detach() - batch["sampler_logps"])[m].abs().max()}
-    normalizer = cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else 1
+    normalizer = cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else SUM
     beta, kl_estimator = cfg.loss_kl()  # β = 0 when the KL is in the reward
     # one advantage per response (grpo, rloo, remax with the KL in the loss) or per token (reinforce_pp, or the KL
     # in the reward: A_t is a return-to-go); grpo_loss broadcasts the first over the response's tokens
     loss_fn = policy_gradient_loss if cfg.per_token_advantages() else grpo_loss
     loss_sum, metrics = loss_fn(logps, old_logps, batch.get("ref_logps"), batch["advantages"], batch["loss_mask"],
-                                clip_eps_low=cfg.epsilon_low, clip_eps_high=cfg.epsilon_high, beta=beta,
-                                loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+                                epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=beta,
+                                loss_type=cfg.loss_type, max_new_tokens=cfg.max_new_tokens,
                                 normalizer=normalizer, kl_estimator=kl_estimator)
     n_tokens = batch["loss_mask"].sum()
     return loss_sum, {k: v * n_tokens for k, v in metrics.items()}, maxima

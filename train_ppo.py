@@ -59,7 +59,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from minialign.algorithms.advantages import whiten_all_ranks
-from minialign.algorithms.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
+from minialign.algorithms.losses import SUM, gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from minialign.algorithms.packing import response_logps, response_scores, response_values
 from minialign.algorithms.reward_funcs import parse_reward_funcs
 from minialign.algorithms.roles import disable_dropout, load_reward_model, sft_reference, value_and_reward
@@ -194,14 +194,14 @@ def ppo_loss_sum(model, batch, cfg):
     loop.train_step divides loss_sum and every metric sum by the response-token count of the whole
     minibatch (all micro-batches, all ranks), so the optimizer sees the exact token mean of
         ppo_policy_loss + vf_coef · ppo_value_loss
-    (normalizer=1: the losses return their token sums). maxima: max |π/π_old - 1| over the batch's tokens,
+    (normalizer=SUM: the losses return their token sums). maxima: max |π/π_old - 1| over the batch's tokens,
     which must be 0 on the first minibatch (the policy has not moved since the rollout).
     """
     mask = batch["response_mask"]  # (b, n) bool
     logps, values = model(batch, cfg.temperature)  # (b, n) each; the same temperature as the sampler
-    pg_loss_sum, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.cliprange, normalizer=1)
+    pg_loss_sum, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.cliprange, normalizer=SUM)
     vf_loss_sum, vf = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.cliprange_value,
-                                     normalizer=1)
+                                     normalizer=SUM)
     n_tokens = mask.sum()
     metric_sums = {"policy_loss": pg_loss_sum.detach(), "value_loss": vf_loss_sum.detach(),  # already token sums
                    "approxkl": pg["approx_kl"] * n_tokens, "clipfrac": pg["clipfrac"] * n_tokens,

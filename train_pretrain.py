@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.losses import nll_loss, token_logps
+from minialign.algorithms.losses import SUM, nll_loss, token_logps
 from minialign.data.batching import collate_lm, to_device, tokenize_pretrain
 from minialign.data.formats import load_pretrain
 from minialign.data.tokenizer import load_tokenizer
@@ -42,7 +42,7 @@ def lm_loss(model, batch):
     mask = batch["label_mask"]  # (B, T) bool: real (non-pad) tokens
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V): the head skips pad positions
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
-    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=1), {}  # -Σ log π(x_t)
+    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=SUM), {}  # -Σ log π(x_t)
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.losses import nll_loss, token_logps
+from minialign.algorithms.losses import SUM, nll_loss, token_logps
 from minialign.data.batching import collate_lm, to_device, tokenize_sft
 from minialign.data.formats import load_sft
 from minialign.data.tokenizer import load_tokenizer
@@ -44,7 +44,7 @@ def sft_loss(model, batch):
     # right padding needs no attention mask (see minialign.data.batching); the head runs on trained positions only
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V), M = mask.sum()
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
-    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=1), {}  # -Σ log π(y_t)
+    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=SUM), {}  # -Σ log π(y_t)
 
 
 def main(argv=None):

@@ -178,7 +178,7 @@ def test_micro_batch_sums_equal_one_big_batch(loss_type):
         split = sum(train_grpo.grpo_loss_sum(model, b, cfg)[0] for b in batches) / count
         logps = plain_logps(model, ro)
         whole, _ = grpo_loss(logps, t["old_logps"], t["ref_logps"], t["advantages"], mask, beta=0.1, loss_type=loss_type,
-                             max_completion_length=4)
+                             max_new_tokens=4)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 

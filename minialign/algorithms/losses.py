@@ -37,6 +37,8 @@ Conventions
   count of this call (a plain mean). For gradient accumulation or DDP pass the count of the *whole
   optimizer step* (all micro-batches, all ranks): then the sum of the micro-batch losses has
   exactly the gradient of one big batch, instead of the biased mean of micro-batch means.
+  `normalizer=SUM` (= 1) asks for the plain sum, for a caller that divides by the global count
+  itself (minialign.training.loop.train_step does).
 
 What is simplified
 ------------------
@@ -130,6 +132,7 @@ REWARD_KL_KINDS = ("k1",)  # the only estimator whose detached reward -β·k has
 
 Number = Union[int, float]
 Normalizer = Union[None, int, float, torch.Tensor]  # global count for the optimizer step; None = this call's count
+SUM = 1  # normalizer=SUM: return the sum over the counted units, not a mean (see the module doc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,7 +724,7 @@ def ppo_policy_loss(
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float = 0.2,
+    cliprange: float = 0.2,
     normalizer: Normalizer = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate policy loss, per token.
@@ -741,7 +744,7 @@ def ppo_policy_loss(
         old_logps: (B, T) log π_old(token) from the rollout, treated as constant (detached).
         advantages: (B, T) per-token advantages (e.g. whitened GAE), treated as constant.
         mask: (B, T) bool, True = response token that counts.
-        clip_eps: ε, clipping range of the ratio.
+        cliprange: ε, clipping range of the ratio.
         normalizer: optional global count of counted tokens of the optimizer step (see module doc).
 
     Returns:
@@ -758,7 +761,7 @@ def ppo_policy_loss(
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)  # r_t(θ) = π(a_t|s_t) / π_old(a_t|s_t)
     pg_losses = -advantages * ratio  # -r_t A_t
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)  # -clip(r_t, 1-ε, 1+ε) A_t
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)  # -clip(r_t, 1-ε, 1+ε) A_t
     pg = torch.max(pg_losses, pg_losses_clipped)  # Eq. 7: -min(r_t A_t, clip(r_t) A_t)
     loss = _divide(_masked_sum(pg, mask), normalizer, mask.sum())
 
@@ -775,7 +778,7 @@ def ppo_value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float = 0.2,
+    cliprange_value: float = 0.2,
     normalizer: Normalizer = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped value loss, per token (the L^VF term of PPO Eq. 9, with value clipping).
@@ -793,7 +796,7 @@ def ppo_value_loss(
         old_values: (B, T) V(s_t) at rollout time, treated as constant (detached).
         returns: (B, T) targets R_t (e.g. from gae), treated as constant (detached).
         mask: (B, T) bool, True = response token that counts.
-        clip_eps: ε, how far the value may move from old_values.
+        cliprange_value: ε, how far the value may move from old_values.
         normalizer: optional global count of counted tokens of the optimizer step (see module doc).
 
     Returns:
@@ -807,7 +810,7 @@ def ppo_value_loss(
     values, old_values, returns = values.to(dtype), old_values.to(dtype).detach(), returns.to(dtype).detach()
     values, old_values, returns = _zero_padding(mask, values, old_values, returns)
 
-    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # old + clip(v - old, -ε, ε)
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # old + clip(v - old, -ε, ε)
     vf_losses = (values - returns) ** 2  # (v - R)²
     vf_losses_clipped = (values_clipped - returns) ** 2  # (v_clipped - R)²
     loss = 0.5 * _divide(_masked_sum(torch.max(vf_losses, vf_losses_clipped), mask), normalizer, mask.sum())
@@ -1012,11 +1015,11 @@ def policy_gradient_loss(
     ref_logps: Optional[torch.Tensor],
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
     beta: float = 0.04,
     loss_type: str = "grpo",
-    max_completion_length: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
     normalizer: Normalizer = None,
     kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict]:
@@ -1036,12 +1039,12 @@ def policy_gradient_loss(
     Reduction (n_seq = rows with at least one counted token; fully masked rows contribute nothing):
         "grpo":    mean over each sequence's tokens, then Σ over sequences / (normalizer or n_seq)
         "dapo":    Σ over all counted tokens / (normalizer or mask.sum())            (DAPO)
-        "dr_grpo": Σ over all counted tokens / (normalizer or n_seq · max_completion_length) (Dr. GRPO)
+        "dr_grpo": Σ over all counted tokens / (normalizer or n_seq · max_new_tokens) (Dr. GRPO)
     Only "dr_grpo" has a constant weight per token, so only it makes E[∇loss] a multiple of the policy gradient
     of the reward the advantages estimate (the KL in the reward included: kl_reward); "grpo" weights a
     response's tokens by 1/|o_i|, "dapo" by 1 over the step's random token count.
     For gradient accumulation / DDP pass normalizer = the global count for the optimizer step:
-    sequences for "grpo", counted tokens for "dapo", sequences × max_completion_length for "dr_grpo".
+    sequences for "grpo", counted tokens for "dapo", sequences × max_new_tokens for "dr_grpo".
 
     Metrics (detached, means over this call's counted tokens):
         "clip_ratio/low_mean":    ratio < 1 - ε_low and A < 0 (clipped from below)
@@ -1056,11 +1059,11 @@ def policy_gradient_loss(
         ref_logps: (B, T) log π_ref, treated as constant; may be None when beta == 0 (never read then).
         advantages: (B, T) per-token advantages (e.g. reinforce_pp_advantages), treated as constant.
         mask: (B, T) bool, True = completion token that counts.
-        clip_eps_low: ε_low, lower clip range of the ratio.
-        clip_eps_high: ε_high, upper clip range (DAPO uses 0.28).
+        epsilon_low: ε_low, lower clip range of the ratio.
+        epsilon_high: ε_high, upper clip range (DAPO uses 0.28).
         beta: β, weight of the KL penalty in the loss; 0 disables it (DAPO, Dr. GRPO, KL in the reward).
         loss_type: "grpo", "dapo" or "dr_grpo".
-        max_completion_length: L, the generation budget; required for "dr_grpo" without normalizer.
+        max_new_tokens: L, the generation budget; required for "dr_grpo" without normalizer.
         normalizer: optional global count for the optimizer step (see above).
         kl_estimator: "k1", "k2" or "k3" (GRPO's).
 
@@ -1078,15 +1081,15 @@ def policy_gradient_loss(
         if ref_logps is None:
             raise ValueError("ref_logps is required when beta != 0 (pass beta=0.0 to train without a reference)")
         _check("ref_logps", ref_logps, (B, T))
-    if loss_type == "dr_grpo" and normalizer is None and max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' needs max_completion_length (or an explicit normalizer)")
+    if loss_type == "dr_grpo" and normalizer is None and max_new_tokens is None:
+        raise ValueError("loss_type='dr_grpo' needs max_new_tokens (or an explicit normalizer)")
     dtype = _dtype(logps, old_logps, advantages, ref_logps if beta != 0 else None)
     logps, old_logps, A = _zero_padding(mask, logps.to(dtype), old_logps.to(dtype).detach(),
                                         advantages.to(dtype).detach())
 
     ratio = torch.exp(logps - old_logps)  # r_{i,t} = π / π_old
     surrogate = ratio * A  # r · A
-    surrogate_clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A  # clip(r, 1-ε_low, 1+ε_high) · A
+    surrogate_clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A  # clip(r, 1-ε_low, 1+ε_high) · A
     per_token = -torch.min(surrogate, surrogate_clipped)  # Eq. 3: -min(r A, clip(r) A)
     if beta != 0:
         (ref_logps,) = _zero_padding(mask, ref_logps.to(dtype))
@@ -1101,11 +1104,11 @@ def policy_gradient_loss(
     elif loss_type == "dapo":
         loss = _divide(_masked_sum(per_token, mask), normalizer, mask.sum())  # 1/Σ|o_i| Σ_i Σ_t
     else:  # "dr_grpo": a constant denominator, so no length bias (the checks above ensure one exists)
-        default = n_seq * max_completion_length if normalizer is None else None
+        default = n_seq * max_new_tokens if normalizer is None else None
         loss = _divide(_masked_sum(per_token, mask), normalizer, default)  # 1/(G·L) Σ_i Σ_t
 
-    is_low = (ratio < 1 - clip_eps_low) & (A < 0)
-    is_high = (ratio > 1 + clip_eps_high) & (A > 0)
+    is_low = (ratio < 1 - epsilon_low) & (A < 0)
+    is_high = (ratio > 1 + epsilon_high) & (A > 0)
     metrics = {
         "clip_ratio/low_mean": _masked_mean(is_low.to(dtype), mask).detach(),
         "clip_ratio/high_mean": _masked_mean(is_high.to(dtype), mask).detach(),
@@ -1122,11 +1125,11 @@ def grpo_loss(
     ref_logps: Optional[torch.Tensor],
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
     beta: float = 0.04,
     loss_type: str = "grpo",
-    max_completion_length: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
     normalizer: Normalizer = None,
     kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict]:
@@ -1146,7 +1149,7 @@ def grpo_loss(
         ref_logps: (B, T) log π_ref, treated as constant; may be None when beta == 0 (never read then).
         advantages: (B,) one advantage per completion (e.g. from group_advantages), treated as constant.
         mask: (B, T) bool, True = completion token that counts.
-        clip_eps_low, clip_eps_high, beta, loss_type, max_completion_length, normalizer, kl_estimator:
+        epsilon_low, epsilon_high, beta, loss_type, max_new_tokens, normalizer, kl_estimator:
             as in policy_gradient_loss.
 
     Returns:
@@ -1155,5 +1158,5 @@ def grpo_loss(
     _check("logps", logps, (None, None))
     B, T = logps.shape
     _check("advantages", advantages, (B,))
-    return policy_gradient_loss(logps, old_logps, ref_logps, advantages[:, None].expand(B, T), mask, clip_eps_low,
-                                clip_eps_high, beta, loss_type, max_completion_length, normalizer, kl_estimator)
+    return policy_gradient_loss(logps, old_logps, ref_logps, advantages[:, None].expand(B, T), mask, epsilon_low,
+                                epsilon_high, beta, loss_type, max_new_tokens, normalizer, kl_estimator)
