@@ -221,6 +221,7 @@ def update_reference(ref_model, policy, alpha):
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     cfg.beta = cfg.beta or DEFAULT_BETA[cfg.loss_type]
     rt = runtime.setup(cfg)
     if rt.is_main:

@@ -213,6 +213,7 @@ def online_dpo_loss(model, batch, cfg):
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     cfg.beta = cfg.beta or DEFAULT_BETA[cfg.loss_type]
     rt = runtime.setup(cfg)
     names = cfg.reward_funcs + ["reward_model"] * bool(cfg.reward_model)

@@ -174,7 +174,7 @@ def test_scalar_kind_keeps_the_backbone_and_drops_an_untied_lm_head(tmp_path):
 
 
 def test_bf16_on_disk_loads_into_fp32(tmp_path):
-    from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     tf = _transformers()
     ref = make_hf_model("llama-tied-bias").to(torch.bfloat16)
@@ -291,7 +291,7 @@ EXPORT_CASES = {
 
 @pytest.mark.parametrize("case", sorted(EXPORT_CASES))
 def test_export_ours_to_transformers_same_logits(case, tmp_path):
-    from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     tf = _transformers()
     ours = _ours(**EXPORT_CASES[case])
@@ -310,7 +310,7 @@ def test_export_ours_to_transformers_same_logits(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["llama-tied-bias", "qwen2-untied", "qwen3-head-dim"])
 def test_hf_to_ours_to_export_to_transformers(case, tmp_path):
-    from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     tf = _transformers()
     ref = make_hf_model(case)
@@ -333,7 +333,7 @@ def test_moe_and_odd_bias_combinations_are_refused(tmp_path):
 
 
 def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
-    from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     tf = _transformers()
     ours = _ours(vocab_size=tok.vocab_size)
@@ -342,7 +342,7 @@ def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
     torch.save({"model": ours.state_dict(), "model_kind": "causal", "model_config": ours.cfg.to_dict()},
                ckpt / "ckpt.pt")
     (ckpt / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
-    hf_weights.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    hf_export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= names
@@ -362,10 +362,10 @@ def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
     scalar = ScalarModel(ours.cfg)
     torch.save({"model": scalar.state_dict(), "model_kind": "scalar", "model_config": scalar.cfg.to_dict()},
                ckpt / "ckpt.pt")
-    hf_weights.main(["export", "--ckpt", str(ckpt / "ckpt.pt"), "--out", str(tmp_path / "rm")])
+    hf_export.main(["--ckpt", str(ckpt / "ckpt.pt"), "--out", str(tmp_path / "rm")])
     assert (tmp_path / "rm" / "model.safetensors").exists()
     untied = ScalarModel(ModelConfig.from_dict({**ours.cfg.to_dict(), "tie_embeddings": False}))
     torch.save({"model": untied.state_dict(), "model_kind": "scalar", "model_config": untied.cfg.to_dict()},
                ckpt / "ckpt.pt")
     with pytest.raises(SystemExit, match="no LM head"):
-        hf_weights.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "rm2")])
+        hf_export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "rm2")])

@@ -307,7 +307,7 @@ def test_torchrun_two_processes_match_one_with_lora(workdir):
 
 def test_merge_cli_writes_a_full_checkpoint(workdir, sft_lora):
     out = workdir / "sft_merged"
-    run([sys.executable, "-m", "minialign.models.lora", "merge", "--ckpt", str(sft_lora), "--out", str(out)])
+    run([sys.executable, "-m", "minialign.training.checkpoint", "merge", "--ckpt", str(sft_lora), "--out", str(out)])
     saved = ckpt(out)
     assert not saved["lora"] and saved["optimizer"] is None and saved["merged_from"]["ckpt"] == str(sft_lora)
     assert (out / "tokenizer.model").exists() and (out / "config.json").exists()
@@ -315,10 +315,10 @@ def test_merge_cli_writes_a_full_checkpoint(workdir, sft_lora):
     plain.load_state_dict(saved["model"])  # strict: an ordinary full checkpoint
     a, b = plain.state_dict(), checkpoint.load_model(sft_lora).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    proc = run([sys.executable, "-m", "minialign.models.lora", "merge", "--ckpt", str(workdir / "base"), "--out",
+    proc = run([sys.executable, "-m", "minialign.training.checkpoint", "merge", "--ckpt", str(workdir / "base"), "--out",
                 str(workdir / "nope")], check=False)
     assert proc.returncode != 0 and "is not a LoRA run" in proc.stderr
-    from minialign.models.hf_weights import \
+    from minialign.training.hf_export import \
         _load_checkpoint_model  # `python -m minialign.training.hf_export` of a LoRA run merges on the fly
     exported = _load_checkpoint_model(sft_lora).state_dict()
     assert all(torch.equal(exported[k], a[k]) for k in a)
