@@ -19,8 +19,9 @@ The report (minialign/evaluation/report.py; rebuild it any time with `python -m 
 out/report.md with the table, and with matplotlib installed out/plots/ with the training curves, the
 reward model's chosen vs rejected scores, the gold score per stage, and gold score against KL to SFT.
 
-    python -m minialign.pipeline --preset full   # every script at its own defaults (about twice the RL steps)
-    python -m minialign.pipeline --preset gpu    # MiniMind 26M on a CUDA machine (bf16), more steps
+    python -m minialign.pipeline --preset full --out out_full   # every script at its own defaults (2.3-3.1x the
+                                                                # main job's RM and RL steps), in its own folder
+    python -m minialign.pipeline --preset gpu --out out_gpu     # MiniMind 26M on a CUDA machine (bf16), more steps
     python -m minialign.pipeline --stages sft rm # only some stages (each needs the ones before it)
     python -m minialign.pipeline --seeds 1337 1 2 --out out_seeds   # the README's figures
 
@@ -59,7 +60,7 @@ EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stage
 #          fewer lose the arithmetic and every later stage pays: 520 steps cost PPO and GRPO 4-12 points of
 #          gold over two seeds), the RM, DPO, PPO and GRPO at 32-43% of their scripts' steps, plus
 #          gold-vs-KL points (100 prompts) as they train.
-#   full : every script's own defaults (about twice the RL work of cpu; the better numbers of each script's docs).
+#   full : every script's own defaults (2.3-3.1x the RM and RL steps of cpu; the better numbers of each script's docs).
 #   gpu  : the MiniMind 26M architecture (dim 512, 8 layers) with learning rates scaled down for its size
 #          and more steps; run it on a CUDA machine (bf16 autocast is the default there).
 #   tiny : every stage (the optional ones too) for a few steps, for tests.

@@ -1,7 +1,7 @@
 """The documentation cannot drift from the code: every command it shows parses, every reference resolves.
 
 1. Every shell command in the docs (README.md, README_zh.md if present, bench/README.md, data/README.md,
-   examples/*.md), in fenced code blocks and in inline code spans, that runs `python X.py ...`,
+   examples/*.md), in fenced or indented code blocks and in inline code spans, that runs `python X.py ...`,
    `python -m minialign.x ...` or `torchrun ... X.py ...`: the script or module exists, and its own argparse
    parser accepts every flag shown. Nothing is run: the command is executed as `python` would (runpy, with the
    shown argv) up to the moment it parses its arguments, where the test stops it.
@@ -49,6 +49,7 @@ def shell_lines(text: str) -> list[str]:
         if lang.lower() in NOT_SHELL:
             continue
         lines += [l for l in body.replace("\\\n", " ").splitlines() if LAUNCHER.match(l)]
+    lines += re.findall(r"^(?: {4}|\t)((?:python3?|torchrun) .*)$", prose(text), flags=re.M)  # indented code blocks
     for span in re.findall(r"`([^`]+)`", prose(text)):
         span = " ".join(span.split())
         if LAUNCHER.match(span + " "):
@@ -249,3 +250,34 @@ def broken_references(doc: Path) -> list[str]:
 def test_every_reference_resolves(doc):
     bad = broken_references(doc)
     assert not bad, f"{doc.relative_to(ROOT)}: {len(bad)} broken reference(s):\n  " + "\n  ".join(bad)
+
+
+# ------------------------------------------------------------------------------------- the Files tree
+
+def files_tree(readme: Path) -> set[str]:
+    """The paths README's "## Files" block lists: one entry per line, folders end with "/", two spaces of
+    indentation per level (`minialign/` then `  models/` then `    decoder.py` is minialign/models/decoder.py)."""
+    section = readme.read_text(encoding="utf-8").split("\n## Files\n", 1)[1]
+    (_, block), *_ = fenced_blocks(section)
+    paths, parents = set(), []
+    for line in block.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        indent = len(line) - len(line.lstrip())
+        if not name or indent % 2 or indent // 2 > len(parents) or not re.match(r"^[\w./-]+$", name):
+            continue  # a continuation line of a description (indented deeper than any entry)
+        parents = parents[: indent // 2]
+        path = "".join(parents) + name
+        paths.add(path.rstrip("/"))
+        if name.endswith("/"):
+            parents.append(name)
+    return paths
+
+
+def test_the_files_tree_lists_every_module_and_script():
+    listed = files_tree(ROOT / "README.md")
+    missing_on_disk = sorted(p for p in listed if not (ROOT / p).exists())
+    assert not missing_on_disk, f"README's Files lists what does not exist: {missing_on_disk}"
+    expected = {str(p.relative_to(ROOT)) for p in [*ROOT.glob("minialign/**/*.py"), *ROOT.glob("train_*.py"),
+                                                    *ROOT.glob("bench/*.py"), *ROOT.glob("examples/*")]
+                if p.name not in ("__init__.py", "__main__.py")}
+    assert not expected - listed, f"README's Files does not list: {sorted(expected - listed)}"
