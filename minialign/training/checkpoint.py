@@ -177,7 +177,9 @@ def check_out_dir(cfg) -> None:
     files are replaced as the new run writes its own: metrics.jsonl at once, ckpt.pt at the first checkpoint).
 
     Every training script calls it right after parsing its flags, on every rank, before anything is written; it only
-    reads. (--resume with --overwrite is refused when the flags are parsed: minialign.training.config.)"""
+    reads. (Under torchrun rank 0 writes no run file before the DDP wrap, a collective every rank reaches after its
+    own check, so no rank sees rank 0's new files. --resume with --overwrite is refused when the flags are parsed:
+    minialign.training.config.)"""
     state = run_state(cfg.out_dir)
     if cfg.resume and not (state and state["checkpoint"]):
         held = f" ({describe_run(state)})" if state else ""
