@@ -24,11 +24,11 @@ from minialign.data.formats import load_pretrain
 from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import run_cli
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import FromScratch, OfflineConfig, knob, one_of, parse_config
+from minialign.training.config import FromScratch, OfflineConfig, SequenceBatch, knob, one_of, parse_config
 
 
 @dataclass
-class Config(OfflineConfig, FromScratch):
+class Config(OfflineConfig, SequenceBatch, FromScratch):
     out_dir: str = knob("out/pretrain", "output folder")
     init_from: str = knob("", "checkpoint folder to continue from; empty = random init from --preset")
     data: str = knob("data/pretrain.jsonl", "text corpus: {\"text\": ...} JSONL(.gz), JSON, or a plain .txt file")

@@ -24,11 +24,12 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import EvalConfig, FromScratch, LoRAConfig, OfflineConfig, knob, parse_config
+from minialign.training.config import (EvalConfig, FromScratch, LoRAConfig, OfflineConfig, SequenceBatch, knob,
+                                       parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, FromScratch, EvalConfig, LoRAConfig):
+class Config(OfflineConfig, SequenceBatch, FromScratch, EvalConfig, LoRAConfig):
     out_dir: str = knob("out/sft", "output folder")
     init_from: str = knob("", "checkpoint folder to start from (e.g. out/pretrain); empty = random init from --preset")
     data: str = knob("data/sft_train.jsonl", "SFT conversations: JSONL(.gz) or JSON (formats: minialign.data.formats)")

@@ -426,7 +426,7 @@ def bench_rm(ctx) -> dict:
     model = ScalarModel(cfg)
     hf = hf_model(LlamaForSequenceClassification, model, device)  # same initial weights (score bias aside)
     model.to(device)
-    rcfg = train_rm.Config(init_from="bench", micro_batch_size=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
+    rcfg = train_rm.Config(init_from="bench", micro_batch_pairs=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
     optimizer, scaler = loop.make_optimizer(model, rcfg, ctx["rt"]), ctx["rt"].make_scaler()
     rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in data]
     batches = [to_device(collate_pairs(rows[i * B : (i + 1) * B], PAD), device) for i in range(n)]
@@ -463,7 +463,7 @@ def bench_dpo(ctx, precomputed: bool) -> dict:
     # minialign: train_dpo.py's step (loop.train_step + pair_loss), reference live or precomputed before timing
     model = ctx["new_ours"]()
     ref = ctx["new_ours"]().eval().requires_grad_(False)
-    dcfg = train_dpo.Config(init_from="bench", loss_type="sigmoid", beta=0.1, micro_batch_size=B, grad_accum=1, lr=LR,
+    dcfg = train_dpo.Config(init_from="bench", loss_type="sigmoid", beta=0.1, micro_batch_pairs=B, grad_accum=1, lr=LR,
                             max_grad_norm=1.0, precompute_ref=precomputed)
     optimizer, scaler = loop.make_optimizer(model, dcfg, rt), rt.make_scaler()
     ref_table = None

@@ -80,8 +80,8 @@ PRESETS = {
     },
     "tiny": {
         "sft": ["--max_steps", "6", "--eval_prompts", "16", "--micro_batch_size", "8"],
-        "rm": ["--max_steps", "4", "--micro_batch_size", "4", "--eval_every", "0"],
-        "dpo": ["--max_steps", "3", "--micro_batch_size", "8", "--eval_prompts", "16", "--gold_eval_every", "1",
+        "rm": ["--max_steps", "4", "--micro_batch_pairs", "4", "--eval_every", "0"],
+        "dpo": ["--max_steps", "3", "--micro_batch_pairs", "8", "--eval_prompts", "16", "--gold_eval_every", "1",
                 "--gold_eval_prompts", "8"],
         "ppo": ["--max_steps", "2", "--prompts_per_step", "8", "--eval_prompts", "16", "--max_new_tokens", "16",
                 "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
@@ -100,8 +100,8 @@ PRESETS = {
 def stage_done(out: Path, stage: str) -> bool:
     if stage == "tokenizer":
         return (out / "tokenizer" / "tokenizer.model").exists()
-    if stage == "best_of_n":
-        return (out / "best_of_n" / "points.json").exists()
+    if stage == "best_of_n":  # an older points.json (analytic KL only) is redone
+        return report.has_exact_kl(report.read_json(out / "best_of_n" / "points.json"))
     return stages.run_finished(out / stage)
 
 
@@ -109,7 +109,7 @@ def summary(out: Path, stage: str) -> str:
     """The one line printed when a stage ends: what its evaluation says."""
     if stage == "best_of_n":
         res = report.read_json(out / "best_of_n" / "points.json")
-        return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl_analytic']:.2f})"
+        return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl']:.2f})"
                          for p in res["points"][:: max(1, len(res["points"]) - 1)]) if res else ""
     if stage == "rm":
         scores = report.read_json(out / "rm" / "rm_scores.json")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from minialign.algorithms.rollout import sample_rollout
 from minialign.data.batching import tokenize_prompts
 from minialign.data.formats import PromptRecord, load_pretrain
-from minialign.algorithms.rollout import sample_rollout
 from minialign.evaluation.evaluate import evaluate_policy, gold_judge, gold_point, sample_and_score
-from minialign.task.gold import is_refusal, judge
 from minialign.models.decoder import CausalLM
+from minialign.task.gold import is_refusal, judge
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -79,6 +79,8 @@ References
 [KLG]    Where the KL enters and the bias of its gradient: TRL issue #4967 ("k1 in reward" is unbiased for
          the reverse KL, "k3 in loss" is not), OpenRLHF PR #1309 (k1's gradient vanishes in the loss,
          k3's descends the forward KL, k2's is the reverse-KL gradient on-policy); see policy_gradient_loss.
+         k1 in the reward is unbiased only with a constant normalizer (see kl_reward), and k2 / k3 in the
+         reward are not (see kl_penalty). tests/test_exact_gradients.py checks each claim by enumeration.
 Where an equation number is not given, the section named holds the formula.
 """
 
@@ -124,6 +126,7 @@ GROUP_SCALES = ("group", "batch", "none")
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "remax")
 LOSS_KL_KINDS = ("k1", "k2", "k3")  # the KL estimators offered for the loss term (see policy_gradient_loss)
+REWARD_KL_KINDS = ("k1",)  # the only estimator whose detached reward -β·k has the gradient of -β KL (kl_penalty)
 
 Number = Union[int, float]
 Normalizer = Union[None, int, float, torch.Tensor]  # global count for the optimizer step; None = this call's count
@@ -340,6 +343,14 @@ def _check_label_smoothing(loss_type: str, label_smoothing: float, smoothed: Seq
 def _smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     # -(1-ε) log σ(z) - ε log σ(-z): cross-entropy against a label that is flipped with prob. ε
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+# β of each DPO-family loss when a script's --beta is not given. sigmoid: tuned on the default task (train_dpo.py's
+# docstring); robust and hinge share its scale (summed log-ratios); ipo: 1/(2β) = a 0.5-nat target margin of the
+# token-averaged log-ratios; simpo, cpo, orpo: their papers' values
+DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1}
+# the loss types whose --label_smoothing means something (cDPO, rDPO, and the smoothed sigmoid of SimPO and CPO)
+LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "cpo")
 
 
 def dpo_loss(
@@ -586,6 +597,10 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -
         "k3":  exp(-log_ratio) - 1 + log_ratio        unbiased, >= 0, low variance (GRPO Eq. 4)
         "abs": |log_ratio|                            biased, >= 0
     k3 is computed as expm1(d) - d with d = ref - logp, which is exact near 0 and never negative.
+    "Unbiased" is about the VALUE: E_π[k] = KL(π ‖ ref). The GRADIENT of an estimate used as a detached
+    per-token reward -β·k (PPO, the REINFORCE family) is E_π[k ∇log π], which for k1 is ∇KL(π ‖ ref) but for
+    k3 is ∇KL(π ‖ ref) - ∇KL(ref ‖ π) (E_π[(ref/π) ∇log π] = Σ ref ∇log π = -∇KL(ref ‖ π)), and for k2 neither;
+    so only k1 goes in a reward (REWARD_KL_KINDS). In the loss, see policy_gradient_loss.
     All four are 0 where logps == ref_logps. ref_logps is treated as constant (detached).
 
     Args:
@@ -866,10 +881,13 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         A_i = r_i - 1/(G-1) · Σ_{j≠i} r_j   ( = G/(G-1) · (r_i - mean(r)) )
     The baseline does not contain r_i, so it is independent of sample i and the estimate is unbiased
     (GRPO's mean contains r_i; its (1 - 1/G) shrinkage is what G/(G-1) undoes). No std scaling. A group
-    of equal rewards gets exactly 0 (as in group_advantages: no ±1-ulp leftovers).
+    of equal rewards gets exactly 0 (as in group_advantages: no ±1-ulp leftovers). With a KL penalty the paper
+    baselines the whole sequence reward: pass R_i = r_i - β Σ_t k1_it (k1 = log π_old/π_ref per token), so the
+    KL enters the baseline too and a group's advantages sum to 0 (advantages.step_advantages does).
 
     Args:
-        rewards: (N·G,) one scalar reward per completion, the G completions of a prompt contiguous.
+        rewards: (N·G,) one scalar reward per completion, the G completions of a prompt contiguous
+            (with the KL in the reward: the KL-penalised R_i).
         group_size: G >= 2.
 
     Returns:
@@ -917,8 +935,13 @@ def kl_reward(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: 
     Formula (the RLHF reward of Ouyang et al. 2022 / Ziegler et al. 2019, per token as in PPO and [RPP]):
         r_t = -β · kl_t + [t = last counted token] · score,     so   Σ_t r_t = score - β Σ_t kl_t
     With kl_t = k1 = log π_old(y_t) - log π_ref(y_t) the sum is score - β · (an unbiased estimate of
-    KL(π ‖ π_ref) of the sequence), and the policy gradient of that reward is the unbiased gradient of
-    E[score] - β KL(π ‖ π_ref) (TRL #4967). Everything here is a constant for the loss (detached).
+    KL(π ‖ π_ref) of the sequence), and the policy gradient of that reward, Σ_t A_t ∇log π(y_t) with A_t its
+    return-to-go, is an unbiased estimate of ∇(E[score] - β KL(π ‖ π_ref)) (TRL #4967) ON CONDITION that the
+    loss sums each response's tokens with a CONSTANT normalizer (policy_gradient_loss's "dr_grpo": 1/(G·L)) and
+    counts every response. The per-response 1/|o_i| of "grpo" (and "dapo"'s 1/Σ_i |o_i|, a random count) weights
+    each response's KL by its inverse length, and the expectation is then not a multiple of ∇KL(π ‖ π_ref);
+    a truncated response dropped from the loss drops its KL too. With a k2 or k3 kl_t no normalizer helps
+    (kl_penalty). Everything here is a constant for the loss (detached).
     A row with no counted token gets nothing (its score is dropped).
 
     Args:
@@ -1014,6 +1037,9 @@ def policy_gradient_loss(
         "grpo":    mean over each sequence's tokens, then Σ over sequences / (normalizer or n_seq)
         "dapo":    Σ over all counted tokens / (normalizer or mask.sum())            (DAPO)
         "dr_grpo": Σ over all counted tokens / (normalizer or n_seq · max_completion_length) (Dr. GRPO)
+    Only "dr_grpo" has a constant weight per token, so only it makes E[∇loss] a multiple of the policy gradient
+    of the reward the advantages estimate (the KL in the reward included: kl_reward); "grpo" weights a
+    response's tokens by 1/|o_i|, "dapo" by 1 over the step's random token count.
     For gradient accumulation / DDP pass normalizer = the global count for the optimizer step:
     sequences for "grpo", counted tokens for "dapo", sequences × max_completion_length for "dr_grpo".
 

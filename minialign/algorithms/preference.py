@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from minialign.algorithms.losses import sequence_logps
-from minialign.algorithms.packing import pack, response_logps
+from minialign.algorithms.packing import length_sorted_chunks, pack, response_logps
 from minialign.data.batching import tokenize_preferences
 from minialign.data.formats import PreferencePair, UnpairedRecord
+from minialign.training import runtime
 
 
 @dataclass
@@ -83,3 +85,21 @@ def unpair(pairs: list[dict]) -> list[dict]:
 def kl_partner(i: int, n: int) -> int:
     """Example whose completion is paired with example i's prompt for KTO's KL estimate (TRL's +1 offset)."""
     return (i + 1) % n
+
+
+@torch.no_grad()
+def reference_table(lengths: list[int], micro_batch: int, columns: int, rows_fn, rt, desc: str) -> torch.Tensor:
+    """A frozen reference's per-example numbers, computed once before training (--precompute_ref): (n, columns)
+    float32, row i = rows_fn(idx)[idx.index(i)].
+
+    rows_fn(idx) -> (len(idx), columns) for a list of example indices (e.g. DPO: the chosen and rejected
+    log-probs of those pairs; KTO: an example's and its KL row's). Each rank computes every world_size-th
+    example in length-sorted chunks of `micro_batch`; the table is then summed across ranks, every row
+    having been filled by exactly one rank.
+    """
+    table = torch.zeros(len(lengths), columns, device=rt.device)
+    mine = list(range(rt.rank, len(lengths), rt.world_size))
+    for idx in tqdm(length_sorted_chunks(lengths, micro_batch, mine), desc=desc, disable=not rt.is_main):
+        with rt.autocast():
+            table[idx] = rows_fn(idx).float()
+    return runtime.all_reduce_tensor_(table, rt)

@@ -364,10 +364,8 @@ def new_model(cfg, vocab_size: int, kind: str = "causal"):
 
 def main(argv=None):
     """python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged: a LoRA run -> a full checkpoint."""
-    from minialign.training import checkpoint  # run as __main__, this file is a second module: use the package's
-
     ap = argparse.ArgumentParser(prog="python -m minialign.training.checkpoint",
-                                 description="LoRA checkpoints (minialign.models.lora).")
+                                 description="Checkpoint folders: merge a LoRA run into a full checkpoint.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base: a full checkpoint folder "
                                       "(any stage's --init_from, python -m minialign.training.hf_export --ckpt)")
@@ -375,9 +373,9 @@ def main(argv=None):
     mg.add_argument("--out", required=True, help="output folder: ckpt.pt (merged weights), config.json, tokenizer")
     args = ap.parse_args(argv)
     try:
-        out = checkpoint.write_merged(args.ckpt, args.out)
+        out = write_merged(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"python -m minialign.training.checkpoint merge: error: {e}")
+        raise UserError(str(e)) from e
     print(f"merged {args.ckpt} -> {out}")
 
 

@@ -26,7 +26,8 @@ the training scripts run as subprocesses, each command printed before it runs (a
               run trains in segments (--stop_after_steps K, then --resume: one run, one LR schedule) and its
               checkpoint is evaluated after every segment: a point of the frontier every K steps
   best_of_n   best of N = 1..max_n SFT samples by the learned RM (and, as a ceiling, by the true reward) at the
-              analytic KL log N - (N-1)/N (minialign.evaluation.best_of_n)
+              KL of best-of-N (minialign.evaluation.best_of_n: log N - (N-1)/N where a prefix's max_n scores are
+              distinct, the exact KL of its empirical score distribution where some tie, e.g. duplicate samples)
   report      report.md (table of the best true reward within KL <= 1, 3, 10 nats; the classifier's accuracy;
               sampled continuations; wall times; this machine's fp32 matmul GFLOP/s), results.json and, with
               matplotlib, plots/reward_vs_kl.png
@@ -44,7 +45,9 @@ stop; generation allows C + 8 tokens.
 
 KL and reward (minialign.evaluation.evaluate): per checkpoint, samples_per_prompt samples at temperature 1 for
 each evaluation prefix, mean true reward and mean Σ_t [log π(y_t) - log π_sft(y_t)], one estimator for every
-method (best-of-N, which has no policy to sample from, uses the analytic KL as the paper's baselines do).
+method. Best-of-N has no policy of its own to sample from the way the trained ones do (and the DPO paper's
+IMDb figure has no best-of-N); its KL is computed from the judge's scores of the SFT samples instead:
+log N - (N-1)/N (Stiennon et al. 2020, App. G.3) where they are distinct, exact for ties (best_of_n).
 
 What is simplified, against the paper: a 1M-parameter decoder instead of GPT-2-large; our own bag-of-n-grams
 classifier instead of the pretrained siebert/sentiment-roberta-large-english; continuations of <= C tokens;
@@ -380,9 +383,9 @@ def stage_prefs(out: Path, paths: dict, scale: Scale, evaluator: Evaluator) -> d
 @torch.no_grad()
 def stage_best_of_n(out: Path, scale: Scale, evaluator: Evaluator) -> None:
     """max_n SFT samples per held-out prefix, judged by the learned RM (and the true reward); the points of
-    minialign.evaluation.best_of_n (nested subsets: best of the first N) at the analytic KL."""
+    minialign.evaluation.best_of_n (nested subsets: best of the first N) at best-of-N's KL (exact for ties)."""
     path = out / "best_of_n" / "points.json"
-    if path.exists():
+    if report.has_exact_kl(report.read_json(path)):  # an older file (analytic KL only) is redone
         print(f"[best_of_n] already done in {path.parent}, skipping")
         return
     t0 = time.time()
@@ -402,7 +405,7 @@ def stage_best_of_n(out: Path, scale: Scale, evaluator: Evaluator) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(res, path)
     stages.add_time(out, "best_of_n", time.time() - t0)
-    print("[best_of_n] " + ", ".join(f"N={p['n']} reward {p['gold_score']:.3f} (KL {p['kl_analytic']:.2f})"
+    print("[best_of_n] " + ", ".join(f"N={p['n']} reward {p['gold_score']:.3f} (KL {p['kl']:.2f})"
                                      for p in res["points"]) + f" in {time.time() - t0:.0f}s", flush=True)
 
 
@@ -458,7 +461,8 @@ def collect(out: Path) -> dict:
         pts = [json.loads(p.read_text()) for p in sorted((d / "frontier").glob("step_*.json"))]
         if pts:
             runs[d.name] = pts
-    return {"sft": sft, "runs": runs, "best_of_n": report.read_json(out / "best_of_n" / "points.json")}
+    bon = report.read_json(out / "best_of_n" / "points.json")
+    return {"sft": sft, "runs": runs, "best_of_n": bon if report.has_exact_kl(bon) else None}
 
 
 def series(res: dict) -> dict[str, list[dict]]:
@@ -473,7 +477,7 @@ def series(res: dict) -> dict[str, list[dict]]:
     bon = res["best_of_n"]
     if bon:
         for key, m in (("points", "best_of_n"), ("oracle_points", "best_of_n_oracle")):
-            out[m] = [{"kl": p["kl_analytic"], "reward": p["gold_score"], "seed": 0, "run": m, "step": p["n"]}
+            out[m] = [{"kl": p["kl"], "reward": p["gold_score"], "seed": 0, "run": m, "step": p["n"]}
                       for p in bon[key]]
     return out
 
@@ -587,11 +591,15 @@ def write_report(out: Path, scale_name: str, scale: Scale, seeds: list[int], com
     lines += ["## Runs (last checkpoint)", "", runs_table(res, timings), ""]
     bon = res["best_of_n"]
     if bon:
-        lines += ["## Best-of-N", "", f"{bon['n_prompts']} test prefixes, N samples from the SFT model; KL = log N - "
-                  "(N-1)/N.", "", "| N | KL | true reward, judged by the RM | judged by the true reward |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p['n']} | {p['kl_analytic']:.2f} | {p['gold_score']:.3f} | {q['gold_score']:.3f} |"
-                  for p, q in zip(bon["points"], bon["oracle_points"])]
+        lines += ["## Best-of-N", "", f"{bon['n_prompts']} test prefixes, N samples from the SFT model; KL of best-of-N "
+                  "per prefix: log N - (N-1)/N where the judge's scores of its samples are distinct, else exact for "
+                  f"the ties (minialign.evaluation.best_of_n); prefixes with tied scores: "
+                  f"{bon['points'][-1]['prompts_with_ties']:.0%} by the RM, "
+                  f"{bon['oracle_points'][-1]['prompts_with_ties']:.0%} by the true reward.", "",
+                  "| N | log N - (N-1)/N | true reward, judged by the RM | KL | judged by the true reward | KL |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['n']} | {p['kl_analytic']:.2f} | {p['gold_score']:.3f} | {p['kl']:.2f} | "
+                  f"{q['gold_score']:.3f} | {q['kl']:.2f} |" for p, q in zip(bon["points"], bon["oracle_points"])]
         lines.append("")
     lines += ["## Sampled continuations (last checkpoint, test prefixes)", ""]
     examples = {"sft": res["sft"]["examples"] if res["sft"] else []}
