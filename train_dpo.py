@@ -222,6 +222,7 @@ def update_reference(ref_model, policy, alpha):
 
 def main(argv=None):
     cfg = parse_config(Config, argv)  # resolves an unset --beta to the loss type's default
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     if rt.is_main:
         checkpoint.check_writable(cfg.out_dir)

@@ -272,6 +272,7 @@ def grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats) -> dict
 
 def main(argv=None):
     cfg = config.parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     try:
         sources = parse_reward_funcs(cfg.reward_funcs, cfg.reward_weights, model_names=("reward_model",))

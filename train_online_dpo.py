@@ -227,6 +227,7 @@ def online_dpo_loss(model, batch, cfg):
 
 def main(argv=None):
     cfg = parse_config(Config, argv)  # resolves --beta and, for --rounds, the iterative sizes
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     names = cfg.reward_funcs + ["reward_model"] * bool(cfg.reward_model)
     weights = cfg.reward_weights + [1.0] * bool(cfg.reward_model and cfg.reward_weights)

@@ -264,6 +264,7 @@ def rollout_metrics(ro, b, sources, rt) -> dict:
 
 def main(argv=None):
     cfg = config.parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     try:
         sources = parse_reward_funcs(cfg.reward_funcs, cfg.reward_weights, model_names=("reward_model",))

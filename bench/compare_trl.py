@@ -41,7 +41,7 @@ FLOP/s (training rows): the matmul FLOPs each side executes per step, from its o
     minialign prefills a prompt once for its G samples and trains on packed groups (its FLOPs count that).
 The peak is the median GFLOP/s of large torch.mm at the same thread count and dtype.
 
-Install and run (needs the bench extra; keep the CPU torch wheel, see bench/README.md):
+Install and run (needs the bench extra; keep the torch build installed, see bench/README.md):
   pip install -e ".[bench]" "torch==2.13.0"
   python bench/compare_trl.py                                   # all rows, 2 threads, 10 timed steps each
   python bench/compare_trl.py --rows sft,rm --steps 3 --warmup 1 --threads 1 --allow_load   # a quick check

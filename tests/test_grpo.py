@@ -579,8 +579,8 @@ def test_completions_log_with_remax_and_resume(sft, capsys):
         assert len(baselines) == 1, group
     out = capsys.readouterr().out
     assert sum(f"step {s} reward" in line for s in (1, 2, 3) for line in out.splitlines()) == 9
-    # a fresh run (no --resume) starts a new file
-    train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "1"))
+    # a new run over it (--overwrite) starts a new file
+    train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "1", "--overwrite"))
     assert len((d / "logged/completions.jsonl").read_text().splitlines()) == 16
 
 

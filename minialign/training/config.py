@@ -3,8 +3,8 @@
 A script's Config is a dataclass of knobs: every field has a default, a one-line help and optionally a
 check, and becomes a `--flag`. A script inherits only the groups of knobs it reads:
 
-    TrainConfig      every training script: output, seed, device/precision, the LR schedule, clipping,
-                     logging, checkpoints, resume
+    TrainConfig      every training script: output (and what to do with a run already there: --resume or
+                     --overwrite), seed, device/precision, the LR schedule, clipping, logging, checkpoints
     SequenceBatch    --micro_batch_size in sequences (pretrain, SFT, KTO, PPO, GRPO)
     PairBatch        --micro_batch_pairs in preference pairs (RM, DPO, online DPO)
     OfflineConfig    scripts over a fixed dataset (pretrain, SFT, RM, DPO, KTO): + gradient accumulation
@@ -21,7 +21,8 @@ depends on (e.g. DPO's β from the loss type) when the Config is made, so config
 One validation mechanism, run by `parse_config` before anything else happens: each field's check
 (`knob(..., check=positive)`; a script overriding a knob's default keeps the base class's check), then
 the Config's own `problems(world_size)` for rules that involve
-several flags (and a LoRAConfig's `lora_problems()`, so no script has to remember to call it). Every
+several flags (and a LoRAConfig's `lora_problems()` and a TrainConfig's `out_dir_problems()`, so no script has
+to remember to call them). Every
 failure is an argparse error naming the flag: `train_sft.py: error: --lr=-1.0 must be > 0`, exit
 status 2, nothing written.
 """
@@ -66,6 +67,8 @@ class TrainConfig:
     """Knobs every training script reads."""
     out_dir: str = knob("out/run", "output folder")
     resume: bool = knob(False, "continue from out_dir/ckpt.pt exactly where it stopped")
+    overwrite: bool = knob(False, "start a new run in an out_dir that already holds one (its ckpt.pt, metrics.jsonl), "
+                                  "replacing it; without this or --resume such a folder is refused")
     seed: int = knob(1337, "random seed (data order, init, sampling)")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N",
                        (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "must be auto, cpu or cuda"))
@@ -90,6 +93,14 @@ class TrainConfig:
 
     def problems(self, world_size: int) -> list[str]:
         """Rules that involve several flags (or the number of ranks); a Config overrides it to add its own."""
+        return []
+
+    def out_dir_problems(self) -> list[str]:
+        """--resume and --overwrite exclude each other (checked by parse_config for every script; what an out_dir
+        that holds a run needs is minialign.training.checkpoint.check_out_dir)."""
+        if self.resume and self.overwrite:
+            return ["--resume and --overwrite together: --resume continues the run in --out_dir, --overwrite replaces "
+                    "it; pass one of them"]
         return []
 
     def resolve(self) -> None:
@@ -259,6 +270,7 @@ def parse_config(cls, argv=None):
     if not problems:  # the cross-flag rules may assume every field is individually valid
         problems = cfg.problems(int(os.environ.get("WORLD_SIZE", "1")))
         problems += cfg.lora_problems() if isinstance(cfg, LoRAConfig) else []
+        problems += cfg.out_dir_problems() if isinstance(cfg, TrainConfig) else []
     if problems:
         ap.error("; ".join(problems))
     return cfg

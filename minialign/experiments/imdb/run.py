@@ -8,7 +8,8 @@ continue it with POSITIVE sentiment. Every method starts from the same SFT model
 same true reward and the same KL estimator on held-out TEST-split prefixes, so they sit on one plot of
 mean true reward against KL(π || π_sft): the frontier (who buys the most reward per nat of drift).
 
-Stages, each skipped when its output exists (an interrupted run continues; --force redoes everything);
+Stages, each skipped when its output exists (an interrupted run continues; --force deletes --out first, then redoes
+everything; it refuses a --out holding anything this experiment does not write);
 the training scripts run as subprocesses, each command printed before it runs (as minialign.pipeline):
   data        read aclImdb (folder or .tar.gz; minialign.experiments.imdb.reader, labels from the file names)
   classifier  the TRUE reward r(x, y) = P(positive | x + y): hashed uni+bigram logistic regression trained on
@@ -31,8 +32,8 @@ the training scripts run as subprocesses, each command printed before it runs (a
               sampled continuations; wall times; this machine's fp32 matmul GFLOP/s), results.json and, with
               matplotlib, plots/reward_vs_kl.png
 
-Prompt layout. The RL and preference scripts render every prompt through the ChatML template (minialign.
-tokenizer.render_prompt: <|im_start|>user\\n{x}<|im_end|>\\n<|im_start|>assistant\\n) and have no raw-text mode,
+Prompt layout. The RL and preference scripts render every prompt through the ChatML template (minialign.data.
+chatml.render_prompt: <|im_start|>user\\n{x}<|im_end|>\\n<|im_start|>assistant\\n) and have no raw-text mode,
 so the prefix is the user message and the continuation the assistant reply, and the SFT model is trained
 exactly that way (SFT records {"prompt": prefix, "completion": continuation}; train_sft.py's loss is on the
 continuation and its <|im_end|>). We SFT straight from random weights instead of pretraining first
@@ -94,7 +95,7 @@ from minialign.algorithms.reward_funcs import classifier_reward
 from minialign.algorithms.roles import frozen, load_reward_model
 from minialign.algorithms.rollout import load_rl_prompts, sample_rollout
 from minialign.data.tokenizer import load_tokenizer
-from minialign.errors import run_cli
+from minialign.errors import UserError, run_cli
 from minialign.evaluation import best_of_n, report
 from minialign.evaluation.evaluate import reward_model_judge, sample_and_score, summarize, text_judge
 from minialign.experiments import stages
@@ -110,6 +111,8 @@ LABELS = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-
 COLORS = {"sft": "black", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:red", "grpo": "tab:green",
           "pft": "tab:purple", "best_of_n": "tab:brown", "best_of_n_oracle": "tab:gray"}
 KL_BUDGETS = (1.0, 3.0, 10.0)
+OUTPUTS = {"data", "classifier", "tokenizer", "sft", "prefs", "rm", "runs", "best_of_n", "plots", "logs", "report.md",
+           "results.json", "timings.json"}  # what the experiment writes in --out (all --force may delete)
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ FULL = dataclasses.replace(
 @dataclass
 class Run:
     """One training run of a method: its script and flags (without --out_dir, --max_steps, --stop_after_steps,
-    --resume, which run_segments adds), and where its frontier points are evaluated."""
+    --resume or --overwrite, which run_segments adds), and where its frontier points are evaluated."""
     name: str
     method: str
     seed: int
@@ -185,8 +188,15 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def ckpt_step(run_dir: Path) -> int:
     """The step of run_dir/ckpt.pt (0 if none)."""
-    state = stages.run_state(run_dir)
-    return state["step"] if state else 0
+    state = checkpoint.run_state(run_dir)
+    return state["step"] if state and state["checkpoint"] else 0
+
+
+def continue_or_start(step: int) -> list[str]:
+    """The flag a run's next invocation passes about its --out_dir (the scripts refuse a folder holding a run
+    without one): --resume from its checkpoint, else --overwrite (a folder without a checkpoint holds at most
+    this experiment's own leftovers, such as a metrics.jsonl of a run killed before its first save)."""
+    return ["--resume"] if step else ["--overwrite"]
 
 
 # ---------------------------------------------------------------------------------- data, reward, prompts
@@ -299,7 +309,7 @@ def run_segments(run: Run, out: Path, evaluator_fn, force: bool) -> None:
             continue
         if step < target:
             cmd = [sys.executable, *run.args, "--out_dir", run_dir, "--max_steps", run.max_steps,
-                   "--stop_after_steps", target - step, *(["--resume"] if step else [])]
+                   "--stop_after_steps", target - step, *continue_or_start(step)]
             stages.run(stages.Stage(run.name, cmd, timing=f"{run.name}/train"), out, accumulate=True)
         point = evaluator_fn().point(run_dir)
         stages.add_time(out, f"{run.name}/eval", point["eval_seconds"])
@@ -627,6 +637,11 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
     if bad or not seeds:
         raise ValueError(f"unknown method(s) {sorted(bad)} (choose from {METHODS}) or no seed")
     if force and out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if foreign:
+            raise UserError(f"--force deletes --out {out}, which holds what this experiment does not write "
+                            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give the experiment "
+                            "its own --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -643,7 +658,7 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
     sft_dir = out / "sft"
     if not (sft_dir / "frontier" / "final.json").exists():
         if ckpt_step(sft_dir) < scale.sft_steps:
-            resume = ["--resume"] if ckpt_step(sft_dir) else []
+            resume = continue_or_start(ckpt_step(sft_dir))
             stages.run(stages.Stage("sft", timing="sft/train", cmd=[
                 sys.executable, "train_sft.py", "--tokenizer", tok_path, "--preset", scale.preset, "--data",
                 paths["sft"], "--eval_data", "", "--max_len", 96, "--max_steps", scale.sft_steps, "--micro_batch_size",
@@ -674,7 +689,7 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
             stages.run(stages.Stage("rm", cmd=[
                 sys.executable, "train_rm.py", "--init_from", sft_dir, "--data", prefs["pairs"], "--eval_data",
                 prefs["pairs_eval"], "--max_steps", scale.rm_steps, "--eval_every", 0, "--warmup_steps",
-                min(10, scale.rm_steps // 10), "--out_dir", rm_dir, *(["--resume"] if step else [])]), out, accumulate=True)
+                min(10, scale.rm_steps // 10), "--out_dir", rm_dir, *continue_or_start(step)]), out, accumulate=True)
         else:
             print(f"[rm] already done in {rm_dir}, skipping")
     for run in method_runs(out, paths, prefs, scale, seeds, methods):
@@ -696,7 +711,8 @@ def main(argv=None):
                     help="seeds of the DPO and PPO runs (default: 0 with --quick, 0 1 otherwise); the other methods "
                          "use the first")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
-    ap.add_argument("--force", action="store_true", help="delete --out and redo every stage")
+    ap.add_argument("--force", action="store_true", help="delete --out and redo every stage (refused when --out holds "
+                                                         "anything the experiment does not write)")
     args = ap.parse_args(argv)
     name, scale = ("quick", QUICK) if args.quick else ("full", FULL)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
