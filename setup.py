@@ -6,7 +6,8 @@ setup(
     description="From-scratch, pure-PyTorch alignment of small language models: SFT, reward models, DPO, PPO, GRPO.",
     packages=find_packages(include=["minialign", "minialign.*"]),
     python_requires=">=3.9",
-    # torch is pinned loosely on purpose: install the CPU wheel first (see .ci/run) and pip keeps it.
+    # torch is pinned loosely on purpose: install the build you want first (the CPU one needs its index, see the
+    # README quickstart) and pip keeps it.
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "tqdm"],
     extras_require={
         # the tests: matplotlib so they also draw the report's plots; transformers (+ the hf extra) for the

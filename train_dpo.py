@@ -60,9 +60,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minialign.algorithms.losses import DEFAULT_BETA, LABEL_SMOOTHED
 from minialign.algorithms.packing import collate_pairs, length_sorted_chunks, pair_count, pair_lengths
-from minialign.algorithms.preference import (DEFAULT_BETA, LENGTH_AVERAGED, LOSS_TYPES, REFERENCE_FREE, pair_logps,
-                                            preference_terms, reference_logps, used_logps)
+from minialign.algorithms.preference import (LENGTH_AVERAGED, LOSS_TYPES, REFERENCE_FREE, pair_logps, preference_terms,
+                                            reference_logps, reference_table, used_logps)
 from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import load_preferences
@@ -71,20 +72,20 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, in_range, knob,
-                                       non_negative, one_of, parse_config)
-
+from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairBatch, PairsConfig, in_range,
+                                       knob, non_negative, one_of, parse_config, positive)
 
 
 @dataclass
-class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
+class Config(OfflineConfig, PairBatch, PairsConfig, GoldCurveConfig, LoRAConfig):
     out_dir: str = knob("out/dpo", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("data/pref_train.jsonl", "preference pairs (JSONL(.gz) or JSON; formats in minialign.data.formats)")
     pref_eval_data: str = knob("data/pref_eval.jsonl", "held-out pairs for the eval_ metrics ('' = none)")
     loss_type: str = knob("sigmoid", "sigmoid | robust | hinge | ipo | simpo | cpo | orpo (see the docstring)",
                           one_of(*LOSS_TYPES))
-    beta: float = knob(0.0, f"β of the loss; 0 = the loss type's default {DEFAULT_BETA}", non_negative)
+    beta: float | None = knob(None, f"β of the loss (> 0); unset = the loss type's default {DEFAULT_BETA} "
+                                    "(config.json holds the value used)", positive)
     label_smoothing: float = knob(0.0, "ε: cDPO (sigmoid), rDPO (robust), simpo, cpo; assumed rate of flipped labels",
                                   in_range(0, 0.5))
     simpo_gamma_beta_ratio: float = knob(0.5, "simpo: target margin γ in units of β")
@@ -98,13 +99,17 @@ class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
     max_steps: int = knob(150, "optimizer steps (150 x 64 pairs = 1.6 epochs of the default task)")
     lr: float = knob(2e-4, "peak learning rate (tuned with beta; see the docstring)")
     warmup_steps: int = knob(10, "linear warmup steps")
-    micro_batch_size: int = knob(64, "pairs per forward pass per rank (one packed row each)")
+    micro_batch_pairs: int = knob(64, "preference pairs per forward pass per rank (one packed row [x | y_c | y_r] "
+                                      "each)")
     eval_every: int = knob(0, "eval_ metrics on held-out pairs every N steps (0 = only at the end)", non_negative)
 
     def problems(self, world_size):
         out = []
         if not self.init_from:
             out.append("--init_from is required: the policy starts from, and the reference is, an SFT checkpoint")
+        if self.label_smoothing and self.loss_type not in LABEL_SMOOTHED:
+            out.append(f"--label_smoothing={self.label_smoothing} with --loss_type {self.loss_type}: label smoothing "
+                       f"is defined for {', '.join(LABEL_SMOOTHED)} only")
         if self.loss_type == "robust" and self.label_smoothing >= 0.5:
             out.append(f"--label_smoothing={self.label_smoothing} must be < 0.5 for robust (it divides by 1 - 2ε)")
         if self.precompute_ref and self.loss_type in REFERENCE_FREE:
@@ -113,6 +118,10 @@ class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
             out.append("--ref_update_every needs a live reference model (not --precompute_ref, not a reference-free "
                        "loss)")
         return out
+
+    def resolve(self):
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.loss_type)  # an unknown --loss_type is refused by its check
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -147,18 +156,12 @@ def collate_pair_batch(pairs, idx, pad_id, ref_table=None):
     return batch
 
 
-@torch.no_grad()
 def precompute_reference(ref_model, pairs, pad_id, cfg, rt, desc):
-    """(n, 2) float32 table of reference log-probs, each rank computing a shard, then summed across ranks."""
-    table = torch.zeros(len(pairs), 2, device=rt.device)
-    mine = list(range(rt.rank, len(pairs), rt.world_size))
-    for idx in tqdm(length_sorted_chunks(pair_lengths(pairs), cfg.micro_batch_size, mine), desc=desc,
-                    disable=not rt.is_main):
-        with rt.autocast():
-            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), rt.device)
-            logps = used_logps(pair_logps(ref_model, batch), cfg.loss_type)
-        table[idx] = torch.stack(logps, dim=1).float()
-    return runtime.all_reduce_tensor_(table, rt)  # every row was filled by exactly one rank, zeros elsewhere
+    """(n, 2) float32 table of the reference's (chosen, rejected) log-probs, as the loss type uses them."""
+    def rows(idx):
+        batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), rt.device)
+        return torch.stack(used_logps(pair_logps(ref_model, batch), cfg.loss_type), dim=1)
+    return reference_table(pair_lengths(pairs), cfg.micro_batch_pairs, 2, rows, rt, desc)
 
 
 @torch.no_grad()
@@ -167,7 +170,7 @@ def evaluate_pairs(policy, ref_model, pairs, ref_table, cfg, pad_id, rt):
     was_training = policy.training
     policy.eval()
     sums = {}
-    for idx in length_sorted_chunks(pair_lengths(pairs), cfg.micro_batch_size):
+    for idx in length_sorted_chunks(pair_lengths(pairs), cfg.micro_batch_pairs):
         batch = to_device(collate_pair_batch(pairs, idx, pad_id, ref_table), rt.device)
         with rt.autocast():
             loss_sum, metrics = pair_loss(policy, batch, ref_model, cfg)
@@ -185,8 +188,8 @@ def update_reference(ref_model, policy, alpha):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    cfg.beta = cfg.beta or DEFAULT_BETA[cfg.loss_type]
+    cfg = parse_config(Config, argv)  # resolves an unset --beta to the loss type's default
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     if rt.is_main:
         checkpoint.check_writable(cfg.out_dir)
@@ -213,10 +216,10 @@ def main(argv=None):
     eval_pairs = []
     if cfg.pref_eval_data:
         eval_pairs = tokenize_preferences(load_preferences(cfg.pref_eval_data, **cfg.pair_options()), tok, cfg.max_len)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * rt.world_size
+    global_batch = cfg.micro_batch_pairs * cfg.grad_accum * rt.world_size
     runtime.print0(rt, f"data: {len(pairs)} pairs; truncated {stats.get('prompt_truncated', 0)} prompts, "
                        f"{stats.get('response_truncated', 0)} response pairs (max_len={cfg.max_len}); global batch "
-                       f"{global_batch} pairs = {cfg.micro_batch_size} x {cfg.grad_accum} accum x {rt.world_size} "
+                       f"{global_batch} pairs = {cfg.micro_batch_pairs} x {cfg.grad_accum} accum x {rt.world_size} "
                        f"ranks; "
                        f"{cfg.max_steps} steps = {cfg.max_steps * global_batch / len(pairs):.2f} epochs")
 

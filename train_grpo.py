@@ -7,7 +7,7 @@ Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.algorithms.
      optionally a trained reward model (`--reward_funcs ... reward_model --reward_model out/rm`);
   3. advantages, `--advantage_estimator` (minialign.algorithms.losses), from the rewards of the whole step (all ranks):
         grpo          A_i = (r_i - mean_G(r)) / (std_G(r) + eps)          (`--scale_rewards`; Shao et al. 2024)
-        rloo          A_i = r_i - mean_{j≠i} r_j                          (leave-one-out; Ahmadian et al. 2024)
+        rloo          A_i = R_i - mean_{j≠i} R_j, R = r - β Σ_t k1_t        (leave-one-out; Ahmadian et al. 2024)
         reinforce_pp  A_t = r - β Σ_{t'>=t} k1_t', normalized over the global batch, no baseline (Hu 2025)
         remax         A_i = r_i - r(greedy response to the same prompt)   (one extra greedy generation; Li et al. 2023)
   4. `num_iterations` (μ) optimizer updates on this rollout, each minimizing over the step's tokens
@@ -18,12 +18,17 @@ Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.algorithms.
      detached; with μ > 1 a no-grad forward over the same micro-batches before the first update. So
      the first update's ratio is exactly 1, under autocast too (ratio/first_iteration_max_abs_dev);
      the sampler's own log-probs differ by rounding and are only compared (sampler/logp_max_abs_diff).
-     The reduction over tokens is `--loss_type` (grpo | dapo | dr_grpo), normalized by the count of
-     the WHOLE step over micro-batches and ranks (see `grpo_loss_sum`).
+     The reduction over tokens is `--loss_type` (grpo | dapo | dr_grpo; unset: dr_grpo with the KL in the
+     reward, grpo otherwise), normalized by the count of the WHOLE step over micro-batches and ranks (see
+     `grpo_loss_sum`).
 Where the KL goes (`--kl_in`, β > 0; see TRL #4967, OpenRLHF #1309): in the LOSS, k3 (GRPO's) has an unbiased
 value but a biased gradient, E[∇k3] = ∇KL(π_ref ‖ π) (the FORWARD KL); k1's is 0 in expectation; k2's is the reverse
 KL's on-policy. In the REWARD, -β·k1_t per token (k1 = log π_old/π_ref, a constant), A_t its return-to-go (the
-baselined score on the last token): the policy gradient of E[r] - β KL(π ‖ π_ref), unbiased (as PPO, REINFORCE++).
+baselined score on the last token; RLOO baselines R = r - β Σ_t k1_t whole): the policy gradient of
+E[r] - β KL(π ‖ π_ref), unbiased (as PPO, REINFORCE++) ON CONDITION that the loss has a constant normalizer
+(--loss_type dr_grpo, the default there; grpo's 1/|o_i| and dapo's 1/Σ|o_i| weight each response's KL by its
+inverse length) and that every response counts (--mask_truncated_completions drops a truncated one's KL);
+REINFORCE++'s batch whitening makes it a rescaled estimate, not an unbiased one.
 Speed: each prompt is prefilled once for its G samples, and every training forward (policy, reference,
 reward model) packs a prompt's G responses into one row [x | y_1 | ... | y_G] (minialign.algorithms.packing), so
 the prompt is computed once, not G times; the log-probs equal one row [x y_i] per response's to float error.
@@ -32,7 +37,8 @@ there is nothing to learn and the update is skipped (logged as update_skipped), 
 Adam's momentum move the weights on a zero gradient. Responses cut off at max_new_tokens get no loss
 by default (--mask_truncated_completions): the gold rule does not read past a refusal or a benign
 answer's first words, so a response that rambles on to the budget is rewarded in full (see the flag; remax
-needs it off: its advantages r_i - r(greedy) are mostly <= 0, and a truncated response would escape them).
+refuses it, pass --no-mask_truncated_completions: its advantages r_i - r(greedy) are mostly <= 0, and a
+truncated response would escape them; measured with the mask: gold 0.52 at KL 70.8, without it 0.95).
 Dropout is off in every model (RL needs the same log-probs in every forward); an MoE policy gets its
 load-balancing loss from loop.train_step.
 
@@ -55,9 +61,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.advantages import (completion_mask, count_units, greedy_rewards, rollout_metrics,
-                                             step_advantages)
-from minialign.algorithms.losses import (ADVANTAGE_ESTIMATORS, GROUP_SCALES, GRPO_LOSS_TYPES, grpo_loss,
+from minialign.algorithms.advantages import (advantages_per_token, completion_mask, count_units, default_loss_type,
+                                             greedy_rewards, rollout_metrics, step_advantages)
+from minialign.algorithms.losses import (ADVANTAGE_ESTIMATORS, GROUP_SCALES, GRPO_LOSS_TYPES, SUM, grpo_loss,
                                          policy_gradient_loss)
 from minialign.algorithms.packing import response_logps, response_scores
 from minialign.algorithms.reward_funcs import parse_reward_funcs
@@ -69,14 +75,14 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, config, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, knob, non_negative,
-                                       one_of, positive, rl_problems)
+from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig, at_least, knob,
+                                       non_negative, one_of, positive, rl_problems)
 from minialign.training.logger import completions_log, log_completions
 from minialign.training.runtime import gather_columns
 
 
 @dataclass
-class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
+class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
     out_dir: str = knob("out/grpo", "output folder")
     init_from: str = knob("out/sft", "policy (and reference) checkpoint to start from",
                           (bool, "is required (GRPO starts from an SFT policy, e.g. out/sft)"))
@@ -96,11 +102,14 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
                                         "rank's share to get the same rollouts with any number of ranks", non_negative)
     num_iterations: int = knob(1, "μ: optimizer updates per rollout (1 = on-policy; > 1 reuses it with the clipped "
                                   "ratio)", at_least(1))
-    loss_type: str = knob("grpo", "grpo (per-sequence token mean) | dapo (token mean over the step) | dr_grpo "
-                                  "(tokens / (sequences x max_new_tokens))", one_of(*GRPO_LOSS_TYPES))
+    loss_type: str | None = knob(None, "grpo (per-sequence token mean) | dapo (token mean over the step) | dr_grpo "
+                                       "(tokens / (sequences x max_new_tokens)); unset = dr_grpo when β·KL is in the "
+                                       "reward (its gradient is unbiased only with a constant normalizer), else grpo",
+                                 one_of(*GRPO_LOSS_TYPES))
     advantage_estimator: str = knob("grpo", "baseline: grpo (group mean, std) | rloo (mean of the other G-1) | "
                                             "reinforce_pp (none; returns-to-go normalized over the global batch) | "
-                                            "remax (greedy response's reward; needs --no-mask_truncated_completions)",
+                                            "remax (greedy response's reward; refused without "
+                                            "--no-mask_truncated_completions)",
                                     one_of(*ADVANTAGE_ESTIMATORS))
     scale_rewards: str = knob("group", "grpo's advantage scale: group std (GRPO) | batch std | none (Dr. GRPO)",
                               one_of(*GROUP_SCALES))
@@ -108,8 +117,9 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
     epsilon_high: float = knob(0.2, "ratio clip above: 1 + epsilon_high (DAPO's clip-higher uses 0.28)", non_negative)
     beta: float = knob(0.0, "β of the KL to the SFT reference (see --kl_in); 0 = no reference model", non_negative)
     kl_in: str = knob("auto", "where β·KL enters: loss (--kl_estimator; k3's gradient is biased, it descends the "
-                              "forward KL) | reward (-β·k1_t per token: unbiased for the reverse KL; TRL #4967, "
-                              "OpenRLHF #1309) | auto = as each paper: loss for grpo, reward for the others",
+                              "forward KL) | reward (-β·k1_t per token: unbiased for the reverse KL under a constant "
+                              "normalizer, --loss_type dr_grpo, its default there; TRL #4967, OpenRLHF #1309) | "
+                              "auto = as each paper: loss for grpo, reward for the others",
                       one_of("auto", "loss", "reward"))
     kl_estimator: str = knob("auto", "KL estimate in the loss: k1 (zero gradient in expectation) | k2 (reverse-KL "
                                      "gradient on-policy) | k3 (GRPO's; forward-KL gradient) | auto = k3 in the "
@@ -118,7 +128,8 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
                                                   "(DAPO). The harmful and benign rules do not read past a response's "
                                                   "first words, so rambling to the budget is rewarded; measured at the "
                                                   "defaults: KL to SFT 2.2 nats with the mask, 5.8 without, same gold; "
-                                                  "remax needs it off (gold 0.52 on, 0.95 off; see the docstring)")
+                                                  "remax refuses it (gold 0.52 at KL 70.8 on, 0.95 off; see the "
+                                                  "docstring)")
     max_steps: int = knob(150, "optimizer steps (= rollouts; each does num_iterations updates)", at_least(1))
     lr: float = knob(5e-4, "peak learning rate (measured on the default task: 1e-3 drifts further from SFT and "
                            "scores lower)", positive)
@@ -130,12 +141,19 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
                                          "out_dir/completions.jsonl (all ranks) and print 3 (0 = off)", non_negative)
     eval_max_new_tokens: int = knob(48, "generation length for the evaluation (48, as for SFT)", at_least(1))
 
+    def resolve(self):  # the effective --loss_type, printed and saved with the config
+        if self.loss_type is None:
+            self.loss_type = default_loss_type(self.kl_placement() == "reward" and self.beta > 0)
+
     def kl_placement(self) -> str:  # "loss" or "reward": --kl_in with auto resolved for the estimator
         return self.kl_in if self.kl_in != "auto" else ("loss" if self.advantage_estimator == "grpo" else "reward")
 
     def loss_kl(self) -> tuple[float, str]:  # (β, estimator) of the LOSS's KL term; β = 0: none (or in the reward)
         beta = self.beta if self.kl_placement() == "loss" else 0.0
         return beta, "k3" if self.kl_estimator == "auto" else self.kl_estimator
+
+    def per_token_advantages(self) -> bool:  # as minialign.algorithms.advantages.step_advantages returns them
+        return advantages_per_token(self.advantage_estimator, self.beta > 0 and self.kl_placement() == "reward")
 
     def problems(self, world_size: int) -> list[str]:
         out = rl_problems(self, world_size)
@@ -144,6 +162,11 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
         if self.kl_placement() == "reward" and self.kl_estimator not in ("auto", "k1"):
             out.append(f"--kl_estimator={self.kl_estimator} with the KL in the reward (--kl_in): the reward takes k1 "
                        "only (a detached k2 or k3 reward does not give the KL's gradient); use --kl_in loss")
+        if self.advantage_estimator == "remax" and self.mask_truncated_completions:
+            out.append("--advantage_estimator remax with --mask_truncated_completions (the default) is refused: ReMax's "
+                       "advantages r_i - r(greedy) are not centred, so a truncated response escapes its (mostly "
+                       "negative) advantage and the policy drifts to truncation (measured: gold 0.52 at KL 70.8 against "
+                       "0.95 without the mask); pass --no-mask_truncated_completions")
         return out
 
 
@@ -159,20 +182,25 @@ def grpo_loss_sum(model, batch, cfg):
         dr_grpo    1/(S · L) · Σ_i Σ_t ℓ_it                    S sequences         L = max_new_tokens
     where a sequence counts when it has at least one counted token (grpo_loss's convention), ℓ is the
     per-token clipped objective + β k (KL in the loss), and S, T are over the step. The metrics (clip ratios, kl) are
-    returned as sums over tokens; the caller rescales them to token means. The forward's detached
-    log-probs are kept in batch["logps"] for the first-update checks.
+    returned as sums over tokens; the caller rescales them to token means. Also returned, as maxima over the
+    batch's tokens for the first-update checks: |π/π_old - 1| and |log π - log π_sampler|.
     """
     logps = response_logps(model, batch, cfg.temperature)  # (r, n) float32: the packed training forward
     old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()  # μ = 1: π_old is this forward
-    batch["logps"] = logps.detach()
-    normalizer = cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else 1
+    m = batch["response_mask"]
+    maxima = {"ratio_max_abs_dev": (logps.detach() - old_logps)[m].exp().sub(1).abs().max(),
+              "sampler_logp_max_abs_diff": (logps.detach() - batch["sampler_logps"])[m].abs().max()}
+    normalizer = cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else SUM
     beta, kl_estimator = cfg.loss_kl()  # β = 0 when the KL is in the reward
-    loss_fn = grpo_loss if batch["advantages"].dim() == 1 else policy_gradient_loss  # (r,) per response | (r, n)
+    # one advantage per response (grpo, rloo, remax with the KL in the loss) or per token (reinforce_pp, or the KL
+    # in the reward: A_t is a return-to-go); grpo_loss broadcasts the first over the response's tokens
+    loss_fn = policy_gradient_loss if cfg.per_token_advantages() else grpo_loss
     loss_sum, metrics = loss_fn(logps, old_logps, batch.get("ref_logps"), batch["advantages"], batch["loss_mask"],
-                                cfg.epsilon_low, cfg.epsilon_high, beta, cfg.loss_type, cfg.max_new_tokens, normalizer,
-                                kl_estimator)
+                                epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=beta,
+                                loss_type=cfg.loss_type, max_new_tokens=cfg.max_new_tokens,
+                                normalizer=normalizer, kl_estimator=kl_estimator)
     n_tokens = batch["loss_mask"].sum()
-    return loss_sum, {k: v * n_tokens for k, v in metrics.items()}
+    return loss_sum, {k: v * n_tokens for k, v in metrics.items()}, maxima
 
 
 def grpo_batches(ro, sources, reward_model, ref_model, rt, cfg, policy=None, greedy=None) -> tuple[list[dict], dict]:
@@ -223,16 +251,12 @@ def grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats) -> dict
         out = loop.train_step(model, optimizer, scaler, batches, lambda m, b: grpo_loss_sum(m, b, cfg),
                                   lambda b: count_units(b, cfg.loss_type), rt, cfg.max_grad_norm)
         loop.check_finite(out, step, cfg, stats, scaler)
-        if it == 0:  # the policy had not moved: ratio = π / π_old must be exactly 1
-            for b in batches:
-                m, logps = b["response_mask"], b["logps"]
-                ratio_dev = (logps - b.get("old_logps", logps))[m].exp().sub(1).abs().max()
-                first["ratio_dev"] = max(first["ratio_dev"], float(ratio_dev))
-                first["sampler_diff"] = max(first["sampler_diff"], float((logps - b["sampler_logps"])[m].abs().max()))
+        ratio_dev, sampler_diff = out.pop("ratio_max_abs_dev"), out.pop("sampler_logp_max_abs_diff")
+        if it == 0:  # the policy had not moved: ratio = π / π_old must be exactly 1 (maxima over all ranks)
+            first = {"ratio_dev": ratio_dev, "sampler_diff": sampler_diff}
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v
         updates += 1
-    first = {k: runtime.all_reduce_max(v, rt) for k, v in first.items()}
     if first["ratio_dev"] > 1e-4 and rt.device.type == "cpu":
         raise RuntimeError(f"GRPO ratio on the first update deviates from 1 by {first['ratio_dev']:.3g}: two training "
                            "forwards of the same micro-batches disagree (dropout on? a nondeterministic kernel?)")
@@ -248,6 +272,7 @@ def grpo_update(model, optimizer, scaler, batches, step, rt, cfg, stats) -> dict
 
 def main(argv=None):
     cfg = config.parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     try:
         sources = parse_reward_funcs(cfg.reward_funcs, cfg.reward_weights, model_names=("reward_model",))
@@ -272,7 +297,7 @@ def main(argv=None):
     ref = ("adapters off" if cfg.lora_r else "frozen copy of " + cfg.init_from) + kl
     runtime.print0(rt, f"policy from {cfg.init_from}: {lora.describe(policy)}; reference: "
                        f"{ref if ref_model is not None else 'none (beta = 0)'}; "
-                       f"advantages: {cfg.advantage_estimator}; reward: "
+                       f"advantages: {cfg.advantage_estimator}; loss_type: {cfg.loss_type}; reward: "
                    + " + ".join(f"{s.weight:g} x {s.name}" for s in sources))
 
     # ---- data: prompts fit max_len together with the generation budget
@@ -328,7 +353,7 @@ def main(argv=None):
         if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
             log_completions(completions, step + 1, ro, g, sources, rt, bar)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {**metrics, "learning_rate": lr}, bar)
+            log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if gold_ref is not None and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
             log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts], cfg.eval_max_new_tokens,
                                          gold_ref), bar)

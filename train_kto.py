@@ -31,9 +31,8 @@ import torch
 from tqdm import tqdm
 
 from minialign.algorithms.losses import kto_loss
-from minialign.algorithms.packing import length_sorted_chunks
-from minialign.algorithms.preference import (collate_completions, completion_logps, kl_partner, tokenize_unpaired,
-                                             unpair)
+from minialign.algorithms.preference import (collate_completions, completion_logps, kl_partner, reference_table,
+                                             tokenize_unpaired, unpair)
 from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import load_preferences, load_unpaired
@@ -42,12 +41,12 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative,
-                                       parse_config)
+from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, SequenceBatch, knob,
+                                       non_negative, parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, PairsConfig, GoldCurveConfig, LoRAConfig):
+class Config(OfflineConfig, SequenceBatch, PairsConfig, GoldCurveConfig, LoRAConfig):
     out_dir: str = knob("out/kto", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("", "unpaired examples {prompt, completion, label} or {messages, label} ('' = split --pairs)")
@@ -130,23 +129,18 @@ def side_means(metrics):
     return metrics
 
 
-@torch.no_grad()
 def precompute_reference(ref_model, examples, pad_id, cfg, rt):
-    """(n, 2) reference log-probs of each example's row and its KL row; each rank a shard, summed across ranks."""
-    table = torch.zeros(len(examples), 2, device=rt.device)
-    lengths = [len(e["prompt"]) + len(e["completion"]) for e in examples]
-    mine = list(range(rt.rank, len(examples), rt.world_size))
-    for idx in tqdm(length_sorted_chunks(lengths, cfg.micro_batch_size, mine), desc="reference log-probs",
-                    disable=not rt.is_main):
+    """(n, 2) float32 table of the reference's log-probs of each example's row and of its KL row."""
+    def rows(idx):
         batch = batch_to(collate_kto(examples, idx, pad_id, cfg.max_len), rt.device)
-        with rt.autocast():
-            table[idx] = torch.stack([completion_logps(ref_model, batch)[0],
-                                      completion_logps(ref_model, batch["kl"])[0]], dim=1).float()
-    return runtime.all_reduce_tensor_(table, rt)
+        return torch.stack([completion_logps(ref_model, batch)[0], completion_logps(ref_model, batch["kl"])[0]], dim=1)
+    lengths = [len(e["prompt"]) + len(e["completion"]) for e in examples]
+    return reference_table(lengths, cfg.micro_batch_size, 2, rows, rt, "reference log-probs")
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     if rt.is_main:
         checkpoint.check_writable(cfg.out_dir)

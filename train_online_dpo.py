@@ -54,7 +54,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.losses import DPO_LOSS_TYPES, dpo_loss
+from minialign.algorithms.losses import DEFAULT_BETA, DPO_LOSS_TYPES, dpo_loss
 from minialign.algorithms.packing import collate_pairs, pair_count, pair_lengths, response_logps, response_scores
 from minialign.algorithms.preference import best_and_worst, pair_logps
 from minialign.algorithms.reward_funcs import parse_reward_funcs
@@ -66,16 +66,15 @@ from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, TrainConfig, at_least, in_range, knob, non_negative, one_of,
-                                       parse_config)
+from minialign.training.config import (GoldCurveConfig, PairBatch, TrainConfig, at_least, in_range, knob,
+                                       non_negative, one_of, parse_config, positive)
 from minialign.training.runtime import gather_columns
 
-# β where --beta is 0: train_dpo.py's, tuned there on the default task (summed log-ratios; ipo averages them)
-DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0}
+PROMPTS_PER_ROUND, PAIRS_PER_STEP = 1024, 64  # iterative DPO's sizes when --rounds is given without them
 
 
 @dataclass
-class Config(TrainConfig, GoldCurveConfig):
+class Config(TrainConfig, PairBatch, GoldCurveConfig):
     out_dir: str = knob("out/online_dpo", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference is it",
                           (bool, "is required (online DPO starts from an SFT policy, e.g. out/sft)"))
@@ -93,14 +92,17 @@ class Config(TrainConfig, GoldCurveConfig):
                                         "rank's share to get the same samples with any number of ranks", non_negative)
     loss_type: str = knob("sigmoid", "sigmoid | robust | hinge | ipo (minialign.algorithms.losses.dpo_loss)",
                           one_of(*DPO_LOSS_TYPES))
-    beta: float = knob(0.0, f"β of the loss; 0 = the loss type's default {DEFAULT_BETA}", non_negative)
+    beta: float | None = knob(None, "β of the loss (> 0); unset = the loss type's default, as train_dpo.py's "
+                                    f"{ {t: DEFAULT_BETA[t] for t in DPO_LOSS_TYPES} } (config.json holds the value "
+                                    "used)", positive)
     label_smoothing: float = knob(0.0, "ε: cDPO (sigmoid), rDPO (robust); assumed rate of flipped labels",
                                   in_range(0, 0.5))
     rounds: int = knob(0, "0 = online DPO (new samples every step); R >= 1 = iterative DPO: R rounds of "
                           "max_steps / R steps on pairs sampled once per round", non_negative)
-    prompts_per_round: int = knob(1024, "iterative: prompts sampled at the start of each round, over all ranks",
-                                  at_least(1))
-    pairs_per_step: int = knob(64, "iterative: pairs per optimizer step, over all ranks", at_least(1))
+    prompts_per_round: int | None = knob(None, "iterative only (--rounds): prompts sampled at the start of each "
+                                               f"round, over all ranks; unset = {PROMPTS_PER_ROUND}", at_least(1))
+    pairs_per_step: int | None = knob(None, "iterative only (--rounds): pairs per optimizer step, over all ranks; "
+                                            f"unset = {PAIRS_PER_STEP}", at_least(1))
     ref: str = knob("sft", "reference: sft (the SFT model) | previous (iterative: the policy as the round started)",
                     one_of("sft", "previous"))
     max_steps: int = knob(120, "optimizer steps (online: each samples anew; 120 divides into 2-6 rounds)")
@@ -108,7 +110,8 @@ class Config(TrainConfig, GoldCurveConfig):
                            "for seeds 1 / 2 / 3 (DPO's 2e-4 -> 0.908, seed 1337). Iterative: give DPO's 2e-4 (each "
                            "round is offline DPO on a few hundred pairs; at 5e-4 round 3 fell to 0.755, KL 4.4)")
     warmup_steps: int = knob(10, "linear warmup steps (iterative: in every round)")
-    micro_batch_size: int = knob(64, "pairs per forward pass per rank (one packed row [x | y_c | y_r] each)")
+    micro_batch_pairs: int = knob(64, "preference pairs per forward pass per rank (one packed row [x | y_c | y_r] "
+                                      "each; the judge scores 2 x this many responses per forward)")
     log_every: int = knob(5, "log metrics every N steps", at_least(1))
 
     def problems(self, world_size):
@@ -123,16 +126,27 @@ class Config(TrainConfig, GoldCurveConfig):
             out.append(f"--label_smoothing={self.label_smoothing} must be < 0.5 for robust (it divides by 1 - 2ε)")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             out.append(f"--label_smoothing is only defined for sigmoid and robust, not {self.loss_type}")
+        for flag, value in (("--prompts_per_round", self.prompts_per_round), ("--pairs_per_step", self.pairs_per_step)):
+            if value is not None and not self.rounds:
+                out.append(f"{flag}={value} is read by iterative DPO only: give --rounds R >= 1 (online DPO samples "
+                           "--prompts_per_step prompts every step)")
         if self.ref == "previous" and not self.rounds:
             out.append("--ref previous needs --rounds >= 1 (the reference of a round is the policy it started from)")
         if self.rounds and self.max_steps % self.rounds:
             out.append(f"--max_steps={self.max_steps} must be divisible by --rounds={self.rounds}")
-        prompts = ("--prompts_per_round", self.prompts_per_round) if self.rounds else ("--prompts_per_step",
-                                                                                       self.prompts_per_step)
+        prompts = (("--prompts_per_round", self.prompts_per_round) if self.rounds
+                   else ("--prompts_per_step", self.prompts_per_step))
         for flag, n in [prompts] + ([("--pairs_per_step", self.pairs_per_step)] if self.rounds else []):
             if n % world_size:
                 out.append(f"{flag}={n} must be divisible by the {world_size} ranks")
         return out
+
+    def resolve(self):
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.loss_type)  # an unknown --loss_type is refused by its check
+        if self.rounds:
+            self.prompts_per_round = self.prompts_per_round or PROMPTS_PER_ROUND
+            self.pairs_per_step = self.pairs_per_step or PAIRS_PER_STEP
 
 
 # ---------------------------------------------------------------------------------------- pairs
@@ -145,7 +159,7 @@ def sample_pairs(policy, ref_model, reward_model, tok, prompts, sources, sample_
     with rt.autocast():
         ro = sample_rollout(policy, tok, prompts, K, cfg.max_new_tokens, 1.0, cfg.seed, sample_step,
                             rt.rank * len(prompts), cfg.prompts_per_generate)
-        mb_rows = micro_batch_rows(ro, 2 * cfg.micro_batch_size)  # whole groups, one packed row each
+        mb_rows = micro_batch_rows(ro, 2 * cfg.micro_batch_pairs)  # whole groups, one packed row each
         ref_logps = rollout_forward(lambda b: response_logps(ref_model, b), ro, mb_rows).sum(-1)  # (R,)
         rm_scores = None
         if reward_model is not None:
@@ -178,7 +192,7 @@ def sample_pairs(policy, ref_model, reward_model, tok, prompts, sources, sample_
     return pairs, stats
 
 
-def collate_pair_batch(pairs, pad_id, loss_type):
+def collate_sampled_pairs(pairs, pad_id, loss_type):
     """Pairs -> a packing.collate_pairs batch plus their reference log-probs ((B,) each; ipo: per token)."""
     batch = collate_pairs(pairs, pad_id)
     ref = torch.tensor([[p["ref_chosen_logps"], p["ref_rejected_logps"]] for p in pairs])  # (B, 2) summed
@@ -205,8 +219,8 @@ def online_dpo_loss(model, batch, cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    cfg.beta = cfg.beta or DEFAULT_BETA[cfg.loss_type]
+    cfg = parse_config(Config, argv)  # resolves --beta and, for --rounds, the iterative sizes
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     names = cfg.reward_funcs + ["reward_model"] * bool(cfg.reward_model)
     weights = cfg.reward_weights + [1.0] * bool(cfg.reward_model and cfg.reward_weights)
@@ -276,15 +290,15 @@ def main(argv=None):
         # 4. a DPO step on this rank's part of the pairs
         lengths = pair_lengths(pairs)
         if cfg.rounds:  # pairs_per_step of the round's pairs, in the data order of the round
-            order = SimpleNamespace(micro_batch_size=cfg.pairs_per_step // rt.world_size, grad_accum=1,
+            order = SimpleNamespace(micro_batch=cfg.pairs_per_step // rt.world_size, grad_accum=1,
                                     seed=cfg.seed + rnd, group_by_length=cfg.group_by_length)
             idx = loop.step_batches(len(pairs), s, order, rt, lengths)[0] if pairs else []
         else:  # every pair of the step, dealt out over the ranks
             idx = list(range(rt.rank, len(pairs), rt.world_size))
             idx = sorted(idx, key=lambda i: lengths[i]) if cfg.group_by_length else idx
-        batches = [to_device(collate_pair_batch([pairs[i] for i in idx[j : j + cfg.micro_batch_size]], tok.pad_id,
+        batches = [to_device(collate_sampled_pairs([pairs[i] for i in idx[j : j + cfg.micro_batch_pairs]], tok.pad_id,
                                                 cfg.loss_type), rt.device)
-                   for j in range(0, len(idx), cfg.micro_batch_size)]
+                   for j in range(0, len(idx), cfg.micro_batch_pairs)]
         skip = len(pairs) < rt.world_size  # same on every rank; each needs a pair (DDP all-reduces in backward)
         metrics = {"update_skipped": float(skip)}
         if not skip:
@@ -297,7 +311,7 @@ def main(argv=None):
         bar.set_postfix(score=f"{round_stats['objective/scores']:.3f}", pairs=round_stats["pairs/used"])
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log.log(done, metrics, bar)
+            log.log(done, {**metrics, **loop.skip_counts(stats)}, bar)
         round_end = cfg.rounds and done % steps_per_round == 0
         if eval_prompts and (round_end or (cfg.gold_eval_every and done % cfg.gold_eval_every == 0
                                            and done < cfg.max_steps)):

@@ -10,7 +10,7 @@ Each iteration (Ouyang et al. 2022, Sec. 3.5; Schulman et al. 2017; the numbers 
      (its <|im_end|>, or the last token of a truncated response; never a pad) and/or rule rewards
      (minialign.algorithms.reward_funcs); minus `missing_eos_penalty` for responses without <|im_end|>;
   3. per-token reward (`token_rewards`):
-        r_t = -kl_coef · kl_t            kl_t = KL estimate of log π_old(y_t) vs log π_ref(y_t) (k1 or k3)
+        r_t = -kl_coef · kl_t            kl_t = k1 = log π_old(y_t) - log π_ref(y_t) (k3 refused, see the flag)
         r_{L-1} += s                      at the last response token t = L - 1 only
      optionally whitened (`--whiten_rewards`, scale only, as TRL);
   4. GAE (γ, λ) over V_t = V(s_t), s_t = prompt + y_<t, gives advantages A_t and returns R_t = A_t + V_t;
@@ -59,7 +59,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from minialign.algorithms.advantages import token_rewards, whiten_all_ranks
-from minialign.algorithms.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
+from minialign.algorithms.losses import SUM, gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from minialign.algorithms.packing import response_logps, response_scores, response_values
 from minialign.algorithms.reward_funcs import parse_reward_funcs
 from minialign.algorithms.roles import disable_dropout, load_reward_model, sft_reference, value_and_reward
@@ -70,13 +70,13 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, config, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, TrainConfig, at_least, in_range, knob,
-                                       non_negative, one_of, positive, rl_problems)
+from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig, at_least,
+                                       in_range, knob, non_negative, positive, rl_problems)
 from minialign.training.runtime import gather_columns
 
 
 @dataclass
-class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
+class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
     out_dir: str = knob("out/ppo", "output folder")
     init_from: str = knob("out/sft", "policy and reference checkpoint (SFT)",
                           (bool, "is required (PPO starts from an SFT policy, e.g. out/sft)"))
@@ -95,8 +95,12 @@ class Config(TrainConfig, GoldCurveConfig, OnlineLoRAConfig):
     kl_coef: float = knob(0.5, "β of the per-token KL penalty -β·kl_t. TRL's 0.05 assumes unit-scale scores; out/rm's "
                                "span about ±10. Measured: 0.05 -> gold 0.600, KL 8.3 (the policy hacks the reward "
                                "model, examples/reward_hacking.md); 0.5 -> gold 0.868, KL 1.9", non_negative)
-    kl_estimator: str = knob("k1", "per-token KL estimate in the reward: k1 (log π/π_ref, unbiased) | k3 (unbiased, "
-                                   ">= 0)", one_of("k1", "k3"))
+    kl_estimator: str = knob("k1", "per-token KL estimate in the reward: k1 = log π_old/π_ref, the only one whose "
+                                   "detached reward has the policy gradient of -kl_coef · KL(π ‖ π_ref)",
+                             (lambda v: v == "k1", "is refused: as a detached per-token reward (-kl_coef · k3_t) its "
+                                                   "expected policy gradient is ∇KL(π ‖ π_ref) - ∇KL(π_ref ‖ π), not "
+                                                   "∇KL(π ‖ π_ref) (k3's value is unbiased, its gradient is not; "
+                                                   "minialign.algorithms.losses.kl_penalty); use k1"))
     whiten_rewards: bool = knob(False, "rescale the per-token rewards to unit variance over the rollout (mean kept)")
     gamma: float = knob(1.0, "GAE discount γ", in_range(0, 1))
     lam: float = knob(0.95, "GAE λ", in_range(0, 1))
@@ -168,24 +172,25 @@ def rollout_tensors(pv, ref_model, reward_model, ro, sources, step, rt, cfg) -> 
 
 
 def ppo_loss_sum(model, batch, cfg):
-    """One packed micro-batch's PPO loss SUMMED over its response tokens -> (loss_sum, metric_sums).
+    """One packed micro-batch's PPO loss SUMMED over its response tokens -> (loss_sum, metric_sums, maxima).
 
     loop.train_step divides loss_sum and every metric sum by the response-token count of the whole
     minibatch (all micro-batches, all ranks), so the optimizer sees the exact token mean of
-        ppo_policy_loss + vf_coef · ppo_value_loss.
-    The forward's detached log-probs are kept in batch["logps"] for the first-minibatch ratio check.
+        ppo_policy_loss + vf_coef · ppo_value_loss
+    (normalizer=SUM: the losses return their token sums). maxima: max |π/π_old - 1| over the batch's tokens,
+    which must be 0 on the first minibatch (the policy has not moved since the rollout).
     """
     mask = batch["response_mask"]  # (b, n) bool
     logps, values = model(batch, cfg.temperature)  # (b, n) each; the same temperature as the sampler
-    batch["logps"] = logps.detach()
-    pg_loss_sum, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.cliprange, normalizer=1)
+    pg_loss_sum, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.cliprange, normalizer=SUM)
     vf_loss_sum, vf = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.cliprange_value,
-                                     normalizer=1)
+                                     normalizer=SUM)
     n_tokens = mask.sum()
     metric_sums = {"policy_loss": pg_loss_sum.detach(), "value_loss": vf_loss_sum.detach(),  # already token sums
                    "approxkl": pg["approx_kl"] * n_tokens, "clipfrac": pg["clipfrac"] * n_tokens,
                    "ratio": pg["ratio_mean"] * n_tokens, "vf_clipfrac": vf["clipfrac"] * n_tokens}
-    return pg_loss_sum + cfg.vf_coef * vf_loss_sum, metric_sums
+    ratio_dev = (logps.detach() - batch["old_logps"])[mask].exp().sub(1).abs().max()
+    return pg_loss_sum + cfg.vf_coef * vf_loss_sum, metric_sums, {"ratio_max_abs_dev": ratio_dev}
 
 
 def ppo_update(model, optimizer, scaler, ro, b, step, rt, cfg, stats) -> dict:
@@ -198,15 +203,14 @@ def ppo_update(model, optimizer, scaler, ro, b, step, rt, cfg, stats) -> dict:
         out = loop.train_step(model, optimizer, scaler, batches, lambda m, mb: ppo_loss_sum(m, mb, cfg),
                                   lambda mb: mb["response_mask"].sum(), rt, cfg.max_grad_norm)
         loop.check_finite(out, step, cfg, stats, scaler)
-        if updates == 0:  # the policy has not moved since old_logps: π / π_old must be exactly 1
-            ratio_dev = max(float((x["logps"] - x["old_logps"])[x["response_mask"]].exp().sub(1).abs().max())
-                            for x in batches)
+        if updates == 0:  # the policy has not moved since old_logps: π / π_old must be exactly 1 (all ranks)
+            ratio_dev = out.pop("ratio_max_abs_dev")
+        out.pop("ratio_max_abs_dev", None)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v
         updates += 1
         if cfg.target_kl and out["approxkl"] > cfg.target_kl:  # all-reduced: the same decision on every rank
             break
-    ratio_dev = runtime.all_reduce_max(ratio_dev, rt)
     if ratio_dev > 1e-4 and rt.device.type == "cpu":  # two forwards of the same micro-batches disagree: dropout on?
         raise RuntimeError(f"PPO ratio on the first minibatch deviates from 1 by {ratio_dev:.3g}")
     avg = {k: v / updates for k, v in sums.items()}
@@ -243,6 +247,7 @@ def rollout_metrics(ro, b, sources, rt) -> dict:
 
 def main(argv=None):
     cfg = config.parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     try:
         sources = parse_reward_funcs(cfg.reward_funcs, cfg.reward_weights, model_names=("reward_model",))
@@ -311,7 +316,7 @@ def main(argv=None):
                    **ppo_update(model, optimizer, scaler, ro, b, step, rt, cfg, stats)}
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            log.log(step + 1, {**metrics, "learning_rate": lr}, bar)
+            log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if eval_prompts and cfg.gold_eval_every and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
             log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts], cfg.eval_max_new_tokens,
                                          ref_model), bar)

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.losses import nll_loss, token_logps
+from minialign.algorithms.losses import SUM, nll_loss, token_logps
 from minialign.data.batching import collate_lm, to_device, tokenize_pretrain
 from minialign.data.formats import load_pretrain
 from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import run_cli
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import FromScratch, OfflineConfig, knob, one_of, parse_config
+from minialign.training.config import FromScratch, OfflineConfig, SequenceBatch, knob, one_of, parse_config
 
 
 @dataclass
-class Config(OfflineConfig, FromScratch):
+class Config(OfflineConfig, SequenceBatch, FromScratch):
     out_dir: str = knob("out/pretrain", "output folder")
     init_from: str = knob("", "checkpoint folder to continue from; empty = random init from --preset")
     data: str = knob("data/pretrain.jsonl", "text corpus: {\"text\": ...} JSONL(.gz), JSON, or a plain .txt file")
@@ -42,11 +42,12 @@ def lm_loss(model, batch):
     mask = batch["label_mask"]  # (B, T) bool: real (non-pad) tokens
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V): the head skips pad positions
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
-    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=1), {}  # -Σ log π(x_t)
+    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=SUM), {}  # -Σ log π(x_t)
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     if rt.is_main:
         checkpoint.check_writable(cfg.out_dir)

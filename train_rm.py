@@ -43,12 +43,12 @@ from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import run_cli
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (FromScratch, LoRAConfig, OfflineConfig, PairsConfig, knob, non_negative,
-                                       parse_config)
+from minialign.training.config import (FromScratch, LoRAConfig, OfflineConfig, PairBatch, PairsConfig, knob,
+                                       non_negative, parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, FromScratch, PairsConfig, LoRAConfig):
+class Config(OfflineConfig, PairBatch, FromScratch, PairsConfig, LoRAConfig):
     out_dir: str = knob("out/rm", "output folder")
     data: str = knob("data/pref_train.jsonl", "preference pairs for training (JSONL(.gz) or JSON)")
     eval_data: str = knob("data/pref_eval.jsonl", "held-out pairs for accuracy and the score distributions "
@@ -60,7 +60,7 @@ class Config(OfflineConfig, FromScratch, PairsConfig, LoRAConfig):
     lr: float = knob(5e-4, "peak learning rate (400 steps: 5e-4 -> 0.97 held-out accuracy, 1e-3 -> 0.95, "
                            "1.5e-3 -> 0.89)")
     warmup_steps: int = knob(10, "linear warmup steps")
-    micro_batch_size: int = knob(8, "preference pairs per forward pass per rank (one packed row each; a ranked-output "
+    micro_batch_pairs: int = knob(8, "preference pairs per forward pass per rank (one packed row each; a ranked-output "
                                     "record's K responses and all their pairs count as one)")
     grad_accum: int = knob(4, "micro-batches per optimizer step (per rank): 4 x 8 = 32 pairs a step; length-grouped "
                               "micro-batches of 8 pad a quarter fewer tokens than one of 32, for the same update")
@@ -101,7 +101,7 @@ def evaluate_rm(model, examples, cfg, rt, pad_id: int) -> tuple[dict, list, list
     """Held-out metrics (prefixed eval_ as TRL does) and the chosen / rejected reward lists."""
     model.eval()
     with rt.autocast():
-        chosen, rejected = score_pairs(model, examples, pad_id, batch_size=2 * cfg.micro_batch_size)
+        chosen, rejected = score_pairs(model, examples, pad_id, batch_size=2 * cfg.micro_batch_pairs)
     model.train()
     margin = torch.tensor([float(e["margin"]) for e in examples]) if "margin" in examples[0] else None
     loss = bradley_terry_loss(torch.tensor(chosen), torch.tensor(rejected), margin, cfg.center_coef)
@@ -122,6 +122,7 @@ def check_margins(examples: list[dict], path: str):
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     if rt.is_main:
         checkpoint.check_writable(cfg.out_dir)
@@ -147,7 +148,7 @@ def main(argv=None):
     if cfg.eval_data:
         eval_examples = tokenize_preferences(load_preferences(cfg.eval_data, **cfg.pair_options()), tok, cfg.max_len)
         check_margins(eval_examples, cfg.eval_data)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * rt.world_size
+    global_batch = cfg.micro_batch_pairs * cfg.grad_accum * rt.world_size
     ranked = sum(len(g["pairs"]) > 1 for g in groups)
     with_margins = " with margins" if "margin" in examples[0] else ""
     runtime.print0(rt, f"data: {len(examples)} pairs{with_margins} in {len(groups)} "
@@ -156,7 +157,7 @@ def main(argv=None):
                        f"{len(eval_examples)} held-out pairs")
     epochs = cfg.max_steps * global_batch / len(groups)
     runtime.print0(rt, f"global batch {global_batch} groups (pairs, or a ranked prompt's pairs) = "
-                       f"{cfg.micro_batch_size} x {cfg.grad_accum} accum x {rt.world_size} ranks; "
+                       f"{cfg.micro_batch_pairs} x {cfg.grad_accum} accum x {rt.world_size} ranks; "
                        f"{cfg.max_steps} steps = {epochs:.2f} epochs")
 
     # ---- optimizer, resume

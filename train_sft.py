@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.losses import nll_loss, token_logps
+from minialign.algorithms.losses import SUM, nll_loss, token_logps
 from minialign.data.batching import collate_lm, to_device, tokenize_sft
 from minialign.data.formats import load_sft
 from minialign.data.tokenizer import load_tokenizer
@@ -24,11 +24,12 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import EvalConfig, FromScratch, LoRAConfig, OfflineConfig, knob, parse_config
+from minialign.training.config import (EvalConfig, FromScratch, LoRAConfig, OfflineConfig, SequenceBatch, knob,
+                                       parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, FromScratch, EvalConfig, LoRAConfig):
+class Config(OfflineConfig, SequenceBatch, FromScratch, EvalConfig, LoRAConfig):
     out_dir: str = knob("out/sft", "output folder")
     init_from: str = knob("", "checkpoint folder to start from (e.g. out/pretrain); empty = random init from --preset")
     data: str = knob("data/sft_train.jsonl", "SFT conversations: JSONL(.gz) or JSON (formats: minialign.data.formats)")
@@ -43,11 +44,12 @@ def sft_loss(model, batch):
     # right padding needs no attention mask (see minialign.data.batching); the head runs on trained positions only
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V), M = mask.sum()
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M) float32
-    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=1), {}  # -Σ log π(y_t)
+    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=SUM), {}  # -Σ log π(y_t)
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
+    checkpoint.check_out_dir(cfg)  # an out_dir holding a run: --resume or --overwrite, else refused
     rt = runtime.setup(cfg)
     if rt.is_main:
         checkpoint.check_writable(cfg.out_dir)

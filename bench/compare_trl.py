@@ -41,7 +41,7 @@ FLOP/s (training rows): the matmul FLOPs each side executes per step, from its o
     minialign prefills a prompt once for its G samples and trains on packed groups (its FLOPs count that).
 The peak is the median GFLOP/s of large torch.mm at the same thread count and dtype.
 
-Install and run (needs the bench extra; keep the CPU torch wheel, see bench/README.md):
+Install and run (needs the bench extra; keep the torch build installed, see bench/README.md):
   pip install -e ".[bench]" "torch==2.13.0"
   python bench/compare_trl.py                                   # all rows, 2 threads, 10 timed steps each
   python bench/compare_trl.py --rows sft,rm --steps 3 --warmup 1 --threads 1 --allow_load   # a quick check
@@ -426,7 +426,7 @@ def bench_rm(ctx) -> dict:
     model = ScalarModel(cfg)
     hf = hf_model(LlamaForSequenceClassification, model, device)  # same initial weights (score bias aside)
     model.to(device)
-    rcfg = train_rm.Config(init_from="bench", micro_batch_size=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
+    rcfg = train_rm.Config(init_from="bench", micro_batch_pairs=B, grad_accum=1, lr=LR, max_grad_norm=1.0)
     optimizer, scaler = loop.make_optimizer(model, rcfg, ctx["rt"]), ctx["rt"].make_scaler()
     rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in data]
     batches = [to_device(collate_pairs(rows[i * B : (i + 1) * B], PAD), device) for i in range(n)]
@@ -463,7 +463,7 @@ def bench_dpo(ctx, precomputed: bool) -> dict:
     # minialign: train_dpo.py's step (loop.train_step + pair_loss), reference live or precomputed before timing
     model = ctx["new_ours"]()
     ref = ctx["new_ours"]().eval().requires_grad_(False)
-    dcfg = train_dpo.Config(init_from="bench", loss_type="sigmoid", beta=0.1, micro_batch_size=B, grad_accum=1, lr=LR,
+    dcfg = train_dpo.Config(init_from="bench", loss_type="sigmoid", beta=0.1, micro_batch_pairs=B, grad_accum=1, lr=LR,
                             max_grad_norm=1.0, precompute_ref=precomputed)
     optimizer, scaler = loop.make_optimizer(model, dcfg, rt), rt.make_scaler()
     ref_table = None

@@ -3,8 +3,9 @@
     python -m minialign.pipeline                 # -> out/ (one folder per stage) and out/report.md
 
 Stages run as the same commands a user would type (printed before each runs), in subprocesses, so
-each stage is exactly the top-level script you can read. A stage whose output already exists is
-skipped (so an interrupted pipeline continues where it stopped) unless --force. On a CPU machine two
+each stage is exactly the top-level script you can read. A finished stage is skipped unless --force; an
+unfinished one (an interrupted pipeline) continues from its checkpoint with --resume, and a stage run again
+gets --overwrite (the scripts refuse a folder holding a run without one of them). On a CPU machine two
 stages that do not depend on each other run at once (--jobs 2: RM then PPO beside DPO then GRPO), each
 with half the cores and its output in out/logs/<stage>.log; a stage that must run alone (SFT) runs in
 the foreground with its progress bar. --jobs 1 runs them one after the other, all in the foreground.
@@ -18,8 +19,9 @@ The report (minialign/evaluation/report.py; rebuild it any time with `python -m 
 out/report.md with the table, and with matplotlib installed out/plots/ with the training curves, the
 reward model's chosen vs rejected scores, the gold score per stage, and gold score against KL to SFT.
 
-    python -m minialign.pipeline --preset full   # every script at its own defaults (about twice the RL steps)
-    python -m minialign.pipeline --preset gpu    # MiniMind 26M on a CUDA machine (bf16), more steps
+    python -m minialign.pipeline --preset full --out out_full   # every script at its own defaults (2.3-3.1x the
+                                                                # main job's RM and RL steps), in its own folder
+    python -m minialign.pipeline --preset gpu --out out_gpu     # MiniMind 26M on a CUDA machine (bf16), more steps
     python -m minialign.pipeline --stages sft rm # only some stages (each needs the ones before it)
     python -m minialign.pipeline --seeds 1337 1 2 --out out_seeds   # the README's figures
 
@@ -58,7 +60,7 @@ EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stage
 #          fewer lose the arithmetic and every later stage pays: 520 steps cost PPO and GRPO 4-12 points of
 #          gold over two seeds), the RM, DPO, PPO and GRPO at 32-43% of their scripts' steps, plus
 #          gold-vs-KL points (100 prompts) as they train.
-#   full : every script's own defaults (about twice the RL work of cpu; the better numbers of each script's docs).
+#   full : every script's own defaults (2.3-3.1x the RM and RL steps of cpu; the better numbers of each script's docs).
 #   gpu  : the MiniMind 26M architecture (dim 512, 8 layers) with learning rates scaled down for its size
 #          and more steps; run it on a CUDA machine (bf16 autocast is the default there).
 #   tiny : every stage (the optional ones too) for a few steps, for tests.
@@ -78,8 +80,8 @@ PRESETS = {
     },
     "tiny": {
         "sft": ["--max_steps", "6", "--eval_prompts", "16", "--micro_batch_size", "8"],
-        "rm": ["--max_steps", "4", "--micro_batch_size", "4", "--eval_every", "0"],
-        "dpo": ["--max_steps", "3", "--micro_batch_size", "8", "--eval_prompts", "16", "--gold_eval_every", "1",
+        "rm": ["--max_steps", "4", "--micro_batch_pairs", "4", "--eval_every", "0"],
+        "dpo": ["--max_steps", "3", "--micro_batch_pairs", "8", "--eval_prompts", "16", "--gold_eval_every", "1",
                 "--gold_eval_prompts", "8"],
         "ppo": ["--max_steps", "2", "--prompts_per_step", "8", "--eval_prompts", "16", "--max_new_tokens", "16",
                 "--gold_eval_every", "1", "--gold_eval_prompts", "8"],
@@ -98,8 +100,8 @@ PRESETS = {
 def stage_done(out: Path, stage: str) -> bool:
     if stage == "tokenizer":
         return (out / "tokenizer" / "tokenizer.model").exists()
-    if stage == "best_of_n":
-        return (out / "best_of_n" / "points.json").exists()
+    if stage == "best_of_n":  # an older points.json (analytic KL only) is redone
+        return report.has_exact_kl(report.read_json(out / "best_of_n" / "points.json"))
     return stages.run_finished(out / stage)
 
 
@@ -107,7 +109,7 @@ def summary(out: Path, stage: str) -> str:
     """The one line printed when a stage ends: what its evaluation says."""
     if stage == "best_of_n":
         res = report.read_json(out / "best_of_n" / "points.json")
-        return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl_analytic']:.2f})"
+        return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl']:.2f})"
                          for p in res["points"][:: max(1, len(res["points"]) - 1)]) if res else ""
     if stage == "rm":
         scores = report.read_json(out / "rm" / "rm_scores.json")
@@ -119,6 +121,8 @@ def summary(out: Path, stage: str) -> str:
     return (f"gold {r['sampled/gold_score']:.3f} sampled, {r['greedy/gold_score']:.3f} greedy{kl}, "
             f"mean length {r['sampled/mean_length']:.1f}")
 
+
+TRAINING = {"sft", "rm", "dpo", "ppo", "grpo", "online_dpo", "iterative_dpo"}  # stages that are train_*.py scripts
 
 NEEDS = {  # the stages whose outputs a stage reads
     "sft": (), "rm": ("sft",), "dpo": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft",),
@@ -140,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                     help="cpu: the main job, 0.9M model, minutes on a 2-core laptop; full: every script's own "
                          "defaults; gpu: MiniMind 26M on a CUDA machine; tiny: seconds, for tests")
-    ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist (their scripts get --overwrite)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=(*STAGES, *EXTRA_STAGES),
                     help="stages to run after the tokenizer (in this order); the default is the main job, "
                          f"{', '.join(EXTRA_STAGES)} are optional")
@@ -223,7 +227,8 @@ def stage_commands(out: Path, tok: str) -> dict[str, list[str]]:
 def run_stages(out: Path, tok: str, names, steps: dict, extra: list[str], force: bool, jobs: int = 1) -> str:
     """Every stage as its script, in order, into out/<stage>; then out/report.md. Returns the table."""
     commands = stage_commands(out, tok)
-    cmds = {name: [*commands[name], "--out_dir", str(out / name), *steps.get(name, []), *extra]
+    cmds = {name: [*commands[name], "--out_dir", str(out / name), *steps.get(name, []), *extra,
+                   *(stages.continue_flags(out / name, force) if name in TRAINING else [])]
             for name in names}
     stages.run_all([stage(out, name, cmd) for name, cmd in cmds.items()], out, force, jobs,
                    on_done=lambda name, seconds: finished(out, name, seconds))

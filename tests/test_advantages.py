@@ -227,10 +227,29 @@ def test_step_advantages_dispatch():
     assert_close(g["advantage"], t(0.5, -0.5, -1.0, 1.0, dtype=F64))  # for the completions log
     assert_close(step_advantages(g, None, mask, RT, "reinforce_pp", 2),
                  L.reinforce_pp_advantages(rewards, torch.zeros(4, 2), mask, 0.0).float())
-    # the KL in the reward: RLOO's advantage on the last token, -β k1_t on every token, returns-to-go
+    # the KL in the reward, ReMax: its baselined score on the last token, -β k1_t on every token, returns-to-go
     kl = torch.tensor([[0.2, 0.4], [1.0, 0.0], [0.0, 0.0], [-0.2, 0.2]])
-    A = step_advantages(g, kl, mask, RT, "rloo", 2, beta=0.5)
-    # row 0: A = 1, k1 (0.2, 0.4): returns (1 - 0.5 · 0.6, 1 - 0.5 · 0.4) = (0.7, 0.8)
-    # row 1: A = -1, one token k1 = 1: -1 - 0.5 = -1.5;  row 3: A = 2, k1 (-0.2, 0.2): (2 - 0, 2 - 0.1)
-    assert_close(A, torch.tensor([[0.7, 0.8], [-1.5, 0.0], [-2.0, -2.0], [2.0, 1.9]]))
-    assert_close(g["advantage"].float(), t(0.7, -1.5, -2.0, 2.0))  # the first token's: the whole return
+    A = step_advantages(g, kl, mask, RT, "remax", 2, beta=0.5)
+    # row 0: A = 0.5, k1 (0.2, 0.4): returns (0.5 - 0.5 · 0.6, 0.5 - 0.5 · 0.4) = (0.2, 0.3)
+    # row 1: A = -0.5, one token k1 = 1: -0.5 - 0.5 = -1;  row 3: A = 1, k1 (-0.2, 0.2): (1 - 0, 1 - 0.1)
+    assert_close(A, torch.tensor([[0.2, 0.3], [-1.0, 0.0], [-1.0, -1.0], [1.0, 0.9]]))
+    assert_close(g["advantage"].float(), t(0.2, -1.0, -1.0, 1.0))  # the first token's: the whole return
+    # RLOO: one advantage per response, the KL inside the baseline (R_i = r_i - β Σ_t k1_it, counted tokens only)
+    # R = (1 - 0.5 · 0.6, 0 - 0.5 · 1, 0 - 0, 2 - 0.5 · 0) = (0.7, -0.5, 0, 2); A_i = R_i - R_other
+    assert_close(step_advantages(g, kl, mask, RT, "rloo", 2, beta=0.5), t(1.2, -1.2, -2.0, 2.0))
+
+
+def test_rloo_with_the_kl_in_the_reward_baselines_the_whole_sequence_reward():
+    """Ahmadian et al. 2024 (RLOO): R_i = r_i - β KL_i, A_i = R_i - mean_{j≠i} R_j, so a group's advantages sum to 0.
+    Equal scores, KL sums (1, 0, 2, 0.4) over the responses' tokens, β = 0.5: R = -0.5 · KL = (-0.5, 0, -1, -0.2);
+    A_0 = -0.5 - (0 - 1 - 0.2)/3 = -0.1, A_1 = 0 - (-0.5 - 1 - 0.2)/3 = 0.567, A_2 = -1 - (-0.5 + 0 - 0.2)/3 = -0.767,
+    A_3 = -0.2 - (-0.5 + 0 - 1)/3 = 0.3. (A baseline of the scores alone, the KL added per token as a return-to-go,
+    gives first-token advantages (-0.5, 0, -1, -0.2), summing to -1.7.)"""
+    g = {"reward": t(3.0, 3.0, 3.0, 3.0, dtype=F64)}
+    kl = torch.tensor([[0.25, 0.75, 9.0], [0.0, 0.0, 0.0], [1.5, 0.5, 0.0], [0.4, 0.0, 0.0]])  # 9.0: not counted
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, True, True], [True, False, False]])
+    A = step_advantages(g, kl, mask, RT, "rloo", 4, beta=0.5)
+    assert A.shape == (4,)  # one advantage per response: the whole R_i is baselined
+    assert_close(A, t(-0.1, 0.5 + 0.2 / 3, -1 + 0.7 / 3, 0.3))
+    assert abs(float(A.sum())) < 1e-6
+    assert_close(g["advantage"].float(), A)

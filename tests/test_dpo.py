@@ -164,7 +164,7 @@ def workdir(tmp_path_factory):
 def dpo_args(workdir, out, *extra, data="pref.jsonl"):
     return [sys.executable, str(ROOT / "train_dpo.py"), "--init_from", str(workdir / "sft"), "--data", str(workdir / data),
             "--pref_eval_data", str(workdir / "pref_eval.jsonl"), "--eval_data", "", "--out_dir", str(workdir / out),
-            "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1", "--lr", "1e-3", "--log_every", "1", *extra]
+            "--micro_batch_pairs", "8", "--max_steps", "2", "--warmup_steps", "1", "--lr", "1e-3", "--log_every", "1", *extra]
 
 
 def dpo(workdir, out, *extra):

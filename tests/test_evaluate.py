@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from minialign.algorithms.rollout import sample_rollout
 from minialign.data.batching import tokenize_prompts
 from minialign.data.formats import PromptRecord, load_pretrain
-from minialign.algorithms.rollout import sample_rollout
 from minialign.evaluation.evaluate import evaluate_policy, gold_judge, gold_point, sample_and_score
-from minialign.task.gold import is_refusal, judge
 from minialign.models.decoder import CausalLM
+from minialign.task.gold import is_refusal, judge
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -145,3 +145,17 @@ def test_long_eval_prompts_are_dropped_and_counted_before_training(tok, tmp_path
     with pytest.raises(ValueError, match="none of the 1 prompts"):
         path.write_text(json.dumps({"prompt": long_prompt, "kind": "benign", "answer": None}) + "\n")
         load_eval_prompts(str(path), tok, 0, max_new, max_seq_len)
+
+
+def test_eval_prompts_without_the_gold_rules_fields_are_refused_before_training(tok, tmp_path):
+    """--eval_data is scored by the default task's gold rule, which reads each prompt's kind: one's own prompts
+    (no kind) are refused when loaded, naming the file and the way out, not with a KeyError after training."""
+    import json
+
+    from minialign.errors import UserError
+    from minialign.evaluation.evaluate import load_eval_prompts
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 3 + 4?", "kind": "arith", "answer": 7}) + "\n"
+                    + json.dumps({"prompt": "Write a haiku."}) + "\n")
+    with pytest.raises(UserError, match=rf"{path}:2: 1 of 2 prompts have no 'kind' .* pass --eval_data ''"):
+        load_eval_prompts(str(path), tok, 0, 16, 128)

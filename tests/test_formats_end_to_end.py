@@ -27,18 +27,18 @@ def steps(out):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-COMMON = ["--max_steps", "2", "--warmup_steps", "1", "--log_every", "1", "--micro_batch_size", "2"]
+COMMON = ["--max_steps", "2", "--warmup_steps", "1", "--log_every", "1"]
 
 
 def test_sft_from_a_sharegpt_file(sft):
     proc = run([sys.executable, ROOT / "train_sft.py", "--init_from", sft / "sft", "--data", FORMATS / "sft_sharegpt.jsonl",
-                "--eval_data", "", "--out_dir", sft / "sharegpt", "--grad_accum", "1", *COMMON])
+                "--eval_data", "", "--out_dir", sft / "sharegpt", "--grad_accum", "1", "--micro_batch_size", "2", *COMMON])
     assert "data: 2 conversations" in proc.stdout and len(steps(sft / "sharegpt")) == 2
 
 
 def test_rm_from_a_ranked_output_file(sft):
     proc = run([sys.executable, ROOT / "train_rm.py", "--init_from", sft / "sft", "--data", FORMATS / "ranked.jsonl",
-                "--eval_data", "", "--out_dir", sft / "ranked", "--grad_accum", "1", *COMMON])
+                "--eval_data", "", "--out_dir", sft / "ranked", "--grad_accum", "1", "--micro_batch_pairs", "2", *COMMON])
     n_pairs = int(proc.stdout.split("data: ")[1].split(" pairs")[0])
     n_groups = int(proc.stdout.split(" pairs in ")[1].split(" groups")[0])
     assert n_groups == 3 and n_pairs > n_groups  # 3 prompts, several ranked pairs each, one batch element each
@@ -49,7 +49,7 @@ def test_rm_from_a_ranked_output_file(sft):
 def test_dpo_from_a_pku_saferlhf_file(sft, choice):
     run([sys.executable, ROOT / "train_dpo.py", "--init_from", sft / "sft", "--data", FORMATS / "pku_saferlhf.jsonl",
          "--pku_choice", choice, "--pref_eval_data", "", "--eval_data", "", "--out_dir", sft / f"pku_{choice}",
-         "--beta", "0.1", "--grad_accum", "1", *COMMON])
+         "--beta", "0.1", "--grad_accum", "1", "--micro_batch_pairs", "2", *COMMON])
     first = steps(sft / f"pku_{choice}")[0]
     assert abs(first["loss"] - 0.693147) < 1e-5  # step 1: policy == reference
 

@@ -87,8 +87,9 @@ def test_equal_rewards_give_zero_advantage_and_no_update():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the loss itself has a zero gradient with zero advantages (beta = 0), so skipping changes nothing but the cost
     ro = sample_rollout(model, DigitTok(), PROMPTS, 8, 4, 1.0, 0, 0, 0)
-    batch = packed_batch(ro, list(range(64)), loss_mask=ro.response_mask, old_logps=ro.logps, advantages=torch.zeros(64))
-    loss, _ = train_grpo.grpo_loss_sum(model, batch, cfg)
+    batch = packed_batch(ro, list(range(64)), loss_mask=ro.response_mask, old_logps=ro.logps, advantages=torch.zeros(64),
+                         sampler_logps=ro.logps)
+    loss, _, _ = train_grpo.grpo_loss_sum(model, batch, cfg)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     # control: rewards that differ within groups do move the weights
@@ -169,7 +170,7 @@ def test_micro_batch_sums_equal_one_big_batch(loss_type):
     torch.manual_seed(1)
     mask = train_grpo.completion_mask(ro.response_mask, ro.finished, mask_truncated=True)
     t = {"loss_mask": mask, "old_logps": ro.logps + 0.1 * torch.randn_like(ro.logps), "advantages": torch.randn(64),
-         "ref_logps": ro.logps + 0.1 * torch.randn_like(ro.logps)}
+         "ref_logps": ro.logps + 0.1 * torch.randn_like(ro.logps), "sampler_logps": ro.logps}
     batches = [packed_batch(ro, rows, **t) for rows in micro_batch_rows(ro, 24, by_length=True)]
     assert len(batches) == 3 and len({b["response_ids"].shape[1] for b in batches}) >= 1
     with torch.no_grad():
@@ -177,7 +178,7 @@ def test_micro_batch_sums_equal_one_big_batch(loss_type):
         split = sum(train_grpo.grpo_loss_sum(model, b, cfg)[0] for b in batches) / count
         logps = plain_logps(model, ro)
         whole, _ = grpo_loss(logps, t["old_logps"], t["ref_logps"], t["advantages"], mask, beta=0.1, loss_type=loss_type,
-                             max_completion_length=4)
+                             max_new_tokens=4)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
@@ -326,6 +327,8 @@ def test_script_resume_and_torchrun(sft):
     d = sft
     train_grpo.main(grpo_args(d, d / "full"))
     full = metric_rows(d / "full")
+    # what the run left out is in every line of its log (prompts dropped at load, steps skipped)
+    assert all(r["dropped_prompt_too_long"] == 0 and r["nonfinite_steps_skipped"] == 0 for r in full if "loss" in r)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert not any(r["update_skipped"] for r in full) and all(r["grad_norm"] > 0 for r in full)
     assert all(abs(r["ratio/first_iteration_max_abs_dev"]) < 1e-4 for r in full)
@@ -495,9 +498,9 @@ def test_remax_baseline_is_the_greedy_responses_reward():
 
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
 def test_kl_in_the_reward_or_in_the_loss(kl_in):
-    """--kl_in reward: no reference log-probs in the loss; the per-token advantages are RLOO's on the last token
-    minus β·k1 per token, so the first token's is rloo_i - β Σ_t k1_t, with k1 recomputed here from plain-rows
-    forwards of the policy and the reference; "kl" is the rollout's mean k1 per token. --kl_in loss: the
+    """--kl_in reward: no reference log-probs in the loss; one advantage per response, RLOO's of the KL-penalised
+    R_i = r_i - β Σ_t k1_t (Ahmadian et al. 2024), with k1 recomputed here from plain-rows forwards of the policy
+    and the reference; "kl" is the rollout's mean k1 per token. --kl_in loss: the
     advantages are per response, the reference goes into the loss (k2 here) and "kl" is its mean."""
     from minialign.algorithms.losses import rloo_advantages
     model, cfg, optimizer, scaler = tiny_setup(advantage_estimator="rloo", beta=0.1, kl_in=kl_in,
@@ -518,12 +521,13 @@ def test_kl_in_the_reward_or_in_the_loss(kl_in):
         torch.testing.assert_close(g["advantage"], rloo_advantages(g["reward"], 8))
         assert "kl" not in g and m["kl"] > 0  # k2 >= 0, and the reference differs
         return
-    assert all(b["advantages"].dim() == 2 and "ref_logps" not in b for b in batches)
+    assert all(b["advantages"].dim() == 1 and "ref_logps" not in b for b in batches)
     torch.testing.assert_close(g["kl"], k1.sum(-1).double(), rtol=1e-5, atol=1e-5)
     assert m["kl"] == pytest.approx(float(k1.sum() / ro.response_mask.sum()), abs=1e-5)
-    expected = rloo_advantages(g["reward"], 8) - 0.1 * k1.sum(-1).double()  # rloo_i - β Σ_t k1_t
+    expected = rloo_advantages(g["reward"] - 0.1 * k1.sum(-1).double(), 8)  # R_i - mean_{j≠i} R_j
     torch.testing.assert_close(g["advantage"], expected, rtol=1e-5, atol=1e-5)
     assert (expected != rloo_advantages(g["reward"], 8)).all()  # the KL term is really there
+    assert abs(float(expected.view(-1, 8).sum(-1).abs().max())) < 1e-6  # each group's advantages sum to 0
 
 
 def test_rloo_script_resume_and_torchrun(sft):
@@ -558,7 +562,8 @@ def test_completions_log_with_remax_and_resume(sft, capsys):
     each reward function's value, the weighted reward, advantage and length; 3 lines printed per step; ReMax's
     advantages share the baseline within a group; a --resume drops the rows logged after the checkpoint."""
     d = sft
-    args = ("--advantage_estimator", "remax", "--log_completions_every", "1", "--beta", "0", "--num_iterations", "1")
+    args = ("--advantage_estimator", "remax", "--no-mask_truncated_completions", "--log_completions_every", "1",
+            "--beta", "0", "--num_iterations", "1")
     train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "3", "--stop_after_steps", "2"))
     train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "3", "--resume"))
     rows = [json.loads(l) for l in (d / "logged/completions.jsonl").read_text().splitlines()]
@@ -574,8 +579,8 @@ def test_completions_log_with_remax_and_resume(sft, capsys):
         assert len(baselines) == 1, group
     out = capsys.readouterr().out
     assert sum(f"step {s} reward" in line for s in (1, 2, 3) for line in out.splitlines()) == 9
-    # a fresh run (no --resume) starts a new file
-    train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "1"))
+    # a new run over it (--overwrite) starts a new file
+    train_grpo.main(grpo_args(d, d / "logged", *args, "--max_steps", "1", "--overwrite"))
     assert len((d / "logged/completions.jsonl").read_text().splitlines()) == 16
 
 
@@ -589,6 +594,8 @@ def test_reinforce_family_bad_flags_are_refused(sft, capsys):
             (["--advantage_estimator", "reinforce_pp", "--kl_estimator", "k2"],  # auto: REINFORCE++'s is the reward
              "--kl_estimator=k2 with the KL in the reward"),
             (["--kl_in", "both"], "--kl_in='both' must be one of auto, loss, reward"),
+            (["--advantage_estimator", "remax"],  # ReMax's uncentred advantages and the default mask: refused
+             "--advantage_estimator remax with --mask_truncated_completions (the default) is refused"),
             (["--log_completions_every", "-1"], "--log_completions_every=-1 must be >= 0")]:
         with pytest.raises(SystemExit):
             train_grpo.main(grpo_args(d, d / "bad_rf_flags", *flags))
@@ -599,4 +606,10 @@ def test_reinforce_family_bad_flags_are_refused(sft, capsys):
                                                   "--kl_estimator", "k2", "--beta", "0.01"])
     assert cfg.kl_placement() == "loss" and cfg.loss_kl() == (0.01, "k2")
     assert config.parse_config(train_grpo.Config, []).loss_kl() == (0.0, "k3")  # GRPO's default: k3 in the loss
-    assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "remax"]).kl_placement() == "reward"
+    remax = config.parse_config(train_grpo.Config, ["--advantage_estimator", "remax", "--no-mask_truncated_completions"])
+    assert remax.kl_placement() == "reward" and remax.loss_type == "grpo"  # β = 0: nothing in the reward, auto = grpo
+    # --loss_type auto: a constant normalizer (dr_grpo) when β·KL is in the reward, as its unbiasedness needs
+    assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "rloo", "--beta", "0.1"]).loss_type == "dr_grpo"
+    assert config.parse_config(train_grpo.Config, ["--beta", "0.1"]).loss_type == "grpo"  # KL in the loss (GRPO's)
+    assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "rloo", "--beta", "0.1", "--loss_type",
+                                                   "grpo"]).loss_type == "grpo"  # an explicit choice is kept

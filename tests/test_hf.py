@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minialign.algorithms.generation import generate
+from minialign.errors import UserError
 from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, default_position_ids
 
 PARITY_ATOL = 1e-5  # fp32 logits, max abs diff over real (non-pad) positions
@@ -158,6 +159,7 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
 
 def test_scalar_kind_keeps_the_backbone_and_drops_an_untied_lm_head(tmp_path):
     from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     folder = save_hf(make_hf_model("qwen2-untied"), tmp_path / "m")
     causal = hf_weights.load_hf_model(folder)
@@ -170,7 +172,7 @@ def test_scalar_kind_keeps_the_backbone_and_drops_an_untied_lm_head(tmp_path):
     ids, mask = left_padded_batch()
     assert scalar(ids, mask).shape == ids.shape
     with pytest.raises(ValueError, match="no LM head"):
-        hf_weights.export_hf(scalar, None, tmp_path / "out")
+        hf_export.export_hf(scalar, None, tmp_path / "out")
 
 
 def test_bf16_on_disk_loads_into_fp32(tmp_path):
@@ -292,10 +294,11 @@ EXPORT_CASES = {
 @pytest.mark.parametrize("case", sorted(EXPORT_CASES))
 def test_export_ours_to_transformers_same_logits(case, tmp_path):
     from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     tf = _transformers()
     ours = _ours(**EXPORT_CASES[case])
-    out = hf_weights.export_hf(ours, None, tmp_path / "out")
+    out = hf_export.export_hf(ours, None, tmp_path / "out")
     ref = tf.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
@@ -311,11 +314,12 @@ def test_export_ours_to_transformers_same_logits(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama-tied-bias", "qwen2-untied", "qwen3-head-dim"])
 def test_hf_to_ours_to_export_to_transformers(case, tmp_path):
     from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     tf = _transformers()
     ref = make_hf_model(case)
     ours = hf_weights.load_hf_model(save_hf(ref, tmp_path / "in"))
-    out = hf_weights.export_hf(ours, None, tmp_path / "out")
+    out = hf_export.export_hf(ours, None, tmp_path / "out")
     back = tf.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     assert type(back) is type(ref)
     ids, mask = left_padded_batch()
@@ -324,16 +328,16 @@ def test_hf_to_ours_to_export_to_transformers(case, tmp_path):
 
 
 def test_moe_and_odd_bias_combinations_are_refused(tmp_path):
-    from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        hf_weights.export_hf(_ours(n_experts=2), None, tmp_path / "a")
+        hf_export.export_hf(_ours(n_experts=2), None, tmp_path / "a")
     with pytest.raises(ValueError, match="o_bias without qkv_bias"):
-        hf_weights.export_hf(_ours(o_bias=True), None, tmp_path / "b")
+        hf_export.export_hf(_ours(o_bias=True), None, tmp_path / "b")
 
 
 def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
-    from minialign.models import hf_weights
+    from minialign.training import hf_export
 
     tf = _transformers()
     ours = _ours(vocab_size=tok.vocab_size)
@@ -342,7 +346,7 @@ def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
     torch.save({"model": ours.state_dict(), "model_kind": "causal", "model_config": ours.cfg.to_dict()},
                ckpt / "ckpt.pt")
     (ckpt / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
-    hf_weights.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    hf_export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= names
@@ -362,10 +366,10 @@ def test_cli_exports_checkpoint_with_our_tokenizer(tok, tmp_path):
     scalar = ScalarModel(ours.cfg)
     torch.save({"model": scalar.state_dict(), "model_kind": "scalar", "model_config": scalar.cfg.to_dict()},
                ckpt / "ckpt.pt")
-    hf_weights.main(["export", "--ckpt", str(ckpt / "ckpt.pt"), "--out", str(tmp_path / "rm")])
+    hf_export.main(["--ckpt", str(ckpt / "ckpt.pt"), "--out", str(tmp_path / "rm")])
     assert (tmp_path / "rm" / "model.safetensors").exists()
     untied = ScalarModel(ModelConfig.from_dict({**ours.cfg.to_dict(), "tie_embeddings": False}))
     torch.save({"model": untied.state_dict(), "model_kind": "scalar", "model_config": untied.cfg.to_dict()},
                ckpt / "ckpt.pt")
-    with pytest.raises(SystemExit, match="no LM head"):
-        hf_weights.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "rm2")])
+    with pytest.raises(UserError, match="no LM head"):
+        hf_export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "rm2")])

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, run
 
+from minialign.training import checkpoint
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
@@ -34,9 +36,10 @@ def hf_folder(tok, tmp_path_factory):
     return folder
 
 
-def common(out, *extra):
+def common(out, *extra, unit="--micro_batch_size"):
+    """Flags every run shares; `unit`: --micro_batch_size (sequences) or --micro_batch_pairs (RM, DPO)."""
     return ["--out_dir", str(out), "--max_steps", "3", "--warmup_steps", "1", "--log_every", "1",
-            "--micro_batch_size", "4", "--grad_accum", "1", *extra]
+            unit, "4", "--grad_accum", "1", *extra]
 
 
 def logged(out):
@@ -51,15 +54,21 @@ def test_sft_rm_and_dpo_start_from_an_hf_folder_and_chain(hf_folder, tmp_path):
     assert (tmp_path / "sft" / "tokenizer.json").exists()  # the HF tokenizer travels with the checkpoint
     assert len([r for r in logged(tmp_path / "sft") if "loss" in r]) == 3
     run([sys.executable, ROOT / "train_rm.py", "--init_from", hf_folder, "--data", d / "pref_train.jsonl",
-         "--eval_data", d / "pref_eval.jsonl", *common(tmp_path / "rm")])
+         "--eval_data", d / "pref_eval.jsonl", *common(tmp_path / "rm", unit="--micro_batch_pairs")])
     rm_rows = [r for r in logged(tmp_path / "rm") if "accuracy" in r]
     assert len(rm_rows) == 3 and all(0 <= r["accuracy"] <= 1 for r in rm_rows)
     run([sys.executable, ROOT / "train_dpo.py", "--init_from", tmp_path / "sft", "--data", d / "pref_train.jsonl",
-         "--pref_eval_data", "", "--eval_data", "", *common(tmp_path / "dpo")])  # chains: the SFT output as init
+         "--pref_eval_data", "", "--eval_data", "", *common(tmp_path / "dpo", unit="--micro_batch_pairs")])  # chains: the SFT output as init
     first = [r for r in logged(tmp_path / "dpo") if "loss" in r][0]
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 1: policy == reference, the loss is log 2
+    # and straight from the HF folder: the reference is the HF model (step 1 at log 2), and the policy moved from it
     run([sys.executable, ROOT / "train_dpo.py", "--init_from", hf_folder, "--data", d / "pref_train.jsonl",
-         "--pref_eval_data", "", "--eval_data", "", *common(tmp_path / "dpo_hf")])  # and straight from the HF folder
+         "--pref_eval_data", "", "--eval_data", "", *common(tmp_path / "dpo_hf", unit="--micro_batch_pairs")])
+    rows = [r for r in logged(tmp_path / "dpo_hf") if "loss" in r]
+    assert len(rows) == 3 and rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4) and rows[-1]["rewards/margins"] != 0.0
+    hf, trained = checkpoint.load_model(hf_folder).state_dict(), checkpoint.load_model(tmp_path / "dpo_hf").state_dict()
+    assert hf.keys() == trained.keys() and any(not torch.equal(hf[k], trained[k]) for k in hf)
 
 
 def test_an_unsupported_config_key_stops_the_script_naming_it(hf_folder, tmp_path):

@@ -286,3 +286,11 @@ def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, caps
     experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "best_of_n"))
     again = capsys.readouterr().out
     assert " $ " not in again and "already done" in again
+
+
+def test_docstring_does_not_credit_the_paper_with_best_of_n():
+    """The DPO paper's IMDb figure (Rafailov et al. 2023, Fig. 2 left) has no best-of-N baseline: the module must not
+    say that its analytic KL is used "as the paper's baselines do", and must say where best-of-N's KL comes from."""
+    doc = " ".join(experiment.__doc__.split())
+    assert "as the paper's baselines do" not in doc
+    assert "the DPO paper's IMDb figure has no best-of-N" in doc and "exact for ties" in doc

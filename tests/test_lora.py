@@ -131,8 +131,8 @@ def args(stage, d, out, *extra, init="base"):
     init = str(d / init)
     per_stage = {
         "sft": ["--data", str(d / "sft.jsonl"), "--micro_batch_size", "8", "--grad_accum", "1"],
-        "rm": ["--data", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--grad_accum", "1"],
-        "dpo": ["--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_size", "4", "--beta", "0.1"],
+        "rm": ["--data", str(d / "pref.jsonl"), "--micro_batch_pairs", "4", "--grad_accum", "1"],
+        "dpo": ["--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_pairs", "4", "--beta", "0.1"],
         "kto": ["--pairs", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--beta", "0.1"],
         "ppo": ["--reward_model", str(d / "rm"), "--data", str(d / "rl.jsonl"), "--prompts_per_step", "4",
                 "--max_new_tokens", "6", "--micro_batch_size", "4", "--num_ppo_epochs", "1", "--num_minibatches", "1"],
@@ -307,7 +307,7 @@ def test_torchrun_two_processes_match_one_with_lora(workdir):
 
 def test_merge_cli_writes_a_full_checkpoint(workdir, sft_lora):
     out = workdir / "sft_merged"
-    run([sys.executable, "-m", "minialign.models.lora", "merge", "--ckpt", str(sft_lora), "--out", str(out)])
+    run([sys.executable, "-m", "minialign.training.checkpoint", "merge", "--ckpt", str(sft_lora), "--out", str(out)])
     saved = ckpt(out)
     assert not saved["lora"] and saved["optimizer"] is None and saved["merged_from"]["ckpt"] == str(sft_lora)
     assert (out / "tokenizer.model").exists() and (out / "config.json").exists()
@@ -315,11 +315,10 @@ def test_merge_cli_writes_a_full_checkpoint(workdir, sft_lora):
     plain.load_state_dict(saved["model"])  # strict: an ordinary full checkpoint
     a, b = plain.state_dict(), checkpoint.load_model(sft_lora).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    proc = run([sys.executable, "-m", "minialign.models.lora", "merge", "--ckpt", str(workdir / "base"), "--out",
+    proc = run([sys.executable, "-m", "minialign.training.checkpoint", "merge", "--ckpt", str(workdir / "base"), "--out",
                 str(workdir / "nope")], check=False)
     assert proc.returncode != 0 and "is not a LoRA run" in proc.stderr
-    from minialign.models.hf_weights import \
-        _load_checkpoint_model  # `python -m minialign.training.hf_export` of a LoRA run merges on the fly
+    from minialign.training.hf_export import _load_checkpoint_model  # the export CLI merges a LoRA run on the fly
     exported = _load_checkpoint_model(sft_lora).state_dict()
     assert all(torch.equal(exported[k], a[k]) for k in a)
 

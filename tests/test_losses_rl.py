@@ -214,7 +214,7 @@ def ppo_inputs():
 def test_ppo_policy_loss_hand_computed_clips_both_sides():
     logps, old_logps, advantages, mask = ppo_inputs()
     logps.requires_grad_()
-    loss, metrics = L.ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2)
+    loss, metrics = L.ppo_policy_loss(logps, old_logps, advantages, mask, cliprange=0.2)
     # token (0,0): ratio 1.5, A = +1: max(-1.5, -1.2) = -1.2   clipped above (clip active)
     # token (0,1): ratio 0.5, A = -1: max( 0.5,  0.8) =  0.8   clipped below (clip active)
     # token (0,2): ratio 1.1, A = +1: max(-1.1, -1.1) = -1.1   inside the range
@@ -283,7 +283,7 @@ def test_ppo_value_loss_hand_computed():
     old_values = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     returns = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
     mask = torch.tensor([[True, True, True, False]])
-    loss, metrics = L.ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    loss, metrics = L.ppo_value_loss(values, old_values, returns, mask, cliprange_value=0.2)
     # token 0: v = 1.5 → clipped 1.0 + 0.2 = 1.2; (1.5 - 2)² = 0.25, (1.2 - 2)² = 0.64 → 0.64 (clipped larger)
     # token 1: v = 0.875 within ±0.2 of 1; (0.875 - 1)² = 0.015625 both → 0.015625 (not clipped)
     # token 2: v = 1.5 → 1.2; (1.5 - 0)² = 2.25, (1.2 - 0)² = 1.44 → 2.25 (unclipped larger)
@@ -374,12 +374,12 @@ def test_grpo_loss_hand_computed_all_loss_types():
     logps, old_logps, advantages, mask = grpo_inputs()
     # row 0: ratio 1.5 → -min(1.5, 1.2) = -1.2;  ratio 1.0 → -1.0;        sequence mean -1.1
     # row 1: ratio 0.5 → -min(-0.5, -0.8) = 0.8; second token masked;     sequence mean  0.8
-    kw = dict(beta=0.0, clip_eps_low=0.2, clip_eps_high=0.2)
+    kw = dict(beta=0.0, epsilon_low=0.2, epsilon_high=0.2)
     loss, metrics = L.grpo_loss(logps, old_logps, None, advantages, mask, loss_type="grpo", **kw)
     assert_close(loss, torch.tensor(-0.15))  # (-1.1 + 0.8) / 2 sequences
     loss, _ = L.grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dapo", **kw)
     assert_close(loss, torch.tensor(-1.4 / 3))  # (-1.2 - 1.0 + 0.8) / 3 tokens
-    loss, _ = L.grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dr_grpo", max_completion_length=4, **kw)
+    loss, _ = L.grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dr_grpo", max_new_tokens=4, **kw)
     assert_close(loss, torch.tensor(-0.175))  # -1.4 / (2 sequences · 4)
     # low clip: row 1 token 0 (0.5 < 0.8, A < 0); high clip: row 0 token 0 (1.5 > 1.2, A > 0); of 3 tokens
     assert_close(metrics["clip_ratio/low_mean"], torch.tensor(1 / 3))
@@ -400,7 +400,7 @@ def test_grpo_loss_kl_term_hand_computed():
 
 def test_grpo_clip_higher():
     logps, old_logps, advantages, mask = grpo_inputs()
-    loss, metrics = L.grpo_loss(logps, old_logps, None, advantages, mask, beta=0.0, clip_eps_high=0.6)
+    loss, metrics = L.grpo_loss(logps, old_logps, None, advantages, mask, beta=0.0, epsilon_high=0.6)
     # row 0 token 0: ratio 1.5 < 1.6 is no longer clipped: -1.5; row 0 mean (-1.5 - 1.0) / 2 = -1.25
     # loss = (-1.25 + 0.8) / 2 = -0.225
     assert_close(loss, torch.tensor(-0.225))
@@ -421,7 +421,7 @@ def test_grpo_beta_zero_never_touches_reference():
 def test_grpo_fully_masked_row_contributes_nothing(loss_type):
     logps, old_logps, advantages, mask = grpo_inputs()
     ref_logps = logps - 0.3
-    kw = dict(beta=0.04, loss_type=loss_type, max_completion_length=4)
+    kw = dict(beta=0.04, loss_type=loss_type, max_new_tokens=4)
     base, base_metrics = L.grpo_loss(logps, old_logps, ref_logps, advantages, mask, **kw)
     pad = lambda x, fill: torch.cat([x, torch.full((1, 2), fill)])
     logps2 = pad(logps, float("nan")).requires_grad_()
@@ -454,7 +454,7 @@ def test_grpo_gradcheck(loss_type):
     advantages = torch.randn(3, dtype=F64)
     mask = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, True, False]])
     fn = lambda x: L.grpo_loss(x, old_logps, ref_logps, advantages, mask, beta=0.1, loss_type=loss_type,
-                               max_completion_length=4, clip_eps_high=0.28)[0]
+                               max_new_tokens=4, epsilon_high=0.28)[0]
     assert torch.autograd.gradcheck(fn, (logps,))
 
 
@@ -462,7 +462,7 @@ def test_grpo_bad_arguments():
     logps, old_logps, advantages, mask = grpo_inputs()
     with pytest.raises(ValueError, match=r"unknown loss_type 'bnpo'; valid values: 'grpo', 'dapo', 'dr_grpo'"):
         L.grpo_loss(logps, old_logps, None, advantages, mask, beta=0.0, loss_type="bnpo")
-    with pytest.raises(ValueError, match="'dr_grpo' needs max_completion_length"):
+    with pytest.raises(ValueError, match="'dr_grpo' needs max_new_tokens"):
         L.grpo_loss(logps, old_logps, None, advantages, mask, beta=0.0, loss_type="dr_grpo")
     with pytest.raises(ValueError, match=r"advantages must have shape \(2,\), got \(2, 2\)"):
         L.grpo_loss(logps, old_logps, None, torch.zeros(2, 2), mask, beta=0.0)
@@ -536,7 +536,7 @@ def test_normalizer_grpo_loss_micro_batches(loss_type, normalizer):
     def loss_fn(rows, logps, normalizer):
         x, mask = pad_rows([logps[i] for i in rows])
         return L.grpo_loss(x, pad_rows([old[i] for i in rows])[0], pad_rows([ref[i] for i in rows])[0], seq_adv[rows],
-                           mask, beta=0.04, loss_type=loss_type, max_completion_length=8, normalizer=normalizer)[0]
+                           mask, beta=0.04, loss_type=loss_type, max_new_tokens=8, normalizer=normalizer)[0]
 
     assert_same(*grads_full_vs_micro(loss_fn, normalizer=normalizer))
 

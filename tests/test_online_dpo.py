@@ -55,7 +55,7 @@ def test_sample_pairs_keeps_best_vs_worst_counts_ties_and_carries_the_reference(
     def reward(prompts, completions, **fields):
         return [0.0 if int(p[1:]) % 2 == 0 else float(len(c.split())) for p, c in zip(prompts, completions)]
 
-    cfg = train_online_dpo.Config(reward_funcs=["r"], num_generations=4, max_new_tokens=5, micro_batch_size=2)
+    cfg = train_online_dpo.Config(reward_funcs=["r"], num_generations=4, max_new_tokens=5, micro_batch_pairs=2)
     pairs, stats = train_online_dpo.sample_pairs(policy, ref, None, DigitTok(), prompts,
                                                  [RewardSource("r", reward, 1.0)], 3, RT, cfg)
     ro = sample_rollout(policy, DigitTok(), prompts, 4, 5, 1.0, cfg.seed, 3, 0)  # the same draws (seeded)
@@ -101,7 +101,7 @@ def odpo_args(d, out, *extra):
     # 2 pairs per forward, so a step has several micro-batches
     return ["--init_from", str(d / "sft"), "--data", str(d / "rl_train.jsonl"), "--eval_data", "", "--out_dir",
             str(out), "--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "8",
-            "--micro_batch_size", "2", "--prompts_per_generate", "2", "--reward_funcs", "gold", "length",
+            "--micro_batch_pairs", "2", "--prompts_per_generate", "2", "--reward_funcs", "gold", "length",
             "--reward_weights", "1", "0.5", "--max_steps", "4", "--warmup_steps", "1", "--lr", "1e-3",
             "--log_every", "1", *extra]
 
@@ -125,6 +125,8 @@ def test_online_script_resume_and_torchrun(sft):
     d = sft
     train_online_dpo.main(odpo_args(d, d / "full"))
     full = metric_rows(d / "full")
+    # what the run left out is in every line of its log (prompts dropped at load, steps skipped)
+    assert all(r["dropped_prompt_too_long"] == 0 and r["nonfinite_steps_skipped"] == 0 for r in full if "loss" in r)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert all(r["pairs/used"] + r["pairs/ties_skipped"] == 4 and not r["update_skipped"] for r in full)
     # step 1: the policy IS the reference, so every pair's log-ratio is 0 and the loss is log 2 (a pair whose

@@ -12,7 +12,7 @@ import pytest
 
 from minialign.evaluation import best_of_n, report
 from minialign.pipeline import PRESETS, STAGES, stage_commands
-from minialign.training import config
+from minialign.training import checkpoint, config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread, immune to a busy second core
@@ -30,12 +30,25 @@ def test_pipeline_tiny(tmp_path):
     report_md = (out / "report.md").read_text()
     timings = json.loads((out / "timings.json").read_text())
     for stage in STAGES:
-        for name in ("ckpt.pt", "metrics.jsonl", "config.json"):
-            assert (out / stage / name).exists(), f"{stage}/{name} missing"
-        assert f"| {stage} | {timings[stage]:.0f} |" in report_md, f"no {stage} row (with its wall time) in the report"
-        if stage != "rm":
-            assert (out / stage / "eval.json").exists()
-            assert f"[{stage}] done in" in proc.stdout and "sampled" in proc.stdout.split(f"[{stage}] done in")[1].splitlines()[0]
+        # each stage trained exactly its preset's steps, from the stage before it, and finished
+        ckpt = checkpoint.load(out / stage)
+        steps = PRESETS["tiny"][stage][PRESETS["tiny"][stage].index("--max_steps") + 1]
+        assert ckpt["step"] == int(steps) and ckpt["finished"], (stage, ckpt["step"])
+        cfg = json.loads((out / stage / "config.json").read_text())
+        assert cfg["out_dir"] == str(out / stage)
+        if stage != "sft":
+            assert cfg["init_from"] == str(out / "sft"), (stage, cfg["init_from"])
+        if stage == "ppo":
+            assert cfg["reward_model"] == str(out / "rm")
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r][-1] == int(steps)
+        if stage != "rm":  # the report's row holds this stage's evaluation numbers and its wall time
+            ev = json.loads((out / stage / "eval.json").read_text())
+            assert ev["n_prompts"] == 16 and 0 <= ev["sampled/gold_score"] <= 1
+            row = f"| {stage} | {timings[stage]:.0f} | {ev['sampled/gold_score']:.3f} | {ev['greedy/gold_score']:.3f} |"
+            assert row in report_md, (row, report_md)
+            line = proc.stdout.split(f"[{stage}] done in")[1].splitlines()[0]
+            assert f"{ev['sampled/gold_score']:.3f}" in line
     assert "held-out pair accuracy" in proc.stdout.split("[rm] done in")[1].splitlines()[0]
     # the gold-vs-KL curve has a point logged during training (step 1 of 2 or 3), besides the final evaluation
     for stage in ("dpo", "ppo", "grpo"):

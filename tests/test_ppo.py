@@ -244,7 +244,7 @@ def ckpts(tmp_path_factory):
     train_sft.main(["--data", str(d / "sft_train.jsonl"), "--eval_data", "", "--tokenizer", str(d / "tok/tokenizer.model"),
                     "--out_dir", str(d / "sft"), "--micro_batch_size", "8", "--max_steps", "2", "--warmup_steps", "1"])
     train_rm.main(["--init_from", str(d / "sft"), "--data", str(d / "pref_train.jsonl"), "--eval_data", "", "--out_dir", str(d / "rm"),
-                   "--micro_batch_size", "8", "--grad_accum", "1", "--max_steps", "2", "--warmup_steps", "1"])
+                   "--micro_batch_pairs", "8", "--grad_accum", "1", "--max_steps", "2", "--warmup_steps", "1"])
     return d
 
 
@@ -273,6 +273,8 @@ def test_script_resume_and_torchrun(ckpts):
     d = ckpts
     train_ppo.main(ppo_args(d, d / "full"))
     full = metric_rows(d / "full")
+    # what the run left out is in every line of its log (prompts dropped at load, steps skipped)
+    assert all(r["dropped_prompt_too_long"] == 0 and r["nonfinite_steps_skipped"] == 0 for r in full if "loss" in r)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert all(r["val/ratio_first_max_abs_dev"] < 1e-4 and r["policy/optimizer_steps"] == 4 and r["grad_norm"] > 0 for r in full)
     for r in full:  # the TRL identities hold

@@ -104,8 +104,8 @@ def args(stage, d, out, *extra):
     sft, rm = str(d / "sft"), str(d / "rm")
     per_stage = {
         "sft": ["--init_from", sft, "--data", str(d / "sft.jsonl"), "--micro_batch_size", "4", "--grad_accum", "1"],
-        "rm": ["--init_from", sft, "--data", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--grad_accum", "1"],
-        "dpo": ["--init_from", sft, "--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_size", "4",
+        "rm": ["--init_from", sft, "--data", str(d / "pref.jsonl"), "--micro_batch_pairs", "4", "--grad_accum", "1"],
+        "dpo": ["--init_from", sft, "--data", str(d / "pref.jsonl"), "--pref_eval_data", "", "--micro_batch_pairs", "4",
                 "--beta", "0.1"],
         "kto": ["--init_from", sft, "--pairs", str(d / "pref.jsonl"), "--micro_batch_size", "4", "--beta", "0.1"],
         # one optimizer step per iteration (1 epoch x 1 minibatch), so HARNESS sleeps once per iteration

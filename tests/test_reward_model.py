@@ -221,7 +221,7 @@ def workdir(tmp_path_factory):
 
 def rm_args(d, out, *extra):
     return [sys.executable, str(ROOT / "train_rm.py"), "--init_from", str(d / "sft"), "--data", str(d / "pref_train.jsonl"),
-            "--eval_data", str(d / "pref_eval.jsonl"), "--out_dir", str(out), "--micro_batch_size", "8", "--grad_accum", "2",
+            "--eval_data", str(d / "pref_eval.jsonl"), "--out_dir", str(out), "--micro_batch_pairs", "8", "--grad_accum", "2",
             "--max_steps", "12", "--lr", "1e-3", "--warmup_steps", "3", "--eval_every", "4", "--log_every", "1", *extra]
 
 

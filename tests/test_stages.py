@@ -9,8 +9,8 @@ import pytest
 from minialign.experiments.stages import Stage, add_time, run, run_all
 
 
-def _writer(path, text="x"):
-    return [sys.executable, "-c", f"open(r'{path}', 'a').write('{text}')"]
+def _writer(path, text="x", sleep=0.0):
+    return [sys.executable, "-c", f"import time; time.sleep({sleep}); open(r'{path}', 'a').write('{text}')"]
 
 
 def test_run_prints_the_command_skips_what_is_done_and_force_redoes_it(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_times_replace_or_accumulate(tmp_path):
     add_time(out, "ppo/train", 2.0)
     add_time(out, "ppo/train", 3.0)  # a run trained in two segments sums them
     assert json.loads((out / "timings.json").read_text())["ppo/train"] == 5.0
-    run(Stage("ppo", _writer(tmp_path / "a.txt"), timing="ppo/train"), out, accumulate=True)
+    run(Stage("ppo", _writer(tmp_path / "a.txt", sleep=0.2), timing="ppo/train"), out, accumulate=True)
     assert json.loads((out / "timings.json").read_text())["ppo/train"] > 5.0
     run(Stage("rm", _writer(tmp_path / "b.txt")), out)
     run(Stage("rm", _writer(tmp_path / "b.txt")), out)

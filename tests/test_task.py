@@ -13,7 +13,7 @@ from minialign.task.generate import (ARITH_TEMPLATE_EVAL_FRACTION, ARITH_TEMPLAT
                                      KIND_FRACTIONS, REFUSALS, SFT_ARITH_CORRECT_FRACTION, SFT_BENIGN_ANSWER_FRACTION,
                                      SFT_HARMFUL_REFUSAL_FRACTION, arith_problems, build_pools, generate_default_task,
                                      main)
-from minialign.task.gold import gold_reward, is_refusal, judge, last_integer, summarize
+from minialign.task.gold import gold_reward, judge, last_integer, summarize
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TRAIN_FILES = ("sft_train.jsonl", "pref_train.jsonl", "rl_train.jsonl", "pretrain.jsonl")

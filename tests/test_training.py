@@ -133,7 +133,7 @@ def test_nonfinite_gradient_skips_the_update():
 
 @dataclasses.dataclass
 class OrderConfig:
-    micro_batch_size: int = 3
+    micro_batch: int = 3
     grad_accum: int = 1
     seed: int = 7
 
@@ -159,14 +159,14 @@ def test_global_batch_independent_of_world_size_and_accumulation():
 
 def test_epochs_are_different_permutations_and_order_is_deterministic():
     n = 12
-    cfg = OrderConfig(micro_batch_size=n)
+    cfg = OrderConfig(micro_batch=n)
     rt = runtime.Runtime(CPU, torch.float32)
     epoch0 = loop.micro_batch_indices(n, 0, 0, cfg, rt)
     epoch1 = loop.micro_batch_indices(n, 1, 0, cfg, rt)
     assert sorted(epoch0) == sorted(epoch1) == list(range(n))
     assert epoch0 != epoch1
     assert loop.micro_batch_indices(n, 0, 0, cfg, rt) == epoch0  # after epoch 1 evicted the cache
-    assert loop.micro_batch_indices(n, 0, 0, OrderConfig(micro_batch_size=n, seed=8), rt) != epoch0
+    assert loop.micro_batch_indices(n, 0, 0, OrderConfig(micro_batch=n, seed=8), rt) != epoch0
     # ranks of one micro-step get disjoint slices
     a = loop.micro_batch_indices(n, 0, 0, OrderConfig(), runtime.Runtime(CPU, torch.float32, rank=0, world_size=2))
     b = loop.micro_batch_indices(n, 0, 0, OrderConfig(), runtime.Runtime(CPU, torch.float32, rank=1, world_size=2))

@@ -23,7 +23,8 @@ import train_rm
 import train_sft
 from minialign.algorithms import losses as L
 from minialign.algorithms.packing import collate_pairs
-from minialign.algorithms.preference import DEFAULT_BETA, LENGTH_AVERAGED, LOSS_TYPES, unpair
+from minialign.algorithms.losses import DEFAULT_BETA
+from minialign.algorithms.preference import LENGTH_AVERAGED, LOSS_TYPES, unpair
 from minialign.algorithms.reward_funcs import parse_reward_funcs
 from minialign.algorithms.rollout import load_rl_prompts, sample_rollout, step_prompt_indices
 from minialign.data.batching import collate_lm, tokenize_preferences, tokenize_sft

@@ -26,6 +26,19 @@ def completion_mask(response_mask: torch.Tensor, finished: torch.Tensor, mask_tr
     return response_mask & finished[:, None] if mask_truncated else response_mask
 
 
+def default_loss_type(kl_in_reward: bool) -> str:
+    """train_grpo.py's --loss_type when unset: dr_grpo when a KL penalty is in the reward (β > 0), grpo otherwise.
+    The KL in the reward estimates the gradient of -β KL(π ‖ π_ref) only under a constant normalizer
+    (losses.kl_reward; tests/test_exact_gradients.py), so the docs' "unbiased" holds at the default."""
+    return "dr_grpo" if kl_in_reward else "grpo"
+
+
+def advantages_per_token(estimator: str, kl_in_reward: bool) -> bool:
+    """Whether step_advantages returns (R, N) per-token advantages (else (R,) one per response): reinforce_pp always;
+    grpo and remax with the KL in the reward (A_t a return-to-go); rloo never (its baseline holds the whole R_i)."""
+    return estimator == "reinforce_pp" or (kl_in_reward and estimator != "rloo")
+
+
 def count_units(batch, loss_type: str):
     """Counted units of a GRPO micro-batch: tokens for dapo, sequences with a counted token otherwise."""
     return batch["loss_mask"].sum() if loss_type == "dapo" else batch["loss_mask"].any(-1).sum()
@@ -39,20 +52,27 @@ def step_advantages(g: dict, b_kl: torch.Tensor | None, loss_mask: torch.Tensor,
     g: the step's per-response statistics over all ranks ("reward", and "greedy_reward" for remax);
     b_kl: this rank's (R, N) per-token k1 when the KL is in the reward (None otherwise);
     loss_mask: (R, N) bool, True = the token counts. Returns (R,) float32 one advantage per response, or
-    (R, N) per token when b_kl is given or for reinforce_pp. Sets g["advantage"] (all ranks; a per-token
-    advantage at the first token: the whole response's return) for the completions log.
+    (R, N) per token for reinforce_pp and, when b_kl is given, for grpo and remax (their baselined score on the
+    last token, -β k1_t per token, returns-to-go); rloo stays per response with the KL inside its baseline
+    (R_i = r_i - β Σ_t k1_it over the counted tokens, as Ahmadian et al. 2024). Sets g["advantage"] (all ranks;
+    a per-token advantage at the first token: the whole response's return) for the completions log.
     """
     R, N, G, est = loss_mask.shape[0], loss_mask.shape[1], group_size, estimator
-    per_token = b_kl is not None or est == "reinforce_pp"
+    per_token = advantages_per_token(est, b_kl is not None)
     if per_token:  # the step's per-token k1 and counted tokens over every rank: (R_all, N_max)
         mask = gather_token_rows(loss_mask, rt)
         kl = gather_token_rows(b_kl, rt) if b_kl is not None else torch.zeros(mask.shape, device=mask.device)
     beta = beta if b_kl is not None else 0.0  # no KL in the reward: nothing to subtract
-    if est == "reinforce_pp":
+    if est == "rloo":  # Ahmadian et al. 2024: R_i = r_i - β Σ_t k1_it, A_i = R_i - mean_{j≠i} R_j (a group sums to 0)
+        R_seq = g["reward"]
+        if b_kl is not None:
+            mask, kl = gather_token_rows(loss_mask, rt), gather_token_rows(b_kl, rt)
+            R_seq = R_seq - beta * kl.double().masked_fill(~mask, 0.0).sum(-1)  # the KL of the counted tokens
+        A = rloo_advantages(R_seq, G)
+    elif est == "reinforce_pp":
         A = reinforce_pp_advantages(g["reward"], kl, mask, beta)  # whiten(r - β Σ_{t'>=t} k1_t') over the batch
     else:
         A = {"grpo": lambda: group_advantages(g["reward"], G, scale_rewards),  # (r - mean_G) / std_G
-             "rloo": lambda: rloo_advantages(g["reward"], G),  # r_i - mean_{j≠i} r_j
              "remax": lambda: remax_advantages(g["reward"], g["greedy_reward"], G)}[est]()  # r_i - r(greedy)
         if b_kl is not None:  # the baselined score on the last token, -β k1_t on every token; A_t = return-to-go
             A = returns_to_go(kl_reward(A, kl, mask, beta), mask)

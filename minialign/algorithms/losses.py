@@ -37,6 +37,8 @@ Conventions
   count of this call (a plain mean). For gradient accumulation or DDP pass the count of the *whole
   optimizer step* (all micro-batches, all ranks): then the sum of the micro-batch losses has
   exactly the gradient of one big batch, instead of the biased mean of micro-batch means.
+  `normalizer=SUM` (= 1) asks for the plain sum, for a caller that divides by the global count
+  itself (minialign.training.loop.train_step does).
 
 What is simplified
 ------------------
@@ -79,6 +81,8 @@ References
 [KLG]    Where the KL enters and the bias of its gradient: TRL issue #4967 ("k1 in reward" is unbiased for
          the reverse KL, "k3 in loss" is not), OpenRLHF PR #1309 (k1's gradient vanishes in the loss,
          k3's descends the forward KL, k2's is the reverse-KL gradient on-policy); see policy_gradient_loss.
+         k1 in the reward is unbiased only with a constant normalizer (see kl_reward), and k2 / k3 in the
+         reward are not (see kl_penalty). tests/test_exact_gradients.py checks each claim by enumeration.
 Where an equation number is not given, the section named holds the formula.
 """
 
@@ -124,9 +128,11 @@ GROUP_SCALES = ("group", "batch", "none")
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "remax")
 LOSS_KL_KINDS = ("k1", "k2", "k3")  # the KL estimators offered for the loss term (see policy_gradient_loss)
+REWARD_KL_KINDS = ("k1",)  # the only estimator whose detached reward -β·k has the gradient of -β KL (kl_penalty)
 
 Number = Union[int, float]
 Normalizer = Union[None, int, float, torch.Tensor]  # global count for the optimizer step; None = this call's count
+SUM = 1  # normalizer=SUM: return the sum over the counted units, not a mean (see the module doc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +346,14 @@ def _check_label_smoothing(loss_type: str, label_smoothing: float, smoothed: Seq
 def _smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     # -(1-ε) log σ(z) - ε log σ(-z): cross-entropy against a label that is flipped with prob. ε
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+# β of each DPO-family loss when a script's --beta is not given. sigmoid: tuned on the default task (train_dpo.py's
+# docstring); robust and hinge share its scale (summed log-ratios); ipo: 1/(2β) = a 0.5-nat target margin of the
+# token-averaged log-ratios; simpo, cpo, orpo: their papers' values
+DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1}
+# the loss types whose --label_smoothing means something (cDPO, rDPO, and the smoothed sigmoid of SimPO and CPO)
+LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "cpo")
 
 
 def dpo_loss(
@@ -586,6 +600,10 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -
         "k3":  exp(-log_ratio) - 1 + log_ratio        unbiased, >= 0, low variance (GRPO Eq. 4)
         "abs": |log_ratio|                            biased, >= 0
     k3 is computed as expm1(d) - d with d = ref - logp, which is exact near 0 and never negative.
+    "Unbiased" is about the VALUE: E_π[k] = KL(π ‖ ref). The GRADIENT of an estimate used as a detached
+    per-token reward -β·k (PPO, the REINFORCE family) is E_π[k ∇log π], which for k1 is ∇KL(π ‖ ref) but for
+    k3 is ∇KL(π ‖ ref) - ∇KL(ref ‖ π) (E_π[(ref/π) ∇log π] = Σ ref ∇log π = -∇KL(ref ‖ π)), and for k2 neither;
+    so only k1 goes in a reward (REWARD_KL_KINDS). In the loss, see policy_gradient_loss.
     All four are 0 where logps == ref_logps. ref_logps is treated as constant (detached).
 
     Args:
@@ -706,7 +724,7 @@ def ppo_policy_loss(
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float = 0.2,
+    cliprange: float = 0.2,
     normalizer: Normalizer = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate policy loss, per token.
@@ -726,7 +744,7 @@ def ppo_policy_loss(
         old_logps: (B, T) log π_old(token) from the rollout, treated as constant (detached).
         advantages: (B, T) per-token advantages (e.g. whitened GAE), treated as constant.
         mask: (B, T) bool, True = response token that counts.
-        clip_eps: ε, clipping range of the ratio.
+        cliprange: ε, clipping range of the ratio.
         normalizer: optional global count of counted tokens of the optimizer step (see module doc).
 
     Returns:
@@ -743,7 +761,7 @@ def ppo_policy_loss(
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)  # r_t(θ) = π(a_t|s_t) / π_old(a_t|s_t)
     pg_losses = -advantages * ratio  # -r_t A_t
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)  # -clip(r_t, 1-ε, 1+ε) A_t
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)  # -clip(r_t, 1-ε, 1+ε) A_t
     pg = torch.max(pg_losses, pg_losses_clipped)  # Eq. 7: -min(r_t A_t, clip(r_t) A_t)
     loss = _divide(_masked_sum(pg, mask), normalizer, mask.sum())
 
@@ -760,7 +778,7 @@ def ppo_value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float = 0.2,
+    cliprange_value: float = 0.2,
     normalizer: Normalizer = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped value loss, per token (the L^VF term of PPO Eq. 9, with value clipping).
@@ -778,7 +796,7 @@ def ppo_value_loss(
         old_values: (B, T) V(s_t) at rollout time, treated as constant (detached).
         returns: (B, T) targets R_t (e.g. from gae), treated as constant (detached).
         mask: (B, T) bool, True = response token that counts.
-        clip_eps: ε, how far the value may move from old_values.
+        cliprange_value: ε, how far the value may move from old_values.
         normalizer: optional global count of counted tokens of the optimizer step (see module doc).
 
     Returns:
@@ -792,7 +810,7 @@ def ppo_value_loss(
     values, old_values, returns = values.to(dtype), old_values.to(dtype).detach(), returns.to(dtype).detach()
     values, old_values, returns = _zero_padding(mask, values, old_values, returns)
 
-    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # old + clip(v - old, -ε, ε)
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # old + clip(v - old, -ε, ε)
     vf_losses = (values - returns) ** 2  # (v - R)²
     vf_losses_clipped = (values_clipped - returns) ** 2  # (v_clipped - R)²
     loss = 0.5 * _divide(_masked_sum(torch.max(vf_losses, vf_losses_clipped), mask), normalizer, mask.sum())
@@ -866,10 +884,13 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         A_i = r_i - 1/(G-1) · Σ_{j≠i} r_j   ( = G/(G-1) · (r_i - mean(r)) )
     The baseline does not contain r_i, so it is independent of sample i and the estimate is unbiased
     (GRPO's mean contains r_i; its (1 - 1/G) shrinkage is what G/(G-1) undoes). No std scaling. A group
-    of equal rewards gets exactly 0 (as in group_advantages: no ±1-ulp leftovers).
+    of equal rewards gets exactly 0 (as in group_advantages: no ±1-ulp leftovers). With a KL penalty the paper
+    baselines the whole sequence reward: pass R_i = r_i - β Σ_t k1_it (k1 = log π_old/π_ref per token), so the
+    KL enters the baseline too and a group's advantages sum to 0 (advantages.step_advantages does).
 
     Args:
-        rewards: (N·G,) one scalar reward per completion, the G completions of a prompt contiguous.
+        rewards: (N·G,) one scalar reward per completion, the G completions of a prompt contiguous
+            (with the KL in the reward: the KL-penalised R_i).
         group_size: G >= 2.
 
     Returns:
@@ -917,8 +938,13 @@ def kl_reward(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: 
     Formula (the RLHF reward of Ouyang et al. 2022 / Ziegler et al. 2019, per token as in PPO and [RPP]):
         r_t = -β · kl_t + [t = last counted token] · score,     so   Σ_t r_t = score - β Σ_t kl_t
     With kl_t = k1 = log π_old(y_t) - log π_ref(y_t) the sum is score - β · (an unbiased estimate of
-    KL(π ‖ π_ref) of the sequence), and the policy gradient of that reward is the unbiased gradient of
-    E[score] - β KL(π ‖ π_ref) (TRL #4967). Everything here is a constant for the loss (detached).
+    KL(π ‖ π_ref) of the sequence), and the policy gradient of that reward, Σ_t A_t ∇log π(y_t) with A_t its
+    return-to-go, is an unbiased estimate of ∇(E[score] - β KL(π ‖ π_ref)) (TRL #4967) ON CONDITION that the
+    loss sums each response's tokens with a CONSTANT normalizer (policy_gradient_loss's "dr_grpo": 1/(G·L)) and
+    counts every response. The per-response 1/|o_i| of "grpo" (and "dapo"'s 1/Σ_i |o_i|, a random count) weights
+    each response's KL by its inverse length, and the expectation is then not a multiple of ∇KL(π ‖ π_ref);
+    a truncated response dropped from the loss drops its KL too. With a k2 or k3 kl_t no normalizer helps
+    (kl_penalty). Everything here is a constant for the loss (detached).
     A row with no counted token gets nothing (its score is dropped).
 
     Args:
@@ -989,11 +1015,11 @@ def policy_gradient_loss(
     ref_logps: Optional[torch.Tensor],
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
     beta: float = 0.04,
     loss_type: str = "grpo",
-    max_completion_length: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
     normalizer: Normalizer = None,
     kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict]:
@@ -1013,9 +1039,12 @@ def policy_gradient_loss(
     Reduction (n_seq = rows with at least one counted token; fully masked rows contribute nothing):
         "grpo":    mean over each sequence's tokens, then Σ over sequences / (normalizer or n_seq)
         "dapo":    Σ over all counted tokens / (normalizer or mask.sum())            (DAPO)
-        "dr_grpo": Σ over all counted tokens / (normalizer or n_seq · max_completion_length) (Dr. GRPO)
+        "dr_grpo": Σ over all counted tokens / (normalizer or n_seq · max_new_tokens) (Dr. GRPO)
+    Only "dr_grpo" has a constant weight per token, so only it makes E[∇loss] a multiple of the policy gradient
+    of the reward the advantages estimate (the KL in the reward included: kl_reward); "grpo" weights a
+    response's tokens by 1/|o_i|, "dapo" by 1 over the step's random token count.
     For gradient accumulation / DDP pass normalizer = the global count for the optimizer step:
-    sequences for "grpo", counted tokens for "dapo", sequences × max_completion_length for "dr_grpo".
+    sequences for "grpo", counted tokens for "dapo", sequences × max_new_tokens for "dr_grpo".
 
     Metrics (detached, means over this call's counted tokens):
         "clip_ratio/low_mean":    ratio < 1 - ε_low and A < 0 (clipped from below)
@@ -1030,11 +1059,11 @@ def policy_gradient_loss(
         ref_logps: (B, T) log π_ref, treated as constant; may be None when beta == 0 (never read then).
         advantages: (B, T) per-token advantages (e.g. reinforce_pp_advantages), treated as constant.
         mask: (B, T) bool, True = completion token that counts.
-        clip_eps_low: ε_low, lower clip range of the ratio.
-        clip_eps_high: ε_high, upper clip range (DAPO uses 0.28).
+        epsilon_low: ε_low, lower clip range of the ratio.
+        epsilon_high: ε_high, upper clip range (DAPO uses 0.28).
         beta: β, weight of the KL penalty in the loss; 0 disables it (DAPO, Dr. GRPO, KL in the reward).
         loss_type: "grpo", "dapo" or "dr_grpo".
-        max_completion_length: L, the generation budget; required for "dr_grpo" without normalizer.
+        max_new_tokens: L, the generation budget; required for "dr_grpo" without normalizer.
         normalizer: optional global count for the optimizer step (see above).
         kl_estimator: "k1", "k2" or "k3" (GRPO's).
 
@@ -1052,15 +1081,15 @@ def policy_gradient_loss(
         if ref_logps is None:
             raise ValueError("ref_logps is required when beta != 0 (pass beta=0.0 to train without a reference)")
         _check("ref_logps", ref_logps, (B, T))
-    if loss_type == "dr_grpo" and normalizer is None and max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' needs max_completion_length (or an explicit normalizer)")
+    if loss_type == "dr_grpo" and normalizer is None and max_new_tokens is None:
+        raise ValueError("loss_type='dr_grpo' needs max_new_tokens (or an explicit normalizer)")
     dtype = _dtype(logps, old_logps, advantages, ref_logps if beta != 0 else None)
     logps, old_logps, A = _zero_padding(mask, logps.to(dtype), old_logps.to(dtype).detach(),
                                         advantages.to(dtype).detach())
 
     ratio = torch.exp(logps - old_logps)  # r_{i,t} = π / π_old
     surrogate = ratio * A  # r · A
-    surrogate_clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A  # clip(r, 1-ε_low, 1+ε_high) · A
+    surrogate_clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A  # clip(r, 1-ε_low, 1+ε_high) · A
     per_token = -torch.min(surrogate, surrogate_clipped)  # Eq. 3: -min(r A, clip(r) A)
     if beta != 0:
         (ref_logps,) = _zero_padding(mask, ref_logps.to(dtype))
@@ -1075,11 +1104,11 @@ def policy_gradient_loss(
     elif loss_type == "dapo":
         loss = _divide(_masked_sum(per_token, mask), normalizer, mask.sum())  # 1/Σ|o_i| Σ_i Σ_t
     else:  # "dr_grpo": a constant denominator, so no length bias (the checks above ensure one exists)
-        default = n_seq * max_completion_length if normalizer is None else None
+        default = n_seq * max_new_tokens if normalizer is None else None
         loss = _divide(_masked_sum(per_token, mask), normalizer, default)  # 1/(G·L) Σ_i Σ_t
 
-    is_low = (ratio < 1 - clip_eps_low) & (A < 0)
-    is_high = (ratio > 1 + clip_eps_high) & (A > 0)
+    is_low = (ratio < 1 - epsilon_low) & (A < 0)
+    is_high = (ratio > 1 + epsilon_high) & (A > 0)
     metrics = {
         "clip_ratio/low_mean": _masked_mean(is_low.to(dtype), mask).detach(),
         "clip_ratio/high_mean": _masked_mean(is_high.to(dtype), mask).detach(),
@@ -1096,11 +1125,11 @@ def grpo_loss(
     ref_logps: Optional[torch.Tensor],
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
     beta: float = 0.04,
     loss_type: str = "grpo",
-    max_completion_length: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
     normalizer: Normalizer = None,
     kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict]:
@@ -1120,7 +1149,7 @@ def grpo_loss(
         ref_logps: (B, T) log π_ref, treated as constant; may be None when beta == 0 (never read then).
         advantages: (B,) one advantage per completion (e.g. from group_advantages), treated as constant.
         mask: (B, T) bool, True = completion token that counts.
-        clip_eps_low, clip_eps_high, beta, loss_type, max_completion_length, normalizer, kl_estimator:
+        epsilon_low, epsilon_high, beta, loss_type, max_new_tokens, normalizer, kl_estimator:
             as in policy_gradient_loss.
 
     Returns:
@@ -1129,5 +1158,5 @@ def grpo_loss(
     _check("logps", logps, (None, None))
     B, T = logps.shape
     _check("advantages", advantages, (B,))
-    return policy_gradient_loss(logps, old_logps, ref_logps, advantages[:, None].expand(B, T), mask, clip_eps_low,
-                                clip_eps_high, beta, loss_type, max_completion_length, normalizer, kl_estimator)
+    return policy_gradient_loss(logps, old_logps, ref_logps, advantages[:, None].expand(B, T), mask, epsilon_low,
+                                epsilon_high, beta, loss_type, max_new_tokens, normalizer, kl_estimator)

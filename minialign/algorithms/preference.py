@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from minialign.algorithms.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, sequence_logps, simpo_loss
-from minialign.algorithms.packing import pack, response_logps
+from minialign.algorithms.packing import length_sorted_chunks, pack, response_logps
 from minialign.data.batching import tokenize_preferences
 from minialign.data.formats import PreferencePair, UnpairedRecord
+from minialign.training import runtime
 
 
 @dataclass
@@ -57,9 +59,6 @@ def pair_logps(model, batch: dict) -> PairLogps:
 LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "cpo", "orpo")  # train_dpo.py's --loss_type
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # these use mean token log-probs, the others sums
-# β where --beta is 0. sigmoid: tuned on the default task (see train_dpo.py's docstring); robust and hinge share its
-# scale (summed log-ratios), so its value; ipo: 1/(2β) = 0.5 nat per token target; simpo, cpo, orpo: their papers
-DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1}
 
 
 def used_logps(pl: PairLogps, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,3 +132,21 @@ def unpair(pairs: list[dict]) -> list[dict]:
 def kl_partner(i: int, n: int) -> int:
     """Example whose completion is paired with example i's prompt for KTO's KL estimate (TRL's +1 offset)."""
     return (i + 1) % n
+
+
+@torch.no_grad()
+def reference_table(lengths: list[int], micro_batch: int, columns: int, rows_fn, rt, desc: str) -> torch.Tensor:
+    """A frozen reference's per-example numbers, computed once before training (--precompute_ref): (n, columns)
+    float32, row i = rows_fn(idx)[idx.index(i)].
+
+    rows_fn(idx) -> (len(idx), columns) for a list of example indices (e.g. DPO: the chosen and rejected
+    log-probs of those pairs; KTO: an example's and its KL row's). Each rank computes every world_size-th
+    example in length-sorted chunks of `micro_batch`; the table is then summed across ranks, every row
+    having been filled by exactly one rank.
+    """
+    table = torch.zeros(len(lengths), columns, device=rt.device)
+    mine = list(range(rt.rank, len(lengths), rt.world_size))
+    for idx in tqdm(length_sorted_chunks(lengths, micro_batch, mine), desc=desc, disable=not rt.is_main):
+        with rt.autocast():
+            table[idx] = rows_fn(idx).float()
+    return runtime.all_reduce_tensor_(table, rt)

@@ -55,7 +55,7 @@ def step_prompt_indices(n_prompts: int, step: int, prompts_per_step: int, seed: 
     [r * share, (r + 1) * share) of the step, share = prompts_per_step / world_size)."""
     if prompts_per_step % rt.world_size:
         raise ValueError(f"prompts_per_step={prompts_per_step} must be divisible by the {rt.world_size} ranks")
-    order = SimpleNamespace(micro_batch_size=prompts_per_step // rt.world_size, grad_accum=1, seed=seed,
+    order = SimpleNamespace(micro_batch=prompts_per_step // rt.world_size, grad_accum=1, seed=seed,
                             group_by_length=False)
     return loop.step_batches(n_prompts, step, order, rt)[0]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from minialign.data import chatml
 from minialign.data.formats import PreferencePair, PromptRecord
 from minialign.data.tokenizer import Tokenizer
 
@@ -84,8 +85,10 @@ def tokenize_preferences(pairs: list[PreferencePair], tok: Tokenizer, max_len: i
 
 
 def _response_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """Assistant turn(s) as they appear after render_prompt's assistant header."""
-    ids, _ = tok.render_chat(messages)
+    """Assistant turn(s) as they appear after render_prompt's assistant header, encoded apart from the prompt (as
+    a sampled response is, and as TRL does): chatml.render_chat's pieces, also for a Hugging Face tokenizer, whose
+    own render_chat encodes header and content in one span (see minialign.data.hf_tokenizer)."""
+    ids, _ = chatml.render_chat(tok, messages)
     # render_chat starts with the assistant header, which render_prompt already ends with: drop it,
     # and drop the trailing newline after the final <|im_end|> (generation stops at <|im_end|>).
     header = len(tok._role_header[messages[0]["role"]])
@@ -95,6 +98,7 @@ def _response_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
 def tokenize_prompts(records: list[PromptRecord], tok: Tokenizer, max_prompt_len: int, stats: dict | None = None):
     """-> list of dicts {prompt_ids, prompt_text, **fields}; over-long prompts dropped and counted."""
     out = []
+    _bump(stats, "dropped_prompt_too_long", 0)  # in the log even when 0
     for rec in records:
         ids = tok.render_prompt(rec.prompt)
         if len(ids) > max_prompt_len:

@@ -997,7 +997,7 @@ def parse_gold_answer(answer) -> str | None:
     a plain number: a JSON int or float (72, 51.0), or a string that starts with one and has no
     other digit ("51.0", "1,234", "$5", "9 (apples)", "12 cm"). Plain answers are normalized
     (no thousands separators, no trailing zeros, no exponent: "51.0" -> "51", 1e3 -> "1000"),
-    which minialign.rewards.gsm8k_reward compares numerically. Ambiguous strings ("3 or 4",
+    which minialign.algorithms.reward_funcs.gsm8k_reward compares numerically. Ambiguous strings ("3 or 4",
     "1/2", "x = 5") give None rather than a guess."""
     if isinstance(answer, bool):
         return None

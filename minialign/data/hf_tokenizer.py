@@ -13,18 +13,28 @@ Qwen, created by Alibaba Cloud. ...", SmolLM2: "You are a helpful AI assistant n
 This is VERIFIED at load time, not assumed: the template is rendered with jinja2 (the way transformers'
 apply_chat_template does) on probe conversations, and both the text and the token ids (the rendered
 text encoded whole, as transformers does) must equal ours, else the folder is refused with an error
-naming tokenizer_config.json's chat_template. Templates that do more (Qwen3's <think> handling, Llama
+naming tokenizer_config.json's chat_template; on ordinary text the header and the content must not
+merge either (a reply encoded after its prompt must equal the whole encoding), else it is refused. Templates that do more (Qwen3's <think> handling, Llama
 3 headers, tool calls) are refused rather than half supported.
 
 How ids are made, and where they can differ from apply_chat_template(tokenize=True):
-  - ids are built per piece: [<|im_start|>] + encode(role + "\\n") + encode(content) + [<|im_end|>] +
-    encode("\\n"), so render_prompt(messages) is always a prefix of render_chat(messages + reply) and
-    training and generation see the same tokens. apply_chat_template encodes the whole text at once;
-    the two agree whenever the tokenizer does not merge across the "role\\n" / content boundary, which
-    the load-time check verifies on ordinary text. They can differ for content that STARTS with a
-    newline (a byte-level BPE pre-tokenizer may join it with the header's "\\n" into one "\\n\\n" token).
+  - render_chat encodes the rendered conversation the way transformers does: the text between two
+    structural special tokens is encoded in one piece, [<|im_start|>] + encode(role + "\\n" + content) +
+    [<|im_end|>] + encode("\\n") per message (transformers splits the rendered text at the special tokens
+    first and encodes each span alone, so this IS its whole-text encoding). The loss mask comes from the
+    character offsets of that encoding: a token is an assistant token when it holds a character of the
+    content (so a token a byte-level pre-tokenizer joins from the header's "\\n" and a content that starts
+    with a newline, Qwen2.5's "\\n\\n", is trained, as transformers' return_assistant_tokens_mask does).
+  - render_prompt = the messages + [<|im_start|>] + encode("assistant\\n"): apply_chat_template's
+    generation prompt. A response appended to it (DPO, the RM, RL sampling; minialign.data.batching) is
+    encode(content) + [<|im_end|>], encoded apart from the prompt as TRL does. So render_prompt(messages)
+    is a prefix of render_chat(messages + reply) except when the reply STARTS with whitespace the
+    pre-tokenizer joins with the header's "\\n": then the SFT ids (apply_chat_template's) and the ids a
+    sampled reply would have differ in that one token, as they do in transformers.
   - special-token strings typed inside content (a user writing "<|im_end|>") stay plain text here,
     as in our sentencepiece tokenizer; transformers would parse them into the special token.
+  - padding and truncation saved in tokenizer.json (transformers re-saves can write `"padding":
+    {"strategy": {"Fixed": 256}}`) are switched off on load: transformers ignores them too.
   - the default system message is injected before a conversation that starts with a user turn. A list
     that starts with an assistant turn is a continuation (data.py renders responses that way) and is
     rendered without it; HF's templates would inject it there too.
@@ -132,6 +142,9 @@ class HFTokenizer:
             raise FileNotFoundError(f"{folder} has no tokenizer.json")
         self.path = str(folder)
         self.tk = _Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tk.no_padding()  # a saved "padding" / "truncation" would pad every encode (transformers ignores them)
+        self.tk.no_truncation()
+        self.tk.post_processor = None  # we never add special tokens; it would only trim offsets (render_chat's mask)
         self.tk.encode_special_tokens = True  # special-token strings in text stay text (see the module docstring)
         tcfg_path = folder / "tokenizer_config.json"
         tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
@@ -181,8 +194,16 @@ class HFTokenizer:
             whole = self.tk.encode(text, add_special_tokens=False).ids
             self.tk.encode_special_tokens = True
             if ids != whole:
+                raise ValueError(f"{folder}/tokenizer.json encodes the rendered ChatML text differently from one "
+                                 "span per special token (for example a special token with lstrip/rstrip): our ids "
+                                 "would differ from apply_chat_template")
+            injected = ([{"role": "system", "content": self.default_system}] if self.default_system is not None
+                        and messages[0]["role"] == "user" else []) + list(messages)
+            pieces = chatml.render_chat(self, injected)[0] + (self._role_header["assistant"] if gen else [])
+            if pieces != whole:  # header, content and reply encoded apart (minialign.data.batching's responses)
                 raise ValueError(f"{folder}/tokenizer.json merges text across ChatML boundaries (for example a "
-                                 "prepended dummy prefix): per-piece ids would differ from apply_chat_template")
+                                 "prepended dummy prefix): a response encoded after its prompt (DPO, the reward "
+                                 "model, RL) would differ from apply_chat_template")
 
     @property
     def vocab_size(self) -> int:
@@ -196,11 +217,24 @@ class HFTokenizer:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def render_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
-        """A conversation -> (ids, loss_mask): our ChatML rendering (minialign.data.tokenizer.Tokenizer.render_chat)
-        with this vocabulary, after the template's default system message when it injects one."""
+        """A conversation -> (ids, loss_mask): the ChatML layout of minialign.data.chatml, after the template's
+        default system message when it injects one, with each "role\\n" + content span encoded in one piece as
+        apply_chat_template does; loss_mask True on the tokens holding an assistant content's characters and
+        on its <|im_end|> (see the module docstring)."""
         if self.default_system is not None and messages and messages[0]["role"] == "user":
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
-        return chatml.render_chat(self, messages)
+        ids, mask = [], []
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+            head = role + "\n"
+            span = self.tk.encode(head + content, add_special_tokens=False)  # the span between two special tokens
+            trained = role == "assistant"
+            in_content = [end > len(head) for _, end in span.offsets]  # holds a character of the content
+            ids += [self.im_start_id] + span.ids + [self.im_end_id] + self._newline
+            mask += [False] + [trained and c for c in in_content] + [trained] + [False] * len(self._newline)
+        return ids, mask
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """Messages (ending with a user turn) + the assistant header: what generation starts from."""

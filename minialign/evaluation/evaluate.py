@@ -42,7 +42,7 @@ from minialign.algorithms.rollout import (Rollout, greedy_rollout, micro_batch_r
 from minialign.data.batching import tokenize_prompts
 from minialign.data.formats import load_prompts
 from minialign.data.tokenizer import Tokenizer, load_tokenizer
-from minialign.errors import run_cli
+from minialign.errors import UserError, run_cli
 from minialign.task import gold
 from minialign.training.checkpoint import load_model
 
@@ -211,6 +211,12 @@ def load_eval_prompts(path: str, tok: Tokenizer, n: int, max_new_tokens: int, ma
     if budget < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={max_seq_len}")
     records = load_prompts(path)
+    lacking = [r for r in records if r.fields.get("kind") not in gold.KINDS]
+    if lacking:  # refused now, not after training: the gold rule reads each prompt's kind (and answer)
+        where = f"{path}:{lacking[0].line}" if lacking[0].line else str(path)
+        raise UserError(f"{where}: {len(lacking)} of {len(records)} prompts have no 'kind' ({', '.join(gold.KINDS)}), "
+                        "which the default task's gold rule needs to judge them (and 'answer' for arith); these "
+                        "held-out prompts are the default task's (data/rl_eval.jsonl): with other data pass --eval_data ''")
     prompts = tokenize_prompts(records, tok, budget, stats)
     if not prompts:
         raise ValueError(f"none of the {len(records)} prompts in {path} fits in max_seq_len - max_new_tokens = "

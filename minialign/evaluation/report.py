@@ -15,7 +15,8 @@ Plots (out/plots/):
   gold_vs_kl.png        gold score against KL(policy || SFT) as DPO, PPO and GRPO train: what each
                         method buys per nat of drift from the SFT model; with out/best_of_n/points.json
                         (python -m minialign.evaluation.best_of_n) also best-of-N at N = 1, 2, 4, ... against its
-                        analytic KL, log N - (N - 1) / N
+                        KL: exact for a judge with ties (the gold rule), log N - (N - 1) / N only where the
+                        judge's scores of a prompt's samples are distinct (best_of_n.best_of_n_kl_per_prompt)
 
 The optional stages (train_online_dpo.py as online_dpo and, with --rounds, iterative_dpo) get their rows,
 curves and gold-vs-KL points like the others, and a table of gold score and KL after each round.
@@ -154,17 +155,30 @@ def gold_vs_kl_points(out: Path, stage: str) -> list[tuple[float, float]]:
     return pts
 
 
+def has_exact_kl(res: dict | None) -> bool:
+    """Whether a best-of-N points.json (its dict) has minialign.evaluation.best_of_n's KL ("kl"); an older one has
+    only log N - (N - 1) / N, which overstates a judge with ties: the stages that read it redo or leave it out."""
+    return bool(res and res.get("points") and "kl" in res["points"][0])
+
+
 def best_of_n_table(out: Path) -> str:
     """out/best_of_n/points.json as a Markdown section ('' when absent)."""
     res = read_json(out / "best_of_n" / "points.json")
     if not res:
         return ""
-    rows = [f"| {p['n']} | {p['gold_score']:.3f} | {p['judge_score']:.3f} | {p['kl_analytic']:.3f} |"
+    if not has_exact_kl(res):
+        return ("## Best-of-N\n\nout/best_of_n/points.json predates the exact KL (it has only log N - (N - 1) / N, "
+                "which overstates the KL of a judge with ties): rerun python -m minialign.evaluation.best_of_n.\n")
+    rows = [f"| {p['n']} | {p['gold_score']:.3f} | {p['judge_score']:.3f} | {p['kl']:.3f} | {p['kl_analytic']:.3f} |"
             for p in res["points"]]
     return (f"## Best-of-N\n\nN samples per prompt from {res['ckpt']} (T=1), the one {res['judge']} scores highest "
-            f"kept; gold score of the kept response on {res['n_prompts']} prompts of {res['data']}; "
-            "KL(best-of-N || policy) = log N - (N - 1) / N, analytic.\n\n"
-            + "\n".join(["| N | gold (kept) | judge score (kept) | KL (analytic) |", "|---|---|---|---|", *rows])
+            f"kept; gold score of the kept response on {res['n_prompts']} prompts of {res['data']}. "
+            "KL(best-of-N || policy): per prompt, log N - (N - 1) / N where the judge's scores of its samples are "
+            "all distinct, else the exact KL of best-of-N on their empirical distribution, Σ_v q_v log(q_v / p_v) "
+            "with q_v = F(v)^N - F(v-)^N (minialign.evaluation.best_of_n); mean over prompts. "
+            f"{res['points'][-1]['prompts_with_ties']:.0%} of the prompts have tied scores.\n\n"
+            + "\n".join(["| N | gold (kept) | judge score (kept) | KL | log N - (N-1)/N (distinct scores) |",
+                          "|---|---|---|---|---|", *rows])
             + "\n")
 
 
@@ -250,6 +264,8 @@ def write_plots(out: Path) -> list[str]:
     curves = {s: gold_vs_kl_points(out, s) for s in ("dpo", "ppo", "grpo", *OPTIONAL_STAGES)}
     curves = {s: p for s, p in curves.items() if p}
     best_of_n = read_json(out / "best_of_n" / "points.json")
+    if best_of_n and not has_exact_kl(best_of_n):  # an old points.json: its KL overstates ties (the table says so)
+        best_of_n = None
     if curves or best_of_n:
         fig, ax = plt.subplots(figsize=(6, 4))
         sft_gold = evals["sft"]["sampled/gold_score"] if "sft" in evals else None
@@ -260,8 +276,8 @@ def write_plots(out: Path) -> list[str]:
                 pts = [(0.0, sft_gold), *pts]
             ax.plot(*zip(*pts), "o-", color=COLORS[stage], label=stage, markersize=4)
             ax.plot(*pts[-1], "*", color=COLORS[stage], markersize=14)
-        if best_of_n:  # no training: N samples, the judge's favourite kept; KL analytic
-            pts = [(p["kl_analytic"], p["gold_score"]) for p in best_of_n["points"]]
+        if best_of_n:  # no training: N samples, the judge's favourite kept; KL exact for a judge with ties
+            pts = [(p["kl"], p["gold_score"]) for p in best_of_n["points"]]
             ax.plot(*zip(*pts), "D--", color=COLORS["best_of_n"], markersize=4,
                     label=f"best-of-N by {best_of_n['judge']}, N={best_of_n['points'][0]['n']}.."
                           f"{best_of_n['points'][-1]['n']}")

@@ -4,6 +4,9 @@ A stage is a command a user could type (a training script, a `python -m` module)
 in a subprocess, so each stage is exactly the script you can read. The runner
   - prints the command before it runs (`[name] $ python train_dpo.py ...`),
   - skips a stage whose `done()` says its output exists (unless --force), printing where it is,
+  - tells a training script what to do with a run already in its --out_dir (`continue_flags`: --resume an unfinished
+    checkpoint, --overwrite with --force or leftovers without a checkpoint), since the scripts refuse such a folder
+    otherwise (minialign.training.checkpoint.check_out_dir),
   - records each stage's wall time in OUT/timings.json (the report's "wall s" column),
   - runs stages that do not need each other at once when asked (`jobs` > 1; the main job does on a CPU machine):
     each concurrent stage writes OUT/logs/<stage>.log and gets cores // (stages running) OpenMP threads unless
@@ -45,18 +48,21 @@ def show(cmd) -> str:
     return " ".join(shlex.quote(str(c)) for c in cmd)
 
 
-def run_state(run_dir: Path) -> dict | None:
-    """{"step", "finished"} of the run in run_dir (its ckpt.pt, loaded safely), or None when there is none."""
-    path = Path(run_dir) / "ckpt.pt"
-    if not path.exists():
-        return None
-    ckpt = checkpoint.load(path)
-    return {"step": int(ckpt["step"]), "finished": bool(ckpt.get("finished"))}
-
-
 def run_finished(run_dir: Path) -> bool:
-    state = run_state(run_dir)
+    state = checkpoint.run_state(run_dir)
     return bool(state and state["finished"])
+
+
+def continue_flags(run_dir: Path, force: bool = False) -> list[str]:
+    """What a driver passes a training script about the run already in run_dir, which it must name (the scripts
+    refuse a folder holding a run otherwise): nothing for an empty folder; --overwrite to redo it (force) or when it
+    holds leftovers and no checkpoint; --resume to continue an unfinished checkpoint. (A finished run is skipped.)"""
+    state = checkpoint.run_state(run_dir)
+    if state is None:
+        return []
+    if state["checkpoint"] and not state["finished"] and not force:
+        return ["--resume"]
+    return ["--overwrite"]
 
 
 def add_time(out: Path, key: str, seconds: float) -> None:

@@ -18,7 +18,7 @@ What this gives the stages (the scripts call it through `--lora_r`, `--lora_alph
   * a checkpoint of a LoRA run holds the adapters (and trainable heads) only, with the path and a hash of
     its base's frozen weights (`model.lora_meta`); loading it checks the hash and merges;
     `python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged` writes the full checkpoint
-    (minialign.models.hf_weights export takes that one);
+    (python -m minialign.training.hf_export takes that one, or merges a LoRA run on the fly);
   * PPO and GRPO sample with the adapters merged into temporary weights (`merged_for_sampling`), so the
     sampler's fast path applies.
 

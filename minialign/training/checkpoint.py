@@ -13,6 +13,10 @@ base's frozen weights. `load_model` rebuilds such a checkpoint as a plain model,
 the base after checking the hash, so every consumer (--init_from of the next stage, minialign.evaluation.evaluate,
 the reward model CLI) reads it like a full one; `write_merged` (python -m minialign.training.checkpoint merge) saves that
 as a full checkpoint.
+
+A folder that holds a run is never silently replaced: `check_out_dir`, called by every training script before it
+writes anything, refuses an --out_dir with a ckpt.pt or a metrics.jsonl unless --resume (continue it) or
+--overwrite (replace it) says what to do with it; `run_state` is what it reads, and what the stage runner reads.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minialign.errors import run_cli
+from minialign.errors import UserError, run_cli
 from minialign.models import lora
 from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, model_config
 from minialign.training.runtime import Runtime, all_gather_object, unwrap
@@ -114,12 +119,75 @@ def save(out_dir, *, model, optimizer, scaler, step: int, cfg, tokenizer_path: s
         "step": step,
         "rng": rngs,  # one entry per rank
         "config": dataclasses.asdict(cfg),
+        "script": script_of(cfg),
         "finished": finished,
         **(extra or {}),
     }
     atomic_save(state, out / "ckpt.pt")
     write_json(dataclasses.asdict(cfg), out / "config.json")
     copy_tokenizer(tokenizer_path, out)
+
+
+def script_of(cfg) -> str:
+    """The file name of the script whose Config `cfg` is (train_sft.py), for the checkpoint to say who wrote it."""
+    path = getattr(sys.modules.get(type(cfg).__module__), "__file__", None)
+    return Path(path).name if path else type(cfg).__module__
+
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "eval.json", "completions.jsonl")  # what a run leaves
+
+
+def run_state(run_dir) -> dict | None:
+    """What the run in run_dir is, or None when it holds none (no ckpt.pt and no metrics.jsonl):
+        {"script": "train_sft.py" or None, "step": int, "max_steps": int or None, "finished": bool,
+         "checkpoint": bool (ckpt.pt exists), "files": [the RUN_FILES present]}
+    Read from ckpt.pt (memory-mapped: the weights are not read) or, without one, from metrics.jsonl's last step."""
+    run_dir = Path(run_dir)
+    files = [f for f in RUN_FILES if (run_dir / f).is_file()]
+    if "ckpt.pt" in files:
+        ckpt = load(run_dir, mmap=True)
+        return {"script": ckpt.get("script"), "step": int(ckpt["step"]),
+                "max_steps": (ckpt.get("config") or {}).get("max_steps"), "finished": bool(ckpt.get("finished")),
+                "checkpoint": True, "files": files}
+    if "metrics.jsonl" in files:
+        steps = []
+        for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+            try:
+                steps.append(int(json.loads(line).get("step", 0)))
+            except (ValueError, AttributeError, TypeError):  # a last line cut short by a kill
+                pass
+        return {"script": None, "step": max(steps, default=0), "max_steps": None, "finished": False,
+                "checkpoint": False, "files": files}
+    return None
+
+
+def describe_run(state: dict) -> str:
+    """run_state as a phrase: 'train_sft.py, step 600 of 600, finished; ckpt.pt, metrics.jsonl, eval.json'."""
+    if not state["checkpoint"]:
+        return (f"metrics.jsonl logged up to step {state['step']} and no checkpoint (a run stopped before its first "
+                f"save); {', '.join(state['files'])}")
+    of = f" of {state['max_steps']}" if state["max_steps"] else ""
+    return (f"{state['script'] or 'a run'}, step {state['step']}{of}, {'finished' if state['finished'] else 'not finished'}"
+            f"; {', '.join(state['files'])}")
+
+
+def check_out_dir(cfg) -> None:
+    """The rule for an --out_dir that already holds a run (a ckpt.pt or a metrics.jsonl): refused, naming the folder
+    and what it holds, unless --resume (continue it from its ckpt.pt) or --overwrite (start a new run there; the old
+    files are replaced as the new run writes its own: metrics.jsonl at once, ckpt.pt at the first checkpoint).
+
+    Every training script calls it right after parsing its flags, on every rank, before anything is written; it only
+    reads. (Under torchrun rank 0 writes no run file before the DDP wrap, a collective every rank reaches after its
+    own check, so no rank sees rank 0's new files. --resume with --overwrite is refused when the flags are parsed:
+    minialign.training.config.)"""
+    state = run_state(cfg.out_dir)
+    if cfg.resume and not (state and state["checkpoint"]):
+        held = f" ({describe_run(state)})" if state else ""
+        raise UserError(f"--resume: --out_dir {cfg.out_dir} holds no checkpoint (ckpt.pt) to continue{held}; "
+                        "without --resume a new run starts there")
+    if state and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"--out_dir {cfg.out_dir} already holds a run ({describe_run(state)}): pass --resume to "
+                        "continue it, --overwrite to replace it, or another --out_dir")
 
 
 def copy_tokenizer(tokenizer_path: str | None, out: Path):
@@ -133,13 +201,14 @@ def copy_tokenizer(tokenizer_path: str | None, out: Path):
         os.replace(tmp, out / "tokenizer.model")
 
 
-def load(path_or_dir, map_location="cpu") -> dict:
+def load(path_or_dir, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint (the folder's ckpt.pt, or the file); mmap=True maps the tensors instead of reading them."""
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
 
 
 def load_model(path_or_dir, kind: str = "causal", map_location="cpu", max_seq_len: int | None = None):
@@ -295,9 +364,8 @@ def new_model(cfg, vocab_size: int, kind: str = "causal"):
 
 def main(argv=None):
     """python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged: a LoRA run -> a full checkpoint."""
-    from minialign.training.loop import checkpoint  # checkpoint imports this module
-
-    ap = argparse.ArgumentParser(prog="python -m minialign.models.lora", description="LoRA checkpoints (minialign.models.lora).")
+    ap = argparse.ArgumentParser(prog="python -m minialign.training.checkpoint",
+                                 description="Checkpoint folders: merge a LoRA run into a full checkpoint.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base: a full checkpoint folder "
                                       "(any stage's --init_from, python -m minialign.training.hf_export --ckpt)")
@@ -305,9 +373,9 @@ def main(argv=None):
     mg.add_argument("--out", required=True, help="output folder: ckpt.pt (merged weights), config.json, tokenizer")
     args = ap.parse_args(argv)
     try:
-        out = checkpoint.write_merged(args.ckpt, args.out)
+        out = write_merged(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"minialign.models.lora merge: error: {e}")
+        raise UserError(str(e)) from e
     print(f"merged {args.ckpt} -> {out}")
 
 

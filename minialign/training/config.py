@@ -3,8 +3,10 @@
 A script's Config is a dataclass of knobs: every field has a default, a one-line help and optionally a
 check, and becomes a `--flag`. A script inherits only the groups of knobs it reads:
 
-    TrainConfig      every training script: output, seed, device/precision, the LR schedule, batch size,
-                     clipping, logging, checkpoints, resume
+    TrainConfig      every training script: output (and what to do with a run already there: --resume or
+                     --overwrite), seed, device/precision, the LR schedule, clipping, logging, checkpoints
+    SequenceBatch    --micro_batch_size in sequences (pretrain, SFT, KTO, PPO, GRPO)
+    PairBatch        --micro_batch_pairs in preference pairs (RM, DPO, online DPO)
     OfflineConfig    scripts over a fixed dataset (pretrain, SFT, RM, DPO, KTO): + gradient accumulation
                      and --compile (online RL cuts its rollouts into micro-batches itself)
     FromScratch      scripts that can start from random weights (pretrain, SFT, RM): + --preset, --tokenizer
@@ -13,10 +15,14 @@ check, and becomes a `--flag`. A script inherits only the groups of knobs it rea
     GoldCurveConfig  DPO, KTO, PPO, GRPO: + gold-vs-KL points logged while training
     LoRAConfig       SFT, RM, DPO, KTO (OnlineLoRAConfig: PPO, GRPO): + --lora_r and its shape (minialign.models.lora)
 
+A knob typed `X | None` with default None is "unset": the script's `resolve()` fills in the value it
+depends on (e.g. DPO's β from the loss type) when the Config is made, so config.json holds the effective value.
+
 One validation mechanism, run by `parse_config` before anything else happens: each field's check
 (`knob(..., check=positive)`; a script overriding a knob's default keeps the base class's check), then
 the Config's own `problems(world_size)` for rules that involve
-several flags (and a LoRAConfig's `lora_problems()`, so no script has to remember to call it). Every
+several flags (and a LoRAConfig's `lora_problems()` and a TrainConfig's `out_dir_problems()`, so no script has
+to remember to call them). Every
 failure is an argparse error naming the flag: `train_sft.py: error: --lr=-1.0 must be > 0`, exit
 status 2, nothing written.
 """
@@ -61,6 +67,8 @@ class TrainConfig:
     """Knobs every training script reads."""
     out_dir: str = knob("out/run", "output folder")
     resume: bool = knob(False, "continue from out_dir/ckpt.pt exactly where it stopped")
+    overwrite: bool = knob(False, "start a new run in an out_dir that already holds one (its ckpt.pt, metrics.jsonl), "
+                                  "replacing it; without this or --resume such a folder is refused")
     seed: int = knob(1337, "random seed (data order, init, sampling)")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N",
                        (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "must be auto, cpu or cuda"))
@@ -70,7 +78,6 @@ class TrainConfig:
     min_lr_ratio: float = knob(0.1, "cosine floor as a fraction of lr", in_range(0, 1))
     warmup_steps: int = knob(20, "linear warmup steps", non_negative)
     max_steps: int = knob(300, "optimizer steps", at_least(1))
-    micro_batch_size: int = knob(32, "sequences per forward pass per rank", at_least(1))
     weight_decay: float = knob(0.0, "AdamW weight decay (matrices only)", non_negative)
     max_grad_norm: float = knob(1.0, "clip the global gradient norm to this (0 = off)", non_negative)
     max_len: int = knob(128, "max tokens per sequence (see the truncation policy in minialign.data.batching)", at_least(8))
@@ -87,6 +94,42 @@ class TrainConfig:
     def problems(self, world_size: int) -> list[str]:
         """Rules that involve several flags (or the number of ranks); a Config overrides it to add its own."""
         return []
+
+    def out_dir_problems(self) -> list[str]:
+        """--resume and --overwrite exclude each other (checked by parse_config for every script; what an out_dir
+        that holds a run needs is minialign.training.checkpoint.check_out_dir)."""
+        if self.resume and self.overwrite:
+            return ["--resume and --overwrite together: --resume continues the run in --out_dir, --overwrite replaces "
+                    "it; pass one of them"]
+        return []
+
+    def resolve(self) -> None:
+        """Fill in the unset (None) knobs whose value depends on other flags; a Config overrides it. Run when the
+        Config is made (parsed or built in code), so an unset knob never reaches the script."""
+
+    def __post_init__(self):
+        self.resolve()
+
+
+@dataclass
+class SequenceBatch:
+    """Scripts whose forward pass holds whole sequences (pretrain, SFT, KTO, PPO, GRPO)."""
+    micro_batch_size: int = knob(32, "sequences (prompt + one response) per forward pass per rank", at_least(1))
+
+    @property
+    def micro_batch(self) -> int:  # what minialign.training.loop cuts a step into, in this script's unit
+        return self.micro_batch_size
+
+
+@dataclass
+class PairBatch:
+    """Scripts whose forward pass holds preference pairs (RM, DPO, online DPO): a different unit, a different name."""
+    micro_batch_pairs: int = knob(32, "preference pairs per forward pass per rank (one packed row [x | y_c | y_r] "
+                                      "each, i.e. 2 responses)", at_least(1))
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_pairs
 
 
 @dataclass
@@ -181,6 +224,14 @@ def _arg_type(tp):
     raise TypeError(f"unsupported config field type {tp}")
 
 
+def _unset_able(tp):
+    """X for a knob typed `X | None` (None = unset, resolved by the Config), else None."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _inherited_check(cls, name: str):
     """A field's check; a script that overrides a knob's default (and help) keeps the base class's check."""
     for base in cls.__mro__:
@@ -203,6 +254,8 @@ def parse_config(cls, argv=None):
         tp, help = hints[f.name], f.metadata.get("help", "")
         if tp is bool:
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif _unset_able(tp) is not None:
+            ap.add_argument(f"--{f.name}", type=_arg_type(_unset_able(tp)), default=default, help=help)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
             ap.add_argument(f"--{f.name}", nargs="*", type=_arg_type(item), default=default, help=help)
@@ -212,11 +265,12 @@ def parse_config(cls, argv=None):
     problems = []
     for f in dataclasses.fields(cls):
         check = _inherited_check(cls, f.name)
-        if check is not None and not check[0](getattr(cfg, f.name)):
+        if check is not None and getattr(cfg, f.name) is not None and not check[0](getattr(cfg, f.name)):
             problems.append(f"--{f.name}={getattr(cfg, f.name)!r} {check[1]}")
     if not problems:  # the cross-flag rules may assume every field is individually valid
         problems = cfg.problems(int(os.environ.get("WORLD_SIZE", "1")))
         problems += cfg.lora_problems() if isinstance(cfg, LoRAConfig) else []
+        problems += cfg.out_dir_problems() if isinstance(cfg, TrainConfig) else []
     if problems:
         ap.error("; ".join(problems))
     return cfg

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minialign.data.hf_tokenizer import export_tokenizer
-from minialign.errors import run_cli
+from minialign.errors import UserError, run_cli
 from minialign.models.decoder import CausalLM, ScalarModel
 from minialign.models.hf_weights import hf_name, model_config_to_hf
 from minialign.training.checkpoint import load, load_model
@@ -66,15 +66,15 @@ def _tokenizer_next_to(folder: Path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minialign.models.hf_weights", description="Export a minialign checkpoint to a "
-                                 "Hugging Face folder (config.json + model.safetensors + tokenizer).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="checkpoint -> HF folder loadable by transformers.AutoModelForCausalLM")
-    ex.add_argument("--ckpt", required=True, help="checkpoint folder (with ckpt.pt) or the ckpt.pt file itself")
-    ex.add_argument("--out", required=True, help="output folder")
-    ex.add_argument("--tokenizer", default="", help="tokenizer.model or HF tokenizer folder (default: the one "
+    """python -m minialign.training.hf_export --ckpt out/dpo --out hf_dpo [--tokenizer T] [--dtype bfloat16]."""
+    ap = argparse.ArgumentParser(prog="python -m minialign.training.hf_export", description="Export a minialign "
+                                 "checkpoint to a Hugging Face folder (config.json + model.safetensors + tokenizer), "
+                                 "loadable by transformers.AutoModelForCausalLM.")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (with ckpt.pt) or the ckpt.pt file itself")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--tokenizer", default="", help="tokenizer.model or HF tokenizer folder (default: the one "
                     "next to the checkpoint; '' and none there = export the weights only)")
-    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the saved weights (bfloat16 halves the file)")
     args = ap.parse_args(argv)
     ckpt_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
@@ -83,7 +83,7 @@ def main(argv=None):
     try:
         out = export_hf(model, tok_source, args.out, dtype=getattr(torch, args.dtype))
     except ValueError as e:
-        raise SystemExit(f"minialign.models.hf_weights export: error: {e}")
+        raise UserError(str(e)) from e
     note = "" if isinstance(model, CausalLM) else " (scalar model: backbone as causal LM, score head not exported)"
     print(f"exported {args.ckpt} -> {out} ({model_config_to_hf(model.cfg)['architectures'][0]}{note}; "
           f"tokenizer: {tok_source or 'none'})")

@@ -41,7 +41,7 @@ def micro_batch_indices(n_examples: int, step: int, micro_step: int, cfg, rt: Ru
     within it, micro-step m of rank r takes the slice (m*world + r). The same global batch therefore
     reaches the optimizer whatever the split into ranks and micro-batches, and resuming needs only s.
     """
-    mb = cfg.micro_batch_size
+    mb = cfg.micro_batch
     global_batch = mb * cfg.grad_accum * rt.world_size
     start = step * global_batch + (micro_step * rt.world_size + rt.rank) * mb
     return [int(_epoch_permutation(n_examples, cfg.seed, (start + i) // n_examples)[(start + i) % n_examples])
@@ -58,7 +58,7 @@ def step_batches(n_examples: int, step: int, cfg, rt: Runtime, lengths=None) -> 
     idx = [i for m in range(cfg.grad_accum) for i in micro_batch_indices(n_examples, step, m, cfg, rt)]
     if cfg.group_by_length and lengths is not None:
         idx.sort(key=lambda i: lengths[i])
-    mb = cfg.micro_batch_size
+    mb = cfg.micro_batch
     return [idx[m * mb : (m + 1) * mb] for m in range(cfg.grad_accum)]
 
 
@@ -134,8 +134,10 @@ def step_normalizer(local_count: float, rt: Runtime) -> float:
 def train_step(model, optimizer, scaler, batches: list, loss_fn, count_fn, rt: Runtime, max_grad_norm: float) -> dict:
     """One optimizer step over this rank's micro-batches; returns metrics averaged over the global step.
 
-    loss_fn(model, batch) -> (loss_sum, metric_sums): the loss SUMMED over the batch's counted units
-    (tokens or sequences) and a dict of metrics also summed over those units.
+    loss_fn(model, batch) -> (loss_sum, metric_sums) or (loss_sum, metric_sums, metric_maxima): the loss
+    SUMMED over the batch's counted units (tokens or sequences), a dict of metrics also summed over those
+    units, and optionally a dict of metrics whose step value is the MAX over micro-batches and ranks (e.g.
+    |π/π_old - 1|, which must be 0 before the first update).
     count_fn(batch) -> number of counted units in the batch.
     Every micro-batch's loss_sum (+ the MoE balance term times its count) is divided by the step's global
     count (`step_normalizer`), so the gradient is that of the mean over the whole step, whatever the
@@ -144,17 +146,21 @@ def train_step(model, optimizer, scaler, batches: list, loss_fn, count_fn, rt: R
     counts = [float(count_fn(b)) for b in batches]
     normalizer = step_normalizer(sum(counts), rt)
     sums: dict = {}
+    maxima: dict = {}
     for i, batch in enumerate(batches):
         with runtime.sync_context(model, rt, last_micro_step=i == len(batches) - 1):
             with rt.autocast():
-                loss_sum, metric_sums = loss_fn(model, batch)
+                loss_sum, metric_sums, *batch_maxima = loss_fn(model, batch)
                 objective = loss_sum + moe_balance_loss(model) * counts[i]
             scaler.scale(objective / normalizer).backward()
         for k, v in {"loss": loss_sum, **metric_sums}.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        for k, v in (batch_maxima[0] if batch_maxima else {}).items():
+            maxima[k] = max(maxima.get(k, -math.inf), float(v))
     grad_norm, _ = optimizer_step(model, optimizer, scaler, max_grad_norm)
     total = normalizer * rt.world_size
     metrics = {k: v / total for k, v in runtime.all_reduce_sum_dict(sums, rt).items()}
+    metrics.update({k: runtime.all_reduce_max(v, rt) for k, v in sorted(maxima.items())})
     metrics["grad_norm"] = grad_norm
     return metrics
 
@@ -186,8 +192,10 @@ def optimizer_step(model, optimizer, scaler, max_grad_norm: float) -> tuple[floa
 
 
 def skip_counts(stats: dict) -> dict:
-    """The counts of skipped steps, for the metrics log."""
-    return {k: stats.get(k, 0) for k in ("nonfinite_steps_skipped", "overflow_steps_skipped")}
+    """What the run left out, for every metrics.jsonl line: the skipped steps (0 when none) and each count the
+    data loading kept in `stats` (dropped_prompt_too_long, truncated, ...), so a run's lost data is in its log."""
+    return {"nonfinite_steps_skipped": 0, "overflow_steps_skipped": 0,
+            **{k: v for k, v in stats.items() if k.startswith("dropped") or "truncated" in k or k.endswith("skipped")}}
 
 
 def check_finite(metrics: dict, step: int, cfg, stats: dict, scaler=None):

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from minialign.algorithms.losses import nll_loss, token_logps
+from minialign.algorithms.losses import SUM, nll_loss, token_logps
 from minialign.data.batching import collate_lm, tokenize_sft
 from minialign.data.formats import load_sft
 from minialign.data.tokenizer import load_tokenizer, train_tokenizer
@@ -70,7 +70,7 @@ def sft_loss(model, batch):
     mask = batch["label_mask"]  # (B, T) bool: assistant tokens
     logits = model(batch["inputs"], logits_mask=mask)  # (M, V), M = mask.sum()
     logps = token_logps(logits[None], batch["labels"][mask][None])  # (1, M)
-    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=1), {}
+    return nll_loss(logps, torch.ones_like(logps, dtype=torch.bool), normalizer=SUM), {}
 
 
 def one_update(model, batches, loss_fn, count_fn, lr: float, rt) -> dict:

@@ -18,10 +18,10 @@ import torch.nn as nn
 
 from minialign.algorithms.advantages import (completion_mask, count_units, greedy_rewards, step_advantages,
                                              token_rewards, whiten_all_ranks)
-from minialign.algorithms.losses import (dpo_loss, gae, grpo_loss, kl_penalty, policy_gradient_loss, ppo_policy_loss,
-                                         ppo_value_loss)
+from minialign.algorithms.losses import (DEFAULT_BETA, SUM, dpo_loss, gae, grpo_loss, kl_penalty, policy_gradient_loss,
+                                         ppo_policy_loss, ppo_value_loss)
 from minialign.algorithms.packing import collate_pairs, pair_count, response_logps, response_scores, response_values
-from minialign.algorithms.preference import DEFAULT_BETA, best_and_worst, pair_logps
+from minialign.algorithms.preference import best_and_worst, pair_logps
 from minialign.algorithms.reward_funcs import parse_reward_funcs
 from minialign.algorithms.roles import disable_dropout, load_reward_model, sft_reference
 from minialign.algorithms.rollout import (greedy_rollout, load_rl_prompts, micro_batch_rows, packed_batch,
@@ -152,8 +152,8 @@ def walk_ppo(ctx: Context, tr: Trace, kl_coef: float | None = None, lr: float = 
     def ppo_loss_sum(m, b):  # train_ppo.ppo_loss_sum: the token SUMS (train_step divides by the step's tokens)
         logps, values = response_logps(m["policy"], b, T), response_values(m["value"], b)
         b["logps"] = logps.detach()
-        pg_sum, _ = ppo_policy_loss(logps, b["old_logps"], b["advantages"], b["response_mask"], eps, normalizer=1)
-        vf_sum, _ = ppo_value_loss(values, b["old_values"], b["returns"], b["response_mask"], eps_v, normalizer=1)
+        pg_sum, _ = ppo_policy_loss(logps, b["old_logps"], b["advantages"], b["response_mask"], eps, normalizer=SUM)
+        vf_sum, _ = ppo_value_loss(values, b["old_values"], b["returns"], b["response_mask"], eps_v, normalizer=SUM)
         return pg_sum + vf_coef * vf_sum, {"policy_loss": pg_sum.detach(), "value_loss": vf_sum.detach()}
 
     metrics = one_update(pv, batches, ppo_loss_sum, lambda b: b["response_mask"].sum(), lr, rt)
@@ -177,9 +177,9 @@ def walk_ppo(ctx: Context, tr: Trace, kl_coef: float | None = None, lr: float = 
     is_clipped = (-b_whitened * clipped > -b_whitened * ratio) & mask  # the clipped branch is the larger loss
     k = int(is_clipped.sum(-1).argmax())  # the response with the most clipped tokens (0 if none is clipped)
     with torch.no_grad():
-        pg_t = per_token(lambda one: ppo_policy_loss(new_logps, b_old_logps, b_whitened, one, eps, normalizer=1)[0],
+        pg_t = per_token(lambda one: ppo_policy_loss(new_logps, b_old_logps, b_whitened, one, eps, normalizer=SUM)[0],
                          mask, k)
-        vf_t = per_token(lambda one: ppo_value_loss(new_values, b_values, b_returns, one, eps_v, normalizer=1)[0],
+        vf_t = per_token(lambda one: ppo_value_loss(new_values, b_values, b_returns, one, eps_v, normalizer=SUM)[0],
                          mask, k)
     rk = ro.response_ids[k][mask[k]].tolist()
     nk = len(rk) if not rows else min(rows, len(rk))
@@ -316,7 +316,7 @@ def walk_grpo(ctx: Context, tr: Trace, estimator: str = "grpo", loss_type: str =
     show = moving[0]  # the first response that moves (else the first that counts)
     ids = ro.response_ids[show][ro.response_mask[show]].tolist()
     n = len(ids) if not rows else min(rows, len(ids))
-    ell = per_token(lambda one: pg(one, "dapo", 1)[0], loss_mask, show)
+    ell = per_token(lambda one: pg(one, "dapo", SUM)[0], loss_mask, show)
     tr.line(f"  response {show}: ratio = π / π_old = 1 on the first update (π_old is this forward, detached)")
     tr.table(["t", "id", "token", "log π", "ratio", "A_t", "ℓ_t", "counts"],
              [[str(t), str(ids[t]), piece(tok, ids[t]), float(logps[show, t]), 1.0, float(A_tok[show, t]),
@@ -324,7 +324,7 @@ def walk_grpo(ctx: Context, tr: Trace, estimator: str = "grpo", loss_type: str =
     tr.keep("logps", logps)
     tr.keep("per_token_loss", ell)
     tr.keep("shown_response", show)
-    seq = torch.stack([per_token(lambda one: pg(one, "dapo", 1)[0], loss_mask, i).sum() for i in range(len(ro.rows))])
+    seq = torch.stack([per_token(lambda one: pg(one, "dapo", SUM)[0], loss_mask, i).sum() for i in range(len(ro.rows))])
     lengths = loss_mask.sum(-1)
     tr.table(["i", "counted tokens", "A_0", "Σ_t ℓ_t", "(1/|o_i|) Σ_t ℓ_t"],
              [[str(i), str(int(lengths[i])), float(A_tok[i, 0]), float(seq[i]),
@@ -342,7 +342,7 @@ def walk_grpo(ctx: Context, tr: Trace, estimator: str = "grpo", loss_type: str =
         lp = response_logps(m, b, T)
         fn = grpo_loss if b["advantages"].dim() == 1 else policy_gradient_loss
         return fn(lp, lp.detach(), b.get("ref_logps"), b["advantages"], b["loss_mask"], eps_low, eps_high, beta_loss,
-                  loss_type, max_new_tokens, max_new_tokens if loss_type == "dr_grpo" else 1)[0], {}
+                  loss_type, max_new_tokens, max_new_tokens if loss_type == "dr_grpo" else SUM)[0], {}
 
     tr.section(f"ONE update: AdamW at lr {lr} (loop.train_step, normalized by count_units)")
     out = one_update(policy, batches, grpo_loss_sum, lambda b: count_units(b, loss_type), lr, rt)

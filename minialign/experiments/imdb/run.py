@@ -8,7 +8,8 @@ continue it with POSITIVE sentiment. Every method starts from the same SFT model
 same true reward and the same KL estimator on held-out TEST-split prefixes, so they sit on one plot of
 mean true reward against KL(π || π_sft): the frontier (who buys the most reward per nat of drift).
 
-Stages, each skipped when its output exists (an interrupted run continues; --force redoes everything);
+Stages, each skipped when its output exists (an interrupted run continues; --force deletes --out first, then redoes
+everything; it refuses a --out holding anything this experiment does not write);
 the training scripts run as subprocesses, each command printed before it runs (as minialign.pipeline):
   data        read aclImdb (folder or .tar.gz; minialign.experiments.imdb.reader, labels from the file names)
   classifier  the TRUE reward r(x, y) = P(positive | x + y): hashed uni+bigram logistic regression trained on
@@ -25,13 +26,14 @@ the training scripts run as subprocesses, each command printed before it runs (a
               run trains in segments (--stop_after_steps K, then --resume: one run, one LR schedule) and its
               checkpoint is evaluated after every segment: a point of the frontier every K steps
   best_of_n   best of N = 1..max_n SFT samples by the learned RM (and, as a ceiling, by the true reward) at the
-              analytic KL log N - (N-1)/N (minialign.evaluation.best_of_n)
+              KL of best-of-N (minialign.evaluation.best_of_n: log N - (N-1)/N where a prefix's max_n scores are
+              distinct, the exact KL of its empirical score distribution where some tie, e.g. duplicate samples)
   report      report.md (table of the best true reward within KL <= 1, 3, 10 nats; the classifier's accuracy;
               sampled continuations; wall times; this machine's fp32 matmul GFLOP/s), results.json and, with
               matplotlib, plots/reward_vs_kl.png
 
-Prompt layout. The RL and preference scripts render every prompt through the ChatML template (minialign.
-tokenizer.render_prompt: <|im_start|>user\\n{x}<|im_end|>\\n<|im_start|>assistant\\n) and have no raw-text mode,
+Prompt layout. The RL and preference scripts render every prompt through the ChatML template (minialign.data.
+chatml.render_prompt: <|im_start|>user\\n{x}<|im_end|>\\n<|im_start|>assistant\\n) and have no raw-text mode,
 so the prefix is the user message and the continuation the assistant reply, and the SFT model is trained
 exactly that way (SFT records {"prompt": prefix, "completion": continuation}; train_sft.py's loss is on the
 continuation and its <|im_end|>). We SFT straight from random weights instead of pretraining first
@@ -43,7 +45,9 @@ stop; generation allows C + 8 tokens.
 
 KL and reward (minialign.evaluation.evaluate): per checkpoint, samples_per_prompt samples at temperature 1 for
 each evaluation prefix, mean true reward and mean Σ_t [log π(y_t) - log π_sft(y_t)], one estimator for every
-method (best-of-N, which has no policy to sample from, uses the analytic KL as the paper's baselines do).
+method. Best-of-N has no policy of its own to sample from the way the trained ones do (and the DPO paper's
+IMDb figure has no best-of-N); its KL is computed from the judge's scores of the SFT samples instead:
+log N - (N-1)/N (Stiennon et al. 2020, App. G.3) where they are distinct, exact for ties (best_of_n).
 
 What is simplified, against the paper: a 1M-parameter decoder instead of GPT-2-large; our own bag-of-n-grams
 classifier instead of the pretrained siebert/sentiment-roberta-large-english; continuations of <= C tokens;
@@ -91,7 +95,7 @@ from minialign.algorithms.reward_funcs import classifier_reward
 from minialign.algorithms.roles import frozen, load_reward_model
 from minialign.algorithms.rollout import load_rl_prompts, sample_rollout
 from minialign.data.tokenizer import load_tokenizer
-from minialign.errors import run_cli
+from minialign.errors import UserError, run_cli
 from minialign.evaluation import best_of_n, report
 from minialign.evaluation.evaluate import reward_model_judge, sample_and_score, summarize, text_judge
 from minialign.experiments import stages
@@ -107,6 +111,8 @@ LABELS = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-
 COLORS = {"sft": "black", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:red", "grpo": "tab:green",
           "pft": "tab:purple", "best_of_n": "tab:brown", "best_of_n_oracle": "tab:gray"}
 KL_BUDGETS = (1.0, 3.0, 10.0)
+OUTPUTS = {"data", "classifier", "tokenizer", "sft", "prefs", "rm", "runs", "best_of_n", "plots", "logs", "report.md",
+           "results.json", "timings.json"}  # what the experiment writes in --out (all --force may delete)
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ FULL = dataclasses.replace(
 @dataclass
 class Run:
     """One training run of a method: its script and flags (without --out_dir, --max_steps, --stop_after_steps,
-    --resume, which run_segments adds), and where its frontier points are evaluated."""
+    --resume or --overwrite, which run_segments adds), and where its frontier points are evaluated."""
     name: str
     method: str
     seed: int
@@ -182,8 +188,15 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def ckpt_step(run_dir: Path) -> int:
     """The step of run_dir/ckpt.pt (0 if none)."""
-    state = stages.run_state(run_dir)
-    return state["step"] if state else 0
+    state = checkpoint.run_state(run_dir)
+    return state["step"] if state and state["checkpoint"] else 0
+
+
+def continue_or_start(step: int) -> list[str]:
+    """The flag a run's next invocation passes about its --out_dir (the scripts refuse a folder holding a run
+    without one): --resume from its checkpoint, else --overwrite (a folder without a checkpoint holds at most
+    this experiment's own leftovers, such as a metrics.jsonl of a run killed before its first save)."""
+    return ["--resume"] if step else ["--overwrite"]
 
 
 # ---------------------------------------------------------------------------------- data, reward, prompts
@@ -296,7 +309,7 @@ def run_segments(run: Run, out: Path, evaluator_fn, force: bool) -> None:
             continue
         if step < target:
             cmd = [sys.executable, *run.args, "--out_dir", run_dir, "--max_steps", run.max_steps,
-                   "--stop_after_steps", target - step, *(["--resume"] if step else [])]
+                   "--stop_after_steps", target - step, *continue_or_start(step)]
             stages.run(stages.Stage(run.name, cmd, timing=f"{run.name}/train"), out, accumulate=True)
         point = evaluator_fn().point(run_dir)
         stages.add_time(out, f"{run.name}/eval", point["eval_seconds"])
@@ -370,9 +383,9 @@ def stage_prefs(out: Path, paths: dict, scale: Scale, evaluator: Evaluator) -> d
 @torch.no_grad()
 def stage_best_of_n(out: Path, scale: Scale, evaluator: Evaluator) -> None:
     """max_n SFT samples per held-out prefix, judged by the learned RM (and the true reward); the points of
-    minialign.evaluation.best_of_n (nested subsets: best of the first N) at the analytic KL."""
+    minialign.evaluation.best_of_n (nested subsets: best of the first N) at best-of-N's KL (exact for ties)."""
     path = out / "best_of_n" / "points.json"
-    if path.exists():
+    if report.has_exact_kl(report.read_json(path)):  # an older file (analytic KL only) is redone
         print(f"[best_of_n] already done in {path.parent}, skipping")
         return
     t0 = time.time()
@@ -392,7 +405,7 @@ def stage_best_of_n(out: Path, scale: Scale, evaluator: Evaluator) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(res, path)
     stages.add_time(out, "best_of_n", time.time() - t0)
-    print("[best_of_n] " + ", ".join(f"N={p['n']} reward {p['gold_score']:.3f} (KL {p['kl_analytic']:.2f})"
+    print("[best_of_n] " + ", ".join(f"N={p['n']} reward {p['gold_score']:.3f} (KL {p['kl']:.2f})"
                                      for p in res["points"]) + f" in {time.time() - t0:.0f}s", flush=True)
 
 
@@ -448,7 +461,8 @@ def collect(out: Path) -> dict:
         pts = [json.loads(p.read_text()) for p in sorted((d / "frontier").glob("step_*.json"))]
         if pts:
             runs[d.name] = pts
-    return {"sft": sft, "runs": runs, "best_of_n": report.read_json(out / "best_of_n" / "points.json")}
+    bon = report.read_json(out / "best_of_n" / "points.json")
+    return {"sft": sft, "runs": runs, "best_of_n": bon if report.has_exact_kl(bon) else None}
 
 
 def series(res: dict) -> dict[str, list[dict]]:
@@ -463,7 +477,7 @@ def series(res: dict) -> dict[str, list[dict]]:
     bon = res["best_of_n"]
     if bon:
         for key, m in (("points", "best_of_n"), ("oracle_points", "best_of_n_oracle")):
-            out[m] = [{"kl": p["kl_analytic"], "reward": p["gold_score"], "seed": 0, "run": m, "step": p["n"]}
+            out[m] = [{"kl": p["kl"], "reward": p["gold_score"], "seed": 0, "run": m, "step": p["n"]}
                       for p in bon[key]]
     return out
 
@@ -577,11 +591,15 @@ def write_report(out: Path, scale_name: str, scale: Scale, seeds: list[int], com
     lines += ["## Runs (last checkpoint)", "", runs_table(res, timings), ""]
     bon = res["best_of_n"]
     if bon:
-        lines += ["## Best-of-N", "", f"{bon['n_prompts']} test prefixes, N samples from the SFT model; KL = log N - "
-                  "(N-1)/N.", "", "| N | KL | true reward, judged by the RM | judged by the true reward |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p['n']} | {p['kl_analytic']:.2f} | {p['gold_score']:.3f} | {q['gold_score']:.3f} |"
-                  for p, q in zip(bon["points"], bon["oracle_points"])]
+        lines += ["## Best-of-N", "", f"{bon['n_prompts']} test prefixes, N samples from the SFT model; KL of best-of-N "
+                  "per prefix: log N - (N-1)/N where the judge's scores of its samples are distinct, else exact for "
+                  f"the ties (minialign.evaluation.best_of_n); prefixes with tied scores: "
+                  f"{bon['points'][-1]['prompts_with_ties']:.0%} by the RM, "
+                  f"{bon['oracle_points'][-1]['prompts_with_ties']:.0%} by the true reward.", "",
+                  "| N | log N - (N-1)/N | true reward, judged by the RM | KL | judged by the true reward | KL |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['n']} | {p['kl_analytic']:.2f} | {p['gold_score']:.3f} | {p['kl']:.2f} | "
+                  f"{q['gold_score']:.3f} | {q['kl']:.2f} |" for p, q in zip(bon["points"], bon["oracle_points"])]
         lines.append("")
     lines += ["## Sampled continuations (last checkpoint, test prefixes)", ""]
     examples = {"sft": res["sft"]["examples"] if res["sft"] else []}
@@ -619,6 +637,11 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
     if bad or not seeds:
         raise ValueError(f"unknown method(s) {sorted(bad)} (choose from {METHODS}) or no seed")
     if force and out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if foreign:
+            raise UserError(f"--force deletes --out {out}, which holds what this experiment does not write "
+                            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give the experiment "
+                            "its own --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -635,7 +658,7 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
     sft_dir = out / "sft"
     if not (sft_dir / "frontier" / "final.json").exists():
         if ckpt_step(sft_dir) < scale.sft_steps:
-            resume = ["--resume"] if ckpt_step(sft_dir) else []
+            resume = continue_or_start(ckpt_step(sft_dir))
             stages.run(stages.Stage("sft", timing="sft/train", cmd=[
                 sys.executable, "train_sft.py", "--tokenizer", tok_path, "--preset", scale.preset, "--data",
                 paths["sft"], "--eval_data", "", "--max_len", 96, "--max_steps", scale.sft_steps, "--micro_batch_size",
@@ -666,7 +689,7 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
             stages.run(stages.Stage("rm", cmd=[
                 sys.executable, "train_rm.py", "--init_from", sft_dir, "--data", prefs["pairs"], "--eval_data",
                 prefs["pairs_eval"], "--max_steps", scale.rm_steps, "--eval_every", 0, "--warmup_steps",
-                min(10, scale.rm_steps // 10), "--out_dir", rm_dir, *(["--resume"] if step else [])]), out, accumulate=True)
+                min(10, scale.rm_steps // 10), "--out_dir", rm_dir, *continue_or_start(step)]), out, accumulate=True)
         else:
             print(f"[rm] already done in {rm_dir}, skipping")
     for run in method_runs(out, paths, prefs, scale, seeds, methods):
@@ -688,7 +711,8 @@ def main(argv=None):
                     help="seeds of the DPO and PPO runs (default: 0 with --quick, 0 1 otherwise); the other methods "
                          "use the first")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
-    ap.add_argument("--force", action="store_true", help="delete --out and redo every stage")
+    ap.add_argument("--force", action="store_true", help="delete --out and redo every stage (refused when --out holds "
+                                                         "anything the experiment does not write)")
     args = ap.parse_args(argv)
     name, scale = ("quick", QUICK) if args.quick else ("full", FULL)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
