@@ -83,7 +83,7 @@ def one_update(model, batches, loss_fn, count_fn, lr: float, rt) -> dict:
 
 def first_step_indices(n: int, batch_size: int, seed: int, rt) -> list[int]:
     """The examples of optimizer step 0 in every script's data order (loop.step_batches), one micro-batch."""
-    order = SimpleNamespace(micro_batch_size=batch_size, grad_accum=1, seed=seed, group_by_length=False)
+    order = SimpleNamespace(micro_batch=batch_size, grad_accum=1, seed=seed, group_by_length=False)
     return loop.step_batches(n, 0, order, rt)[0]
 
 
@@ -110,7 +110,7 @@ def tiny_sft(data_dir: Path, log=None, recipe: TinyRecipe = TinyRecipe(), fresh:
                                       n_heads=r.n_heads, n_kv_heads=r.n_kv_heads, max_seq_len=MAX_LEN))
         rt = cpu_runtime()
         optimizer = loop.make_optimizer(model, SimpleNamespace(lr=r.lr, weight_decay=0.0), rt)
-        order = SimpleNamespace(micro_batch_size=r.micro_batch_size, grad_accum=1, seed=r.seed, group_by_length=True)
+        order = SimpleNamespace(micro_batch=r.micro_batch_size, grad_accum=1, seed=r.seed, group_by_length=True)
         lengths = [len(ids) for ids, _ in examples]
         for step in range(r.steps):
             loop.set_lr(optimizer, loop.lr_at(step, r.lr, r.warmup_steps, r.steps, 0.1))
