@@ -62,8 +62,8 @@ from tqdm import tqdm
 
 from minialign.algorithms.losses import DEFAULT_BETA, LABEL_SMOOTHED
 from minialign.algorithms.packing import collate_pairs, length_sorted_chunks, pair_count, pair_lengths
-from minialign.algorithms.preference import (LENGTH_AVERAGED, LOSS_TYPES, REFERENCE_FREE, pair_logps, preference_terms,
-                                            reference_logps, reference_table, used_logps)
+from minialign.algorithms.preference import (LOSS_TYPES, REFERENCE_FREE, pair_logps, preference_terms,
+                                             reference_logps, reference_table, used_logps)
 from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import to_device, tokenize_preferences
 from minialign.data.formats import load_preferences

@@ -26,6 +26,7 @@ from conftest import ROOT, run, tiny_model
 
 import train_dpo  # the script: its config checks and its loss (conftest puts the repository on sys.path)
 import train_sft  # to make the tiny SFT checkpoint in-process
+from minialign.algorithms import preference
 from minialign.algorithms.packing import collate_pairs
 from minialign.algorithms.preference import pair_logps
 from minialign.data.batching import tokenize_preferences
@@ -250,7 +251,7 @@ def test_every_loss_type_starts_at_its_closed_form_and_trains(workdir, loss_runs
     want = expected_first_loss(loss_type, beta, eps, initial_pair_logps)
     assert train[0]["loss"] == pytest.approx(want, abs=1e-5), (name, train[0]["loss"], want)
     if loss_type in train_dpo.REFERENCE_FREE:
-        avg = loss_type in train_dpo.LENGTH_AVERAGED
+        avg = loss_type in preference.LENGTH_AVERAGED
         pi_c = (initial_pair_logps.chosen_logps_avg if avg else initial_pair_logps.chosen_logps).mean()
         assert train[0]["rewards/chosen"] == pytest.approx(beta * float(pi_c), abs=1e-5)
     else:

@@ -22,8 +22,8 @@ import train_ppo
 import train_rm
 import train_sft
 from minialign.algorithms import losses as L
-from minialign.algorithms.packing import collate_pairs
 from minialign.algorithms.losses import DEFAULT_BETA
+from minialign.algorithms.packing import collate_pairs
 from minialign.algorithms.preference import LENGTH_AVERAGED, LOSS_TYPES, unpair
 from minialign.algorithms.reward_funcs import parse_reward_funcs
 from minialign.algorithms.rollout import load_rl_prompts, sample_rollout, step_prompt_indices
