@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minialign.training.checkpoint import CheckpointError, atomic_save, load_file
+
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")
 BIGRAM_SALT = 0x9E3779B9  # keeps a bigram's bucket away from its words' buckets
 KIND = "minialign.algorithms.classifier/hashed-ngram-logreg"
@@ -143,20 +145,22 @@ def evaluate_classifier(clf: SentimentClassifier, texts: list[str], labels: list
 
 def save_classifier(clf: SentimentClassifier, path: str | Path, info: dict | None = None) -> None:
     """Write the classifier (weights, bucket count, and `info`, e.g. its test accuracy) atomically."""
-    from minialign.training.checkpoint import atomic_save
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"kind": KIND, "num_buckets": clf.num_buckets, "weight": clf.weight.detach().clone(),
                  "bias": clf.bias.detach().clone(), "info": info or {}}, path)
 
 
 def load_classifier(path: str | Path) -> SentimentClassifier:
-    """A classifier written by save_classifier; anything else is a ValueError naming the file."""
+    """A classifier written by save_classifier; anything else is a ValueError naming the file (a
+    CheckpointError when it needs more than tensors and plain containers: it is loaded weights-only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sentiment classifier {path} not found (minialign.experiments.imdb.run writes one)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors: not a torch file
+        obj = load_file(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # zip / pickle errors: not a torch file
         raise ValueError(f"{path}: not a sentiment classifier file ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or obj.get("kind") != KIND:
         raise ValueError(f"{path}: not a sentiment classifier file (expected kind {KIND!r})")

@@ -17,6 +17,14 @@ as a full checkpoint.
 A folder that holds a run is never silently replaced: `check_out_dir`, called by every training script before it
 writes anything, refuses an --out_dir with a ckpt.pt or a metrics.jsonl unless --resume (continue it) or
 --overwrite (replace it) says what to do with it; `run_state` is what it reads, and what the stage runner reads.
+
+Checkpoints are what users share, so every one is read with torch.load(weights_only=True): tensors and plain
+containers (dicts, lists, tuples, str, numbers, None) and nothing that unpickling could call. What save() writes
+is only that: the RNG states too (NumPy's key array as an int64 tensor). A file that needs any other type is
+refused with a CheckpointError naming the file and the type, and nothing in it runs. Checkpoints of earlier
+versions pickled np.random.get_state() (a uint32 ndarray); they are refused with a pointer to
+`python -m minialign.training.checkpoint upgrade DIR --trust-this-file`, which rewrites them once, unpickling
+NumPy arrays and nothing else beyond a weights-only load.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -37,6 +47,16 @@ from minialign.errors import UserError, run_cli
 from minialign.models import lora
 from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, model_config
 from minialign.training.runtime import Runtime, all_gather_object, unwrap
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint refused because loading it would need more than tensors and plain containers; names the file."""
+
+
+# what save() pickled before weights-only loading, beyond tensors and plain containers: np.random.get_state()'s
+# uint32 key array (numpy 2 writes numpy._core, numpy 1 numpy.core)
+EARLIER_NUMPY_GLOBALS = ("numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
+                         "numpy.core.multiarray._reconstruct")
 
 
 def check_writable(out_dir: str | os.PathLike, min_free_mb: int = 50):
@@ -81,16 +101,29 @@ def write_json(obj, path: str | os.PathLike):
 
 
 def rng_state() -> dict:
-    """This process's RNG states: Python, NumPy, torch CPU, and its own CUDA device (if any)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states: Python, NumPy, torch CPU, and its own CUDA device (if any).
+
+    Tensors and plain containers only, so a weights-only load reads them back.
+    """
+    state = {"python": random.getstate(), "numpy": plain_numpy_state(np.random.get_state()),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()  # the current device: each rank has its own
     return state
 
 
+def plain_numpy_state(legacy: tuple) -> dict:
+    """np.random.get_state()'s tuple without NumPy types: its uint32 key array as an int64 tensor."""
+    name, key, pos, has_gauss, cached_gaussian = legacy
+    return {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    s = state["numpy"]
+    np.random.set_state((s["bit_generator"], s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -201,14 +234,76 @@ def copy_tokenizer(tokenizer_path: str | None, out: Path):
         os.replace(tmp, out / "tokenizer.model")
 
 
-def load(path_or_dir, map_location="cpu", mmap: bool = False) -> dict:
-    """A checkpoint (the folder's ckpt.pt, or the file); mmap=True maps the tensors instead of reading them."""
+def ckpt_file(path_or_dir) -> Path:
+    """A checkpoint folder's ckpt.pt, or the file itself."""
     path = Path(path_or_dir)
-    if path.is_dir():
-        path = path / "ckpt.pt"
+    path = path / "ckpt.pt" if path.is_dir() else path
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    return path
+
+
+def load(path_or_dir, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint (the folder's ckpt.pt, or the file), loaded weights-only (see the module docstring); mmap=True
+    maps the tensors instead of reading them."""
+    return load_file(ckpt_file(path_or_dir), map_location, mmap)
+
+
+def load_file(path, map_location="cpu", mmap: bool = False):
+    """torch.load(weights_only=True): a file someone else made cannot run code; one that needs more is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # what the weights-only unpickler raises for every type it does not allow
+        raise CheckpointError(refusal(path, e)) from None
+
+
+def refusal(path, err: Exception) -> str:
+    """Why `path` is refused: the types it needs (an earlier minialign's NumPy arrays point at `upgrade`)."""
+    try:  # the globals the pickle names, read from its opcodes without running them
+        needs = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # torch < 2.5, or not a zip checkpoint: the one torch's message names
+        needs = re.findall(r"GLOBAL (\S+)", str(err))
+    if needs and set(needs) <= set(EARLIER_NUMPY_GLOBALS):
+        folder = Path(path).parent if Path(path).name == "ckpt.pt" else path
+        return (f"{path} was written by an earlier minialign: it holds NumPy arrays ({', '.join(needs)}), which a "
+                "weights-only load refuses; if you trust where this file came from, convert it once: "
+                f"python -m minialign.training.checkpoint upgrade {folder} --trust-this-file")
+    if needs:
+        return (f"{path}: refused: loading it needs {', '.join(needs)}, not only tensors and plain containers; "
+                "unpickling it could run code hidden in the file (nothing was run)")
+    reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+    return f"{path}: refused: not loadable weights-only ({reason.group(1) if reason else str(err).splitlines()[0]})"
+
+
+def upgrade(path_or_dir) -> bool:
+    """Rewrite an earlier minialign's checkpoint (NumPy RNG states) so that a weights-only load reads it; in place.
+
+    Only NumPy's array reconstruction is allowed beyond a weights-only load: a file that needs anything else
+    is refused like any other. Returns False when there was nothing to convert.
+    """
+    path = ckpt_file(path_or_dir)
+    try:
+        load_file(path)
+        return False
+    except CheckpointError:
+        pass
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+    arrays = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype"), type(np.dtype(np.uint32))] + [
+        (reconstruct, name) for name in EARLIER_NUMPY_GLOBALS if name.endswith("._reconstruct")]
+    with torch.serialization.safe_globals(arrays):
+        ckpt = load_file(path)
+    for rank_rng in ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]:
+        if isinstance(rank_rng["numpy"], tuple):
+            rank_rng["numpy"] = plain_numpy_state(rank_rng["numpy"])
+    tmp = path.with_name(path.name + ".upgraded")
+    atomic_save(ckpt, tmp)
+    try:
+        load_file(tmp)  # every NumPy array it held was an RNG state: it now loads weights-only
+    except BaseException:
+        tmp.unlink()
+        raise
+    os.replace(tmp, path)
+    return True
 
 
 def load_model(path_or_dir, kind: str = "causal", map_location="cpu", max_seq_len: int | None = None):
@@ -363,15 +458,29 @@ def new_model(cfg, vocab_size: int, kind: str = "causal"):
 
 
 def main(argv=None):
-    """python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged: a LoRA run -> a full checkpoint."""
+    """python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged: a LoRA run -> a full checkpoint.
+    python -m minialign.training.checkpoint upgrade out/sft --trust-this-file: an earlier version's checkpoint -> today's."""
     ap = argparse.ArgumentParser(prog="python -m minialign.training.checkpoint",
-                                 description="Checkpoint folders: merge a LoRA run into a full checkpoint.")
+                                 description="Checkpoint folders: merge a LoRA run into a full checkpoint; upgrade "
+                                             "an earlier version's checkpoint so that it loads weights-only.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base: a full checkpoint folder "
                                       "(any stage's --init_from, python -m minialign.training.hf_export --ckpt)")
     mg.add_argument("--ckpt", required=True, help="folder of a LoRA run (its ckpt.pt names and hashes its base)")
     mg.add_argument("--out", required=True, help="output folder: ckpt.pt (merged weights), config.json, tokenizer")
+    up = sub.add_parser("upgrade", help="rewrite a checkpoint of an earlier minialign (NumPy RNG state pickled) "
+                                        "so that it loads weights-only; in place, once")
+    up.add_argument("ckpt", help="checkpoint folder (with ckpt.pt) or the file itself")
+    up.add_argument("--trust-this-file", action="store_true",
+                    help="required: say you trust where the file came from (only NumPy arrays are unpickled beyond "
+                         "a weights-only load; a file that needs anything else is still refused)")
     args = ap.parse_args(argv)
+    if args.cmd == "upgrade":
+        if not args.trust_this_file:
+            ap.error(f"upgrade {args.ckpt}: add --trust-this-file if you trust where this checkpoint came from")
+        path = ckpt_file(args.ckpt)
+        print(f"upgraded {path}" if upgrade(path) else f"{path} loads weights-only already: nothing to convert")
+        return
     try:
         out = write_merged(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:
