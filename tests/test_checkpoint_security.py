@@ -121,7 +121,7 @@ def test_evaluate_cli(sft_dir, tmp_path):
 
 def test_hf_export_cli(sft_dir, tmp_path):
     folder, sentinel = craft(sft_dir, tmp_path / "evil")
-    proc = run([PY, "-m", "minialign.training.hf_export", "export", "--ckpt", folder / "ckpt.pt",
+    proc = run([PY, "-m", "minialign.training.hf_export", "--ckpt", folder / "ckpt.pt",
                 "--out", tmp_path / "hf"], check=False)
     assert not sentinel.exists()
     refused(proc, folder / "ckpt.pt")
