@@ -3,7 +3,8 @@
 A crafted ckpt.pt holds, beside real weights, an object whose `__reduce__` would create a sentinel file when
 unpickled. Every way a checkpoint comes in (checkpoint.load, --init_from, --reward_model, --resume, the evaluate
 and hf_export commands, a classifier file, an HF folder's pytorch_model.bin) refuses it: one line naming the file
-and the type it needs, and the sentinel does not exist afterwards.
+and the type it needs, and the sentinel does not exist afterwards. A chat template that walks attributes towards
+Python (the usual jinja2 escape) fails inside the sandbox.
 
 A checkpoint of an earlier minialign (its NumPy RNG state pickled as an array) is refused with a pointer to
 `python -m minialign.training.checkpoint upgrade DIR --trust-this-file`, which converts it once; it then loads
@@ -145,6 +146,20 @@ def test_hf_folder_with_only_a_pickled_bin_is_refused(tmp_path):
     torch.save({"note": Payload(sentinel)}, folder / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         checkpoint.load_model(folder)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("escape", ["{{ cycler.__init__.__globals__.os.system('touch %s') }}",
+                                    "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ open('%s', 'w') }}"])
+def test_a_chat_template_renders_in_the_sandbox(tmp_path, escape):
+    """A tokenizer folder's chat template is jinja2 someone else wrote: no attribute walk reaches Python."""
+    pytest.importorskip("jinja2")
+    from jinja2.exceptions import SecurityError, UndefinedError
+
+    from minialign.data.hf_tokenizer import render_template
+    sentinel = tmp_path / "template.PWNED"
+    with pytest.raises((SecurityError, UndefinedError)):
+        render_template(escape % sentinel, [{"role": "user", "content": "hi"}], True)
     assert not sentinel.exists()
 
 
