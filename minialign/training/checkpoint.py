@@ -254,25 +254,29 @@ def load_file(path, map_location="cpu", mmap: bool = False):
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # what the weights-only unpickler raises for every type it does not allow
-        raise CheckpointError(refusal(path, e)) from None
+        needs = unsafe_globals(path, e)
+        if not needs:
+            raise  # no type refused: a damaged or foreign file, as torch reports it
+        raise CheckpointError(refusal(path, needs)) from None
 
 
-def refusal(path, err: Exception) -> str:
-    """Why `path` is refused: the types it needs (an earlier minialign's NumPy arrays point at `upgrade`)."""
-    try:  # the globals the pickle names, read from its opcodes without running them
-        needs = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+def unsafe_globals(path, err: Exception) -> list[str]:
+    """The types and functions the pickle in `path` names beyond a weights-only load (read, never run)."""
+    try:  # all of them, from the pickle's opcodes
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # torch < 2.5, or not a zip checkpoint: the one torch's message names
-        needs = re.findall(r"GLOBAL (\S+)", str(err))
-    if needs and set(needs) <= set(EARLIER_NUMPY_GLOBALS):
+        return re.findall(r"GLOBAL (\S+)", str(err))
+
+
+def refusal(path, needs: list[str]) -> str:
+    """Why `path` is refused: the types it needs (an earlier minialign's NumPy arrays point at `upgrade`)."""
+    if set(needs) <= set(EARLIER_NUMPY_GLOBALS):
         folder = Path(path).parent if Path(path).name == "ckpt.pt" else path
         return (f"{path} was written by an earlier minialign: it holds NumPy arrays ({', '.join(needs)}), which a "
                 "weights-only load refuses; if you trust where this file came from, convert it once: "
                 f"python -m minialign.training.checkpoint upgrade {folder} --trust-this-file")
-    if needs:
-        return (f"{path}: refused: loading it needs {', '.join(needs)}, not only tensors and plain containers; "
-                "unpickling it could run code hidden in the file (nothing was run)")
-    reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-    return f"{path}: refused: not loadable weights-only ({reason.group(1) if reason else str(err).splitlines()[0]})"
+    return (f"{path}: refused: loading it needs {', '.join(needs)}, not only tensors and plain containers; "
+            "unpickling it could run code hidden in the file (nothing was run)")
 
 
 def upgrade(path_or_dir) -> bool:
