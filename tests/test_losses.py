@@ -435,3 +435,50 @@ def test_float64_inputs_stay_float64():
     c, r = t(-1.0, dtype=torch.float64), t(-2.0, dtype=torch.float64)
     assert L.dpo_loss(c, r, c, r)[0].dtype == torch.float64
     assert L.sequence_logps(t(-1.0, dtype=torch.float64).unsqueeze(0), torch.tensor([[True]])).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# Unlikelihood (Welleck et al. 2019; the DPO paper's fourth IMDb baseline)
+
+
+def test_unlikelihood_hand_computed():
+    # chosen y_w: π = 0.5, 0.25       -> likelihood  (log 0.5 + log 0.25) / 2 = (-0.693147 - 1.386294) / 2 = -1.039721
+    # rejected y_l: π = 0.5, 0.9, pad -> log(1 - π): log 0.5 = -0.693147, log 0.1 = -2.302585; the pad (NaN) does
+    #                                    not count: mean (-0.693147 - 2.302585) / 2 = -1.497866
+    # α = 1:   loss = 1.039721 + 1.497866 = 2.537587;  α = 0.5: 1.039721 + 0.748933 = 1.788654
+    # (log p(y_l) instead of log(1 - p): 1.039721 + 0.399 = 1.44; sums instead of means: 5.08; pad counted: NaN)
+    lp_w = torch.tensor([[math.log(0.5), math.log(0.25), 0.0]])
+    m_w = torch.tensor([[True, True, False]])
+    lp_l = torch.tensor([[math.log(0.5), math.log(0.9), float("nan")]])
+    m_l = torch.tensor([[True, True, False]])
+    losses, chosen_rewards, rejected_rewards = L.unlikelihood_loss(lp_w, m_w, lp_l, m_l, alpha=1.0)
+    assert_close(losses, t(2.537587))
+    assert_close(L.unlikelihood_loss(lp_w, m_w, lp_l, m_l, alpha=0.5)[0], t(1.788654))
+    assert_close(chosen_rewards, t(-1.039721))  # mean token log-prob of y_w
+    assert_close(rejected_rewards, t((math.log(0.5) + math.log(0.9)) / 2))  # -0.399254
+
+
+def test_unlikelihood_gradient_and_certain_token_are_finite():
+    # d/dl [-log(1 - e^l)] = e^l / (1 - e^l) = π / (1 - π): at π = 0.9, 9 (per token, / |y_l| = 2 -> 4.5)
+    lp_l = torch.tensor([[math.log(0.9), -60.0]], dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([[True, True]])
+    lp_w = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    loss = L.unlikelihood_loss(lp_w, m, lp_l, m)[0].sum()
+    loss.backward()
+    assert_close(lp_l.grad, torch.tensor([[4.5, math.exp(-60.0) / 2]], dtype=torch.float64))
+    # π = 1 (log π = 0) and π a hair below 1: clamped at 1 - π = 1e-5, so -log(1e-5) = 11.512925 per token
+    lp_l = torch.tensor([[0.0, -1e-12]], requires_grad=True)
+    losses = L.unlikelihood_loss(torch.zeros(1, 2), m, lp_l, m)[0]
+    assert_close(losses, t(-math.log(1e-5)), rtol=1e-4, atol=1e-4)
+    losses.sum().backward()
+    assert torch.isfinite(lp_l.grad).all()
+    assert torch.autograd.gradcheck(
+        lambda a, b: L.unlikelihood_loss(a, m, b, m, 0.7)[0],
+        (torch.tensor([[-0.3, -2.0]], dtype=torch.float64, requires_grad=True),
+         torch.tensor([[-0.2, -3.0]], dtype=torch.float64, requires_grad=True)))
+
+
+def test_unlikelihood_checks_shapes():
+    with pytest.raises(ValueError, match="rejected_mask must have shape"):
+        L.unlikelihood_loss(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 4),
+                            torch.ones(2, 3, dtype=torch.bool))

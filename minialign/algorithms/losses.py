@@ -61,6 +61,8 @@ References
 [CPO]    Xu et al. 2024, "Contrastive Preference Optimization", Sec. 3 (L_CPO = L_prefer + L_NLL).
 [ORPO]   Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
          Eq. 6 (objective) and Eq. 7 (odds-ratio loss).
+[UL]     Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training", Eq. 4 (token-level
+         unlikelihood); as the fourth IMDb baseline of [DPO] Sec. 6.1 (likelihood of y_w, unlikelihood of y_l).
 [KTO]    Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Sec. 4.
 [PPO]    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7 (L^CLIP) and Eq. 9.
 [GAE]    Schulman et al. 2015, "High-Dimensional Continuous Control Using Generalized Advantage
@@ -88,6 +90,7 @@ Where an equation number is not given, the section named holds the formula.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -103,6 +106,7 @@ __all__ = [
     "simpo_loss",
     "cpo_loss",
     "orpo_loss",
+    "unlikelihood_loss",
     "kto_loss",
     "kl_penalty",
     "gae",
@@ -351,7 +355,8 @@ def _smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Ten
 # β of each DPO-family loss when a script's --beta is not given. sigmoid: tuned on the default task (train_dpo.py's
 # docstring); robust and hinge share its scale (summed log-ratios); ipo: 1/(2β) = a 0.5-nat target margin of the
 # token-averaged log-ratios; simpo, cpo, orpo: their papers' values
-DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1}
+DEFAULT_BETA = {"sigmoid": 2.0, "robust": 2.0, "hinge": 2.0, "ipo": 1.0, "simpo": 2.0, "cpo": 0.1, "orpo": 0.1,
+                "unlikelihood": 1.0}  # unlikelihood: β is the weight α of the unlikelihood term ([DPO] Sec. 6.1)
 # the loss types whose --label_smoothing means something (cDPO, rDPO, and the smoothed sigmoid of SimPO and CPO)
 LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "cpo")
 
@@ -542,6 +547,55 @@ def orpo_loss(
     log_odds_ratio = log_odds(pi_c) - log_odds(pi_r)  # log(odds(y_c) / odds(y_r))
     losses = nll - beta * F.logsigmoid(log_odds_ratio)  # Eq. 6-7: L_SFT + λ · (-log σ(log OR))
     return losses, beta * pi_c.detach(), beta * pi_r.detach()
+
+def unlikelihood_loss(
+    policy_chosen_token_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    policy_rejected_token_logps: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unlikelihood training on a preference pair: likelihood of y_w, unlikelihood of every token of y_l.
+
+    Formula (Welleck et al. 2019 Eq. 4, the token-level unlikelihood term, with the negative candidate
+    at step t being the rejected token itself; Rafailov et al. 2023 Sec. 6.1, with their coefficient α):
+        loss = -(1/|y_w|) Σ_t log π(y_w,t | x, y_w,<t)  -  α (1/|y_l|) Σ_t log(1 - π(y_l,t | x, y_l,<t))
+    Normalization: a token MEAN within each response (as ORPO's and CPO's NLL term), then one loss per pair;
+    the caller averages pairs. A response with no counted token contributes 0 to its term.
+    Numerics: log(1 - exp(l)) for l = log π <= 0 is log1mexp(l) (Mächler 2012): log(-expm1(l)) for
+    l > -log 2, log1p(-exp(l)) otherwise, each accurate on its side. l is first clamped to
+    <= log(1 - 1e-5), so 1 - π >= 1e-5 (the clamp in Welleck et al.'s code): a (numerically) certain rejected
+    token costs at most -log(1e-5) = 11.5 nats instead of inf. Reference-free; no β inside: α is train_dpo's --beta.
+    Rewards (for logging): the mean token log-prob of each response, detached.
+
+    Args:
+        policy_chosen_token_logps: (B, T) per-token log π of the chosen response y_w.
+        chosen_mask: (B, T) bool, True = a token of y_w (counts).
+        policy_rejected_token_logps: (B, T') per-token log π of the rejected response y_l.
+        rejected_mask: (B, T') bool, True = a token of y_l (counts).
+        alpha: α >= 0, weight of the unlikelihood term (0 = SFT on y_w alone).
+
+    Returns:
+        losses (B,), chosen_rewards (B,), rejected_rewards (B,).
+    """
+    _check("policy_chosen_token_logps", policy_chosen_token_logps, (None, None))
+    _check("chosen_mask", chosen_mask, tuple(policy_chosen_token_logps.shape), kind="bool")
+    _check("policy_rejected_token_logps", policy_rejected_token_logps, (policy_chosen_token_logps.shape[0], None))
+    _check("rejected_mask", rejected_mask, tuple(policy_rejected_token_logps.shape), kind="bool")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    dtype = _dtype(policy_chosen_token_logps, policy_rejected_token_logps)
+    (lp_w,) = _zero_padding(chosen_mask, policy_chosen_token_logps.to(dtype))
+    (lp_l,) = _zero_padding(rejected_mask, policy_rejected_token_logps.to(dtype))
+    lp_l = lp_l.clamp(max=math.log1p(-1e-5))  # 1 - π >= 1e-5: the unlikelihood term stays finite
+    log_one_minus_p = torch.where(lp_l > -math.log(2), torch.log(-torch.expm1(lp_l)),
+                                  torch.log1p(-torch.exp(lp_l)))  # log(1 - π(y_l,t)), log1mexp
+    likelihood = _masked_mean(lp_w, chosen_mask, dim=-1)  # (1/|y_w|) Σ_t log π(y_w,t)
+    unlikelihood = _masked_mean(log_one_minus_p, rejected_mask, dim=-1)  # (1/|y_l|) Σ_t log(1 - π(y_l,t))
+    losses = -likelihood - alpha * unlikelihood  # -log-likelihood(y_w) - α · log-unlikelihood(y_l)
+    rejected_avg = _masked_mean(policy_rejected_token_logps.to(dtype).detach().masked_fill(~rejected_mask, 0.0),
+                                rejected_mask, dim=-1)
+    return losses, likelihood.detach(), rejected_avg
 
 
 def kto_loss(
