@@ -14,6 +14,8 @@ member; each formula is in minialign.algorithms.losses:
     simpo    SimPO, reference-free, target margin γ        (averaged)   \
     cpo      CPO, reference-free DPO term + NLL(y_c)       (summed)      > no reference model is built
     orpo     ORPO, NLL(y_c) + odds-ratio term              (averaged)   /
+    unlikelihood  Welleck et al. 2019: NLL(y_c) - β·mean_t log(1 - π(y_r,t)), per token (averaged; reference-free;
+             β is the DPO paper's weight α of the unlikelihood term, default 1)
 KTO, on unpaired examples, is its own script: train_kto.py.
 
 Tuning β (sigmoid, 150 steps x 64 pairs from the default task's SFT model; sampled gold score on the
@@ -50,7 +52,7 @@ KL to the SFT checkpoint (loaded again for it when training had no live referenc
 
 Run on one device:        python train_dpo.py                          (out/sft + data/pref_train.jsonl -> out/dpo)
 Run on N GPUs / processes: torchrun --nproc_per_node=N train_dpo.py
-Other losses:             python train_dpo.py --loss_type ipo | simpo | orpo ...
+Other losses:             python train_dpo.py --loss_type ipo | simpo | orpo | unlikelihood ...
 """
 
 import json
@@ -82,7 +84,7 @@ class Config(OfflineConfig, PairBatch, PairsConfig, GoldCurveConfig, LoRAConfig)
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("data/pref_train.jsonl", "preference pairs (JSONL(.gz) or JSON; formats in minialign.data.formats)")
     pref_eval_data: str = knob("data/pref_eval.jsonl", "held-out pairs for the eval_ metrics ('' = none)")
-    loss_type: str = knob("sigmoid", "sigmoid | robust | hinge | ipo | simpo | cpo | orpo (see the docstring)",
+    loss_type: str = knob("sigmoid", "sigmoid | robust | hinge | ipo | simpo | cpo | orpo | unlikelihood (see the docstring)",
                           one_of(*LOSS_TYPES))
     beta: float | None = knob(None, f"β of the loss (> 0); unset = the loss type's default {DEFAULT_BETA} "
                                     "(config.json holds the value used)", positive)
@@ -112,6 +114,11 @@ class Config(OfflineConfig, PairBatch, PairsConfig, GoldCurveConfig, LoRAConfig)
                        f"is defined for {', '.join(LABEL_SMOOTHED)} only")
         if self.loss_type == "robust" and self.label_smoothing >= 0.5:
             out.append(f"--label_smoothing={self.label_smoothing} must be < 0.5 for robust (it divides by 1 - 2ε)")
+        defaults = type(self)()
+        for flag, applies in (("simpo_gamma_beta_ratio", ("simpo",)), ("cpo_alpha", ("cpo",))):
+            if getattr(self, flag) != getattr(defaults, flag) and self.loss_type not in applies:
+                out.append(f"--{flag}={getattr(self, flag)} with --loss_type {self.loss_type}: it is read by "
+                           f"{', '.join(applies)} only")
         if self.precompute_ref and self.loss_type in REFERENCE_FREE:
             out.append(f"--precompute_ref: {self.loss_type} is reference-free, there is nothing to precompute")
         if self.ref_update_every and (self.precompute_ref or self.loss_type in REFERENCE_FREE):
@@ -131,7 +138,7 @@ def pair_loss(model, batch, ref_model, cfg):
     pol = pair_logps(model, batch)
     pi_c, pi_r = used_logps(pol, cfg.loss_type)
     ref_c, ref_r = (None, None) if cfg.loss_type in REFERENCE_FREE else reference_logps(ref_model, batch, cfg)
-    losses, chosen_rewards, rejected_rewards = preference_terms(cfg, pi_c, pi_r, pol.chosen_nll, ref_c, ref_r)
+    losses, chosen_rewards, rejected_rewards = preference_terms(cfg, pi_c, pi_r, pol.chosen_nll, ref_c, ref_r, pol)
     metrics = {
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),
@@ -142,7 +149,7 @@ def pair_loss(model, batch, ref_model, cfg):
         "logits/chosen": pol.chosen_logits_mean.sum(),
         "logits/rejected": pol.rejected_logits_mean.sum(),
     }
-    if cfg.loss_type in ("cpo", "orpo"):
+    if cfg.loss_type in ("cpo", "orpo", "unlikelihood"):
         metrics["nll_loss"] = pol.chosen_nll.detach().sum()
     return losses.sum(), metrics
 

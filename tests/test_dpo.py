@@ -59,6 +59,7 @@ def expected_first_loss(loss_type, beta, eps, pl):
         simpo    -(1-ε) log σ(z) - ε log σ(-z),  z = β (A_c - A_r) - γ,  γ = 0.5 β (the default γ/β)
         cpo      -log σ(β (S_c - S_r)) + α·(-A_c),  α = 1
         orpo     -A_c - β log σ(log odds(A_c) - log odds(A_r))
+        unlikelihood  -A_c - β (1/|y_r|) Σ_t log(1 - exp(l_r,t)),  l_r,t the rejected token log-probs
     """
     if loss_type in ("sigmoid", "robust"):
         return LOG2
@@ -73,6 +74,10 @@ def expected_first_loss(loss_type, beta, eps, pl):
         per_pair = [-(1 - eps) * log_sigmoid(v) - eps * log_sigmoid(-v) for v in z]
     elif loss_type == "cpo":
         per_pair = [-log_sigmoid(beta * (c - r)) - a for c, r, a in zip(S_c, S_r, A_c)]
+    elif loss_type == "unlikelihood":  # per token of y_r, from the token log-probs the PairLogps carries
+        rej = [[lp for lp, m in zip(row, mrow) if m] for row, mrow in
+               zip(pl.rejected_token_logps.tolist(), pl.rejected_mask.tolist())]
+        per_pair = [-c - beta * sum(math.log(1 - math.exp(lp)) for lp in r) / len(r) for c, r in zip(A_c, rej)]
     else:  # orpo
         per_pair = [-c - beta * log_sigmoid(log_odds(c) - log_odds(r)) for c, r in zip(A_c, A_r)]
     return sum(per_pair) / len(per_pair)
@@ -96,6 +101,7 @@ FIRST_STEP_CASES = [  # (loss_type, beta, label_smoothing) -> the closed form in
     ("simpo", 2.0, 0.1),
     ("cpo", 0.1, 0.0),
     ("orpo", 0.1, 0.0),
+    ("unlikelihood", 1.0, 0.0),
 ]
 
 
@@ -111,7 +117,7 @@ def test_pair_loss_at_policy_equal_reference_is_the_closed_form(loss_type, beta,
     used = [u.detach() for u in train_dpo.used_logps(pl, loss_type)]
     if loss_type in train_dpo.REFERENCE_FREE:  # rewards β·π (π summed for cpo, averaged for simpo, orpo)
         assert float(metrics["rewards/chosen"]) == pytest.approx(beta * float(used[0].sum()), abs=1e-10)
-        if loss_type != "simpo":  # cpo, orpo: the SFT term, mean token NLL of y_c, summed over pairs
+        if loss_type != "simpo":  # cpo, orpo, unlikelihood: the SFT term, mean token NLL of y_c, summed over pairs
             assert float(metrics["nll_loss"]) == pytest.approx(-float(pl.chosen_logps_avg.detach().sum()), abs=1e-10)
     else:  # implicit rewards β(π - ref) = 0 exactly, the reference being the same weights
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -139,6 +145,13 @@ def test_config_refuses_unsupported_combinations_and_removed_flags(capsys):
     assert "--loss_type='nope'" in refused(["--loss_type", "nope"], capsys)
     assert "--loss_type='kto'" in refused(["--loss_type", "kto"], capsys)  # KTO is train_kto.py now
     assert "--label_smoothing=0.6" in refused(["--label_smoothing", "0.6"], capsys)
+    assert "--precompute_ref: unlikelihood is reference-free" in refused(
+        ["--loss_type", "unlikelihood", "--precompute_ref"], capsys)
+    assert "--label_smoothing=0.1 with --loss_type unlikelihood" in refused(
+        ["--loss_type", "unlikelihood", "--label_smoothing", "0.1"], capsys)
+    assert "--cpo_alpha=2.0 with --loss_type unlikelihood: it is read by cpo only" in refused(
+        ["--loss_type", "unlikelihood", "--cpo_alpha", "2"], capsys)
+    assert "--simpo_gamma_beta_ratio=1.0 with --loss_type sigmoid" in refused(["--simpo_gamma_beta_ratio", "1"], capsys)
     for gone in (["--layout", "two_rows"], ["--unpaired_data", "x.jsonl"], ["--kto_desirable_weight", "1"],
                  ["--max_new_tokens", "8"]):  # removed or renamed (--eval_max_new_tokens) in the restructuring
         assert f"unrecognized arguments: {' '.join(gone)}" in refused(gone, capsys)
@@ -205,6 +218,7 @@ LOSS_RUNS = {  # run name -> (flags, β the run uses, ε); every run on the 8 pa
     "simpo": (["--loss_type", "simpo", "--eval_data", "PROMPTS", "--eval_prompts", "6", "--eval_max_new_tokens", "6"], 2.0, 0.0),
     "cpo": (["--loss_type", "cpo"], 0.1, 0.0),
     "orpo": (["--loss_type", "orpo"], 0.1, 0.0),
+    "unlikelihood": (["--loss_type", "unlikelihood"], 1.0, 0.0),  # rewards: mean token log-probs (= β·π at β 1)
     # TR-DPO, hard copy every step, with cDPO's label smoothing: first loss log 2
     "sigmoid_trdpo": (["--loss_type", "sigmoid", "--ref_update_every", "1", "--label_smoothing", "0.2"], 2.0, 0.2),
 }

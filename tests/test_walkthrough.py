@@ -165,6 +165,8 @@ def test_dpo_printed_loss_is_the_loss_of_the_printed_log_probs(loss_type):
         assert torch.allclose(r_c, beta * (pi_c - ref_c)) and torch.equal(ref_c, pi_c)  # step 0: π = π_ref
     elif loss_type == "simpo":
         losses, _, _ = L.simpo_loss(pi_c, pi_r, beta)
+    elif loss_type == "unlikelihood":  # per token: the printed token table of every response
+        losses, _, _ = L.unlikelihood_loss(tok_pi[0::2].double(), mask[0::2], tok_pi[1::2].double(), mask[1::2], beta)
     else:
         nll = v["policy_chosen_nll"].double()
         losses, _, _ = (L.cpo_loss(pi_c, pi_r, nll, beta) if loss_type == "cpo" else L.orpo_loss(pi_c, pi_r, nll, beta))

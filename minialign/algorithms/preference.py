@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minialign.algorithms.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, sequence_logps, simpo_loss
+from minialign.algorithms.losses import (DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
+                                        unlikelihood_loss)
 from minialign.algorithms.packing import length_sorted_chunks, pack, response_logps
 from minialign.data.batching import tokenize_preferences
 from minialign.data.formats import PreferencePair, UnpairedRecord
@@ -35,6 +36,10 @@ class PairLogps:
     chosen_nll: torch.Tensor  # mean token NLL of y_c = -chosen_logps_avg (CPO / ORPO's SFT term)
     chosen_logits_mean: torch.Tensor  # mean raw logit over y_c's positions and the vocabulary (logging only, detached)
     rejected_logits_mean: torch.Tensor
+    chosen_token_logps: torch.Tensor | None = None  # (B, N) per-token log π of y_c, 0 off chosen_mask (unlikelihood)
+    rejected_token_logps: torch.Tensor | None = None  # (B, N) the same of y_r
+    chosen_mask: torch.Tensor | None = None  # (B, N) bool, True = a token of y_c
+    rejected_mask: torch.Tensor | None = None
 
 
 def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,15 +55,21 @@ def pair_logps(model, batch: dict) -> PairLogps:
 
     Gradients flow unless called under torch.no_grad (the reference model).
     """
-    total, avg, logit_mean = (t.view(-1, 2) for t in completion_logps(model, batch))  # (B, 2) each
-    return PairLogps(total[:, 0], total[:, 1], avg[:, 0], avg[:, 1], -avg[:, 0], logit_mean[:, 0], logit_mean[:, 1])
+    per_token, logit_means = response_logps(model, batch, logit_means=True)  # (2B, N) each
+    mask = batch["response_mask"]  # (2B, N): rows 2b chosen, 2b + 1 rejected
+    total, avg, logit_mean = (t.view(-1, 2) for t in (sequence_logps(per_token, mask),
+                                                      sequence_logps(per_token, mask, average=True),
+                                                      sequence_logps(logit_means, mask, average=True)))  # (B, 2)
+    return PairLogps(total[:, 0], total[:, 1], avg[:, 0], avg[:, 1], -avg[:, 0], logit_mean[:, 0], logit_mean[:, 1],
+                     per_token[0::2], per_token[1::2], mask[0::2], mask[1::2])
 
 
 # ------------------------------------------------------------------------ the DPO family's loss (train_dpo.py)
 
-LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "cpo", "orpo")  # train_dpo.py's --loss_type
-REFERENCE_FREE = ("simpo", "cpo", "orpo")
-LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # these use mean token log-probs, the others sums
+LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "cpo", "orpo", "unlikelihood")  # train_dpo.py's --loss_type
+REFERENCE_FREE = ("simpo", "cpo", "orpo", "unlikelihood")
+LENGTH_AVERAGED = ("ipo", "simpo", "orpo", "unlikelihood")  # these use mean token log-probs, the others sums
+TOKEN_LEVEL = ("unlikelihood",)  # these need the per-token log-probs (preference_terms' pol), not only sequence ones
 
 
 def used_logps(pl: PairLogps, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,10 +88,16 @@ def reference_logps(ref_model, batch: dict, cfg) -> tuple[torch.Tensor, torch.Te
 
 
 def preference_terms(cfg, policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, ref_chosen_logps,
-                     ref_rejected_logps):
+                     ref_rejected_logps, pol: PairLogps | None = None):
     """The --loss_type's loss from minialign.algorithms.losses -> per-pair losses (B,), chosen and rejected implicit
-    rewards (B,), detached. cfg: loss_type, beta, label_smoothing, simpo_gamma_beta_ratio, cpo_alpha (train_dpo.py's)."""
+    rewards (B,), detached. cfg: loss_type, beta, label_smoothing, simpo_gamma_beta_ratio, cpo_alpha (train_dpo.py's).
+    pol: the policy's PairLogps, needed by the TOKEN_LEVEL loss types (unlikelihood, its β = the weight α)."""
     t, beta, eps = cfg.loss_type, cfg.beta, cfg.label_smoothing
+    if t in TOKEN_LEVEL:
+        if pol is None:
+            raise ValueError(f"loss_type {t!r} needs the per-token log-probs: pass pol=pair_logps(...)")
+        return unlikelihood_loss(pol.chosen_token_logps, pol.chosen_mask, pol.rejected_token_logps, pol.rejected_mask,
+                                 alpha=beta)
     if t in DPO_LOSS_TYPES:
         return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, t, eps)
     if t == "simpo":

@@ -34,6 +34,7 @@ DPO_EQUATIONS = {
     "simpo": "losses = -log σ(β π_c - β π_r - γ)   (SimPO Eq. 6; averaged log-probs, no reference)",
     "cpo": "losses = -log σ(β (π_c - π_r)) + α NLL(y_c)   (CPO; no reference)",
     "orpo": "losses = NLL(y_c) - β log σ(log odds(y_c) - log odds(y_r))   (ORPO Eq. 6-7; averaged)",
+    "unlikelihood": "losses = NLL(y_c) - β mean_t log(1 - π(y_r,t))   (Welleck et al. 2019; per token)",
 }
 
 
@@ -252,9 +253,10 @@ def walk_dpo(ctx: Context, tr: Trace, loss_type: str = "sigmoid", beta: float = 
     tr.keep("policy_chosen_nll", pol.chosen_nll)
 
     tr.section("implicit rewards, margin, loss (preference_terms -> "
-               + {"simpo": "simpo_loss", "cpo": "cpo_loss", "orpo": "orpo_loss"}.get(loss_type, "dpo_loss") + ")")
+               + {"simpo": "simpo_loss", "cpo": "cpo_loss", "orpo": "orpo_loss",
+                  "unlikelihood": "unlikelihood_loss"}.get(loss_type, "dpo_loss") + ")")
     with torch.no_grad():
-        losses, chosen_rewards, rejected_rewards = preference_terms(cfg, pi_c, pi_r, pol.chosen_nll, ref_c, ref_r)
+        losses, chosen_rewards, rejected_rewards = preference_terms(cfg, pi_c, pi_r, pol.chosen_nll, ref_c, ref_r, pol)
     reward_eq = "β π" if free else "β (log π - log π_ref)"
     tr.tensor("chosen_rewards", chosen_rewards, f"{reward_eq} of y_c")
     tr.tensor("rejected_rewards", rejected_rewards, f"{reward_eq} of y_r")
@@ -278,7 +280,7 @@ def walk_dpo(ctx: Context, tr: Trace, loss_type: str = "sigmoid", beta: float = 
         p = pair_logps(m, b)
         c, r = used_logps(p, loss_type)
         rc, rr = (None, None) if free else reference_logps(ref_model, b, cfg)
-        return preference_terms(cfg, c, r, p.chosen_nll, rc, rr)[0].sum(), {}
+        return preference_terms(cfg, c, r, p.chosen_nll, rc, rr, p)[0].sum(), {}
 
     tr.section(f"ONE update: AdamW at lr {lr} (loop.train_step)")
     metrics = one_update(model, [batch], pair_loss, pair_count, lr, ctx.rt)
@@ -288,7 +290,8 @@ def walk_dpo(ctx: Context, tr: Trace, loss_type: str = "sigmoid", beta: float = 
     tr.section("after the step: how each sequence log-prob moved")
     with torch.no_grad():
         a_c, a_r = used_logps(pair_logps(model, batch), loss_type)
-        a_losses = preference_terms(cfg, a_c, a_r, pair_logps(model, batch).chosen_nll, ref_c, ref_r)[0]
+        after = pair_logps(model, batch)
+        a_losses = preference_terms(cfg, a_c, a_r, after.chosen_nll, ref_c, ref_r, after)[0]
     tr.table(["pair", "π_c before", "after", "Δ π_c", "π_r before", "after", "Δ π_r", "loss after"],
              [[str(i), float(pi_c[i]), float(a_c[i]), float(a_c[i] - pi_c[i]), float(pi_r[i]), float(a_r[i]),
                float(a_r[i] - pi_r[i]), float(a_losses[i])] for i in range(len(losses))])
