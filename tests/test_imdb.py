@@ -17,7 +17,8 @@ from conftest import DigitTok, tiny_model
 
 from minialign.algorithms import classifier, reward_funcs
 from minialign.evaluation.evaluate import sample_and_score, summarize, text_judge
-from minialign.experiments.imdb import reader
+from minialign.evaluation import degeneracy
+from minialign.experiments.imdb import naive_bayes, reader
 from minialign.experiments.imdb import run as experiment
 
 GOOD = "wonderful great superb moving brilliant loved beautiful best".split()
@@ -177,6 +178,37 @@ def test_classifier_separates_a_toy_set_and_round_trips(tmp_path):
         classifier.train_classifier(["a"], [2])
 
 
+def test_second_judge_naive_bayes_separates_a_toy_set_and_round_trips(tmp_path):
+    pos = ["a great film, wonderful acting", "great fun and wonderful", "loved it, great", "wonderful, great story"]
+    neg = ["an awful film, terrible acting", "awful and boring", "terrible, hated it", "boring awful story"]
+    texts, labels = (pos + neg) * 5, ([1] * 4 + [0] * 4) * 5
+    nb = naive_bayes.train_naive_bayes(texts, labels, min_count=1)
+    # log P(w|+) - log P(w|-) > 0 for a positive word, < 0 for a negative one, 0-ish for "film" (in both once)
+    assert nb.weights["great"] > 0 > nb.weights["awful"]
+    p = nb.predict_proba(["great wonderful", "awful terrible"])
+    assert p[0] > 0.5 > p[1]
+    assert naive_bayes.evaluate_naive_bayes(nb, pos + neg, [1] * 4 + [0] * 4)["accuracy"] == 1.0
+    assert nb.score(["a great"], [" film"]) == pytest.approx(nb.predict_proba(["a great film"]).tolist())
+    naive_bayes.save_naive_bayes(nb, tmp_path / "nb.json")
+    again = naive_bayes.load_naive_bayes(tmp_path / "nb.json")
+    assert torch.equal(again.predict_proba(pos + neg), nb.predict_proba(pos + neg))
+    (tmp_path / "bad.json").write_text('{"kind": "other"}')
+    with pytest.raises(ValueError, match="not a naive Bayes judge file"):
+        naive_bayes.load_naive_bayes(tmp_path / "bad.json")
+
+
+def test_degeneracy_hand_computed():
+    # "the best of the best of the best": 8 words, 3-grams: the-best-of, best-of-the, of-the-best, the-best-of (rep),
+    # best-of-the (rep), of-the-best (rep) -> 3 of 6 repeat: 0.5. "a fine film": 1 3-gram, none repeats: 0.
+    texts = ["the best of the best of the best", "a fine film"]
+    d = degeneracy.degeneracy(texts)
+    assert d["repeat_3"] == pytest.approx((0.5 + 0.0) / 2)
+    # words: 8 + 3 = 11, unique: the best of a fine film = 6 -> 6/11; bigrams: 7 + 2 = 9, unique: the-best best-of
+    # of-the a-fine fine-film = 5 -> 5/9
+    assert d["distinct_1"] == pytest.approx(6 / 11) and d["distinct_2"] == pytest.approx(5 / 9)
+    assert degeneracy.degeneracy(["", "one"]) == {"distinct_1": 1.0, "distinct_2": 0.0, "repeat_3": 0.0}
+
+
 def test_classifier_reward_term_scores_prompt_plus_completion(tmp_path):
     rng = random.Random(1)
     texts = [review_text(rng, i % 2 == 0) for i in range(100)]
@@ -275,13 +307,22 @@ def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, caps
     assert (out / "runs" / "grpo_s0" / "frontier" / "step_00001.json").exists()
     sft = json.loads((out / "sft" / "frontier" / "final.json").read_text())
     assert sft["kl"] == 0.0 and sft["n_samples"] == 16 and 0 <= sft["reward"] <= 1
+    # the second judge and the degeneracy measures score every evaluated checkpoint, beside the true reward
+    judge2 = json.loads((out / "judge2" / "metrics.json").read_text())
+    assert 0 <= judge2["test"]["accuracy"] <= 1 and judge2["vocab"] > 0
+    for point in [sft] + [json.loads(p.read_text()) for p in points]:
+        assert 0 <= point["judge2"] <= 1 and point["judge2_se"] >= 0
+        assert 0 <= point["distinct_1"] <= 1 and 0 <= point["distinct_2"] <= 1 and 0 <= point["repeat_3"] <= 1
     text = (out / "report.md").read_text()
     for needle in ("test-split accuracy", "KL <= 1", "DPO", "GRPO (true reward)", "Best-of-N (learned RM)",
-                   "GFLOP/s", "Sampled continuations", "| dpo_b0.1_s0/train |"):
+                   "GFLOP/s", "Sampled continuations", "| dpo_b0.1_s0/train |", "Second judge (never used for training",
+                   "best second judge, KL <= 1", "| second judge | KL (nats) | distinct-1 | distinct-2 |", "| sft"):
         assert needle in text
     assert "DPO" in table
     res = json.loads((out / "results.json").read_text())
     assert res["series"]["dpo"][0]["kl"] == 0.0 and len(res["series"]["dpo"]) == 3  # SFT start + 2 points
+    assert all(p["judge2"] is not None and p["repeat_3"] is not None for p in res["series"]["dpo"])
+    assert res["judge2"]["test"]["n"] == judge2["test"]["n"]
     # a second invocation skips everything that is done and writes the same points
     experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "best_of_n"))
     again = capsys.readouterr().out

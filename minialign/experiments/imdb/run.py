@@ -97,9 +97,10 @@ from minialign.algorithms.rollout import load_rl_prompts, sample_rollout
 from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import UserError, run_cli
 from minialign.evaluation import best_of_n, report
+from minialign.evaluation.degeneracy import degeneracy
 from minialign.evaluation.evaluate import reward_model_judge, sample_and_score, summarize, text_judge
 from minialign.experiments import stages
-from minialign.experiments.imdb import reader
+from minialign.experiments.imdb import naive_bayes, reader
 from minialign.training import checkpoint
 from minialign.training.runtime import Runtime
 
@@ -111,7 +112,9 @@ LABELS = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-
 COLORS = {"sft": "black", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:red", "grpo": "tab:green",
           "pft": "tab:purple", "best_of_n": "tab:brown", "best_of_n_oracle": "tab:gray"}
 KL_BUDGETS = (1.0, 3.0, 10.0)
-OUTPUTS = {"data", "classifier", "tokenizer", "sft", "prefs", "rm", "runs", "best_of_n", "plots", "logs", "report.md",
+SECOND = ("judge2", "distinct_1", "distinct_2", "repeat_3")  # per-point columns beside the true reward
+DEGENERATE_REPEAT_3 = 0.2  # a point whose samples repeat >= 20% of their 3-grams is marked degenerate (x in the plot)
+OUTPUTS = {"data", "classifier", "judge2", "tokenizer", "sft", "prefs", "rm", "runs", "best_of_n", "plots", "logs", "report.md",
            "results.json", "timings.json"}  # what the experiment writes in --out (all --force may delete)
 
 
@@ -123,6 +126,7 @@ class Scale:
     vocab_size: int = 2048
     tokenizer_reviews: int = 5000  # train reviews the tokenizer is trained on
     classifier_steps: int = 60  # full-batch Adam steps of the classifier
+    judge2_min_count: int = 2  # the second judge's vocabulary: words in >= this many train reviews
     continuation_tokens: int = 40  # C: SFT continuations are cut to <= C tokens
     max_new_tokens: int = 48  # generation budget everywhere (C + 8)
     rl_prompts: int = 5000  # train prefixes in the RL prompt file (and the first pref_prefixes make the pairs)
@@ -225,6 +229,31 @@ def stage_classifier(reviews: dict, out: Path, scale: Scale) -> dict:
     return metrics
 
 
+def stage_judge2(reviews: dict, out: Path, scale: Scale) -> dict:
+    """Train the SECOND judge (minialign.experiments.imdb.naive_bayes) on the train split, evaluate it on the test
+    split. It scores every evaluated checkpoint beside the true reward and never trains anything."""
+    path = out / "judge2" / "naive_bayes.json"
+    metrics_path = out / "judge2" / "metrics.json"
+    if path.exists() and metrics_path.exists():
+        print(f"[judge2] already done in {path.parent}, skipping")
+        return json.loads(metrics_path.read_text())
+    t0 = time.time()
+    train, test = reviews["train"], reviews["test"]
+    nb = naive_bayes.train_naive_bayes([r.text for r in train], [r.label for r in train], scale.judge2_min_count)
+    labels = [r.label for r in test]
+    openings = [" ".join(r.text.split()[: scale.continuation_tokens]) for r in test]
+    metrics = {"test": naive_bayes.evaluate_naive_bayes(nb, [r.text for r in test], labels),
+               "test_first_words": {**naive_bayes.evaluate_naive_bayes(nb, openings, labels),
+                                    "words": scale.continuation_tokens},
+               "vocab": len(nb.weights), "calibration": {"scale": nb.scale, "bias": nb.bias}}
+    naive_bayes.save_naive_bayes(nb, path, metrics)
+    checkpoint.write_json(metrics, metrics_path)
+    stages.add_time(out, "judge2", time.time() - t0)
+    print(f"[judge2] naive Bayes test accuracy {metrics['test']['accuracy']:.4f} (first {scale.continuation_tokens} "
+          f"words {metrics['test_first_words']['accuracy']:.4f}) in {time.time() - t0:.0f}s", flush=True)
+    return metrics
+
+
 def stage_tokenizer(reviews: dict, out: Path, scale: Scale) -> Path:
     path = out / "tokenizer" / "tokenizer.model"
     if path.exists():
@@ -277,14 +306,18 @@ class Evaluator:
         self.ref = frozen(checkpoint.load_model(out / "sft"), self.rt)
         self.prompts = load_rl_prompts(paths["eval"], self.tok, self.ref.cfg.max_seq_len - scale.max_new_tokens, [])
         self.reward_fn = classifier_reward(str(out / "classifier" / "classifier.pt"))
+        self.judge2 = naive_bayes.load_naive_bayes(out / "judge2" / "naive_bayes.json")  # scores only, never trains
 
     def point(self, ckpt_dir: Path) -> dict:
         policy = frozen(checkpoint.load_model(ckpt_dir), self.rt)
         t0 = time.time()
-        samples = sample_and_score(policy, self.tok, self.prompts, {"reward": text_judge(self.reward_fn)}, self.ref,
+        judges = {"reward": text_judge(self.reward_fn), "judge2": text_judge(self.judge2.score)}
+        samples = sample_and_score(policy, self.tok, self.prompts, judges, self.ref,
                                    samples_per_prompt=self.scale.eval_samples, max_new_tokens=self.scale.max_new_tokens,
                                    seed=EVAL_SEED)
-        return {**summarize(samples, "reward"), "eval_seconds": round(time.time() - t0, 1)}
+        second = summarize(samples, "judge2", n_examples=0)
+        return {**summarize(samples, "reward"), "judge2": second["reward"], "judge2_se": second["reward_se"],
+                **degeneracy(samples.completions), "eval_seconds": round(time.time() - t0, 1)}
 
 
 def write_point(path: Path, step: int, point: dict) -> None:
@@ -471,9 +504,10 @@ def series(res: dict) -> dict[str, list[dict]]:
     sft = res["sft"]
     for name, pts in res["runs"].items():
         m = pts[0]["method"]
-        start = [{"kl": 0.0, "reward": sft["reward"], "seed": pts[0]["seed"], "run": name, "step": 0}] if sft else []
-        out.setdefault(m, []).extend(start + [{"kl": p["kl"], "reward": p["reward"], "seed": p["seed"], "run": name,
-                                               "step": p["step"]} for p in pts])
+        start = [{"kl": 0.0, **{k: sft.get(k) for k in SECOND}, "reward": sft["reward"], "seed": pts[0]["seed"],
+                  "run": name, "step": 0}] if sft else []
+        out.setdefault(m, []).extend(start + [{"kl": p["kl"], "reward": p["reward"], **{k: p.get(k) for k in SECOND},
+                                               "seed": p["seed"], "run": name, "step": p["step"]} for p in pts])
     bon = res["best_of_n"]
     if bon:
         for key, m in (("points", "best_of_n"), ("oracle_points", "best_of_n_oracle")):
@@ -482,22 +516,26 @@ def series(res: dict) -> dict[str, list[dict]]:
     return out
 
 
-def best_within(points: list[dict], budget: float) -> dict[int, float]:
-    """{seed: the highest reward among the points with KL <= budget} (seeds with no such point left out)."""
+def best_within(points: list[dict], budget: float, key: str = "reward") -> dict[int, float]:
+    """{seed: the highest `key` (reward, judge2) among the points with KL <= budget} (seeds with no such point, or
+    no `key`, left out)."""
     best: dict[int, float] = {}
     for p in points:
-        if p["kl"] <= budget:
-            best[p["seed"]] = max(best.get(p["seed"], -math.inf), p["reward"])
+        if p["kl"] <= budget and p.get(key) is not None:
+            best[p["seed"]] = max(best.get(p["seed"], -math.inf), p[key])
     return best
 
 
-def budget_table(ser: dict) -> str:
-    head = "| method | " + " | ".join(f"best true reward, KL <= {b:g}" for b in KL_BUDGETS) + " | points |"
+def budget_table(ser: dict, key: str = "reward") -> str:
+    what = {"reward": "best true reward", "judge2": "best second judge"}[key]
+    head = "| method | " + " | ".join(f"{what}, KL <= {b:g}" for b in KL_BUDGETS) + " | points |"
     lines = [head, "|" + "---|" * (len(KL_BUDGETS) + 2)]
     for m in [k for k in LABELS if k in ser]:
+        if not any(p.get(key) is not None for p in ser[m]):
+            continue  # best-of-N has no second-judge scores
         cells = []
         for b in KL_BUDGETS:
-            best = best_within(ser[m], b)
+            best = best_within(ser[m], b, key)
             vals = sorted(best.values())
             if not vals:
                 cells.append("-")
@@ -510,40 +548,54 @@ def budget_table(ser: dict) -> str:
 
 
 def runs_table(res: dict, timings: dict) -> str:
-    lines = ["| run | steps | true reward | KL (nats) | mean length | train s | eval s |", "|---" * 7 + "|"]
-    for name, pts in res["runs"].items():
-        p = pts[-1]
-        lines.append(f"| {name} | {p['step']} | {p['reward']:.3f} ± {p['reward_se']:.3f} | {p['kl']:.2f} ± "
-                     f"{p['kl_se']:.2f} | {p['mean_length']:.1f} | {timings.get(f'{name}/train', 0):.0f} | "
-                     f"{timings.get(f'{name}/eval', 0):.0f} |")
+    lines = ["| run | steps | true reward | second judge | KL (nats) | distinct-1 | distinct-2 | repeated 3-grams "
+             "| mean length | train s | eval s |", "|---" * 11 + "|"]
+    rows = ([("sft", res["sft"])] if res["sft"] else []) + [(name, pts[-1]) for name, pts in res["runs"].items()]
+    for name, p in rows:
+        second = f"{p['judge2']:.3f} ± {p['judge2_se']:.3f}" if "judge2" in p else "-"
+        degen = (" | ".join(f"{p[k]:.3f}" for k in ("distinct_1", "distinct_2", "repeat_3"))
+                 if "repeat_3" in p else "- | - | -")
+        flag = " (degenerate)" if p.get("repeat_3", 0) >= DEGENERATE_REPEAT_3 else ""
+        lines.append(f"| {name}{flag} | {p['step']} | {p['reward']:.3f} ± {p['reward_se']:.3f} | {second} | "
+                     f"{p['kl']:.2f} ± {p['kl_se']:.2f} | {degen} | {p['mean_length']:.1f} | "
+                     f"{timings.get(f'{name}/train', 0):.0f} | {timings.get(f'{name}/eval', 0):.0f} |")
     return "\n".join(lines)
 
 
 def plot(ser: dict, path: Path) -> bool:
-    """reward vs KL, one series per method (a line per run); False without matplotlib."""
+    """reward vs KL, one series per method (a line per run), the true reward left and the second judge right (the
+    same samples); points whose samples repeat >= DEGENERATE_REPEAT_3 of their 3-grams drawn as x; False without
+    matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
         return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, pts in ser.items():
-        label = LABELS[m]
-        by_run: dict[str, list] = {}
-        for p in pts:
-            by_run.setdefault(p["run"], []).append(p)
-        for run, rp in by_run.items():
-            style = "--" if m == "best_of_n_oracle" else "-"
-            ax.plot([p["kl"] for p in rp], [p["reward"] for p in rp], style, marker="o", ms=3, lw=1,
-                    color=COLORS[m], label=label, alpha=0.8)
-            label = None
-    if pts := [p for m in ser.values() for p in m if p["step"] == 0 and p["kl"] == 0.0]:
-        ax.plot([0.0], [pts[0]["reward"]], "*", ms=10, color=COLORS["sft"], label=LABELS["sft"])
-    ax.set_xlabel("KL(π || π_sft), nats per sequence")
-    ax.set_ylabel("mean true reward P(positive)")
-    ax.set_title("IMDb controlled sentiment: reward vs KL (test prefixes)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, ylabel in ((axes[0], "reward", "mean true reward P(positive)"),
+                            (axes[1], "judge2", "mean second judge P(positive) (naive Bayes, never trained on)")):
+        for m, pts in ser.items():
+            label = LABELS[m]
+            by_run: dict[str, list] = {}
+            for p in pts:
+                if p.get(key) is not None:
+                    by_run.setdefault(p["run"], []).append(p)
+            for run, rp in by_run.items():
+                style = "--" if m == "best_of_n_oracle" else "-"
+                ax.plot([p["kl"] for p in rp], [p[key] for p in rp], style, marker="o", ms=3, lw=1,
+                        color=COLORS[m], label=label, alpha=0.8)
+                label = None
+                bad = [p for p in rp if (p.get("repeat_3") or 0) >= DEGENERATE_REPEAT_3]
+                if bad:
+                    ax.plot([p["kl"] for p in bad], [p[key] for p in bad], "x", ms=8, color=COLORS[m])
+        if pts := [p for m in ser.values() for p in m if p["step"] == 0 and p["kl"] == 0.0 and p.get(key) is not None]:
+            ax.plot([0.0], [pts[0][key]], "*", ms=10, color=COLORS["sft"], label=LABELS["sft"])
+        ax.set_xlabel("KL(π || π_sft), nats per sequence")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("IMDb: true reward (optimized) vs KL", fontsize=9)
+    axes[1].set_title(f"the same samples, second judge (x: repeated 3-grams >= {DEGENERATE_REPEAT_3:.0%})", fontsize=9)
+    axes[0].legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -556,6 +608,7 @@ def write_report(out: Path, scale_name: str, scale: Scale, seeds: list[int], com
     ser = series(res)
     timings = report.load_timings(out)
     clf = report.read_json(out / "classifier" / "metrics.json") or {}
+    judge2 = report.read_json(out / "judge2" / "metrics.json") or {}
     prefs = report.read_json(out / "prefs" / "stats.json") or {}
     rm = report.read_json(out / "rm" / "rm_scores.json") or {}
     gflops = report.matmul_gflops()
@@ -570,6 +623,14 @@ def write_report(out: Path, scale_name: str, scale: Scale, seeds: list[int], com
                   f"test-split accuracy **{clf['test']['accuracy']:.4f}** on {clf['test']['n']} reviews (on the first "
                   f"{clf['test_first_words']['words']} words of each test review, about the length the policies "
                   f"write: {clf['test_first_words']['accuracy']:.4f}).", ""]
+    if judge2:
+        lines += [f"Second judge (never used for training; minialign.experiments.imdb.naive_bayes): binarized unigram "
+                  f"naive Bayes, calibrated, {judge2['vocab']} words, test-split accuracy "
+                  f"**{judge2['test']['accuracy']:.4f}** (first {judge2['test_first_words']['words']} words: "
+                  f"{judge2['test_first_words']['accuracy']:.4f}). Degeneracy of each checkpoint's samples "
+                  "(minialign.evaluation.degeneracy): distinct-1/2 over all samples, the mean fraction of a sample's "
+                  f"3-grams that repeat; a point with repeated 3-grams >= {DEGENERATE_REPEAT_3:.0%} is marked "
+                  "degenerate.", ""]
     if prefs:
         lines += [f"Preference data: {prefs['prefixes']} train prefixes x {prefs['samples'] // prefs['prefixes']} SFT "
                   f"samples -> {prefs['train_pairs']} training pairs, {prefs['eval_pairs']} held out; mean true reward "
@@ -585,7 +646,9 @@ def write_report(out: Path, scale_name: str, scale: Scale, seeds: list[int], com
     lines += ["## Best true reward within a KL budget", "",
               "Over every evaluated checkpoint of the method (and its SFT start); DPO pools its β values. With "
               "several seeds: median [min, max] over seeds of each seed's best. Unlikelihood (in the paper's figure) "
-              "is not run: none of the scripts implements its loss.", "", budget_table(ser), ""]
+              "is not run yet (train_dpo.py --loss_type unlikelihood exists; the experiment does not run it).", "",
+              budget_table(ser), "", "The same, by the second judge (the same samples):", "",
+              budget_table(ser, "judge2"), ""]
     if plotted:
         lines += ["![reward vs KL](plots/reward_vs_kl.png)", ""]
     lines += ["## Runs (last checkpoint)", "", runs_table(res, timings), ""]
@@ -619,7 +682,7 @@ def write_report(out: Path, scale_name: str, scale: Scale, seeds: list[int], com
     text = "\n".join(lines)
     (out / "report.md").write_text(text, encoding="utf-8")
     checkpoint.write_json({"scale": scale_name, "seeds": seeds, "config": dataclasses.asdict(scale),
-                           "classifier": clf, "prefs": prefs, "rm": {k: v for k, v in rm.items()
+                           "classifier": clf, "judge2": judge2, "prefs": prefs, "rm": {k: v for k, v in rm.items()
                                                                      if k not in ("chosen", "rejected")},
                            "series": ser, "timings": timings, "matmul_gflops": gflops}, out / "results.json")
     return budget_table(ser)
@@ -650,6 +713,7 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
     print(f"[data] {len(reviews['train'])} train, {len(reviews['test'])} test reviews from {imdb_path} "
           f"in {time.time() - t0:.0f}s", flush=True)
     stage_classifier(reviews, out, scale)
+    stage_judge2(reviews, out, scale)
     tok_path = stage_tokenizer(reviews, out, scale)
     paths = stage_prompts(reviews, tok_path, out, scale)
     del reviews
