@@ -17,9 +17,11 @@ from conftest import DigitTok, tiny_model
 
 from minialign.algorithms import classifier, reward_funcs
 from minialign.evaluation.evaluate import sample_and_score, summarize, text_judge
+from minialign.errors import UserError
 from minialign.evaluation import degeneracy
 from minialign.experiments.imdb import naive_bayes, reader
 from minialign.experiments.imdb import run as experiment
+from minialign.models import decoder
 
 GOOD = "wonderful great superb moving brilliant loved beautiful best".split()
 BAD = "awful boring terrible waste worst dull poor hated".split()
@@ -327,6 +329,26 @@ def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, caps
     experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "best_of_n"))
     again = capsys.readouterr().out
     assert " $ " not in again and "already done" in again
+
+
+def test_model_preset_flag_parses_and_a_changed_preset_is_refused(fixture_dir, tmp_path, capsys):
+    _, name, scale, seeds = experiment.parse_args(["--imdb", "x", "--quick", "--model_preset", "gpt2-small"])
+    assert (name, scale.preset, seeds) == ("quick", "gpt2-small", [0])
+    assert dataclasses.replace(scale, preset="cpu") == experiment.QUICK  # only the preset changed
+    _, name, scale, _ = experiment.parse_args(["--imdb", "x"])
+    assert (name, scale.preset) == ("full", "cpu")
+    with pytest.raises(SystemExit) as e:
+        experiment.parse_args(["--imdb", "x", "--model_preset", "gpt3"])
+    assert e.value.code == 2 and "invalid choice: 'gpt3'" in capsys.readouterr().err
+    assert decoder.model_config("gpt2-small").dim == 768 and decoder.model_config("gpt2-small").n_layers == 12
+    # an --out whose SFT model has another preset: refused before any training (every later stage starts from it)
+    _, _, tar = fixture_dir
+    out = tmp_path / "out"
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "config.json").write_text(json.dumps({"preset": "cpu"}))
+    with pytest.raises(UserError, match="holds an SFT model of preset 'cpu', not 'gpt2-small'"):
+        experiment.run_experiment(tar, out, dataclasses.replace(TINY, preset="gpt2-small"), seeds=[0],
+                                  methods=("dpo",))
 
 
 def test_docstring_does_not_credit_the_paper_with_best_of_n():

@@ -103,6 +103,9 @@ PRESETS = {
                          rope_theta=1e6),
     "minimind-moe": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=6400, max_seq_len=512,
                          rope_theta=1e6, n_experts=4, n_experts_per_tok=2),
+    # GPT-2 small's shape (Radford et al. 2019: 768 wide, 12 layers, 12 heads, 1024 positions) in this decoder's
+    # architecture (RoPE, RMSNorm, SwiGLU, no GQA); for the IMDb experiment on a GPU (--model_preset gpt2-small)
+    "gpt2-small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, rope_theta=1e4),
 }
 
 

@@ -101,6 +101,7 @@ from minialign.evaluation.degeneracy import degeneracy
 from minialign.evaluation.evaluate import reward_model_judge, sample_and_score, summarize, text_judge
 from minialign.experiments import stages
 from minialign.experiments.imdb import naive_bayes, reader
+from minialign.models.decoder import PRESETS
 from minialign.training import checkpoint
 from minialign.training.runtime import Runtime
 
@@ -720,6 +721,10 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
 
     # ---- SFT, then its own frontier point (KL 0)
     sft_dir = out / "sft"
+    sft_config = report.read_json(sft_dir / "config.json")
+    if sft_config and sft_config.get("preset") != scale.preset:
+        raise UserError(f"{sft_dir} holds an SFT model of preset {sft_config.get('preset')!r}, not {scale.preset!r}: "
+                        "every later stage starts from it; use a fresh --out (or --force) for another model size")
     if not (sft_dir / "frontier" / "final.json").exists():
         if ckpt_step(sft_dir) < scale.sft_steps:
             resume = continue_or_start(ckpt_step(sft_dir))
@@ -766,7 +771,8 @@ def run_experiment(imdb_path, out, scale: Scale = QUICK, seeds=(0,), methods=MET
     return table
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """argv -> (the parsed args, scale name, the Scale with --model_preset applied, seeds)."""
     ap = argparse.ArgumentParser(description="Reproduce the DPO paper's IMDb reward-vs-KL frontier, offline.")
     ap.add_argument("--imdb", required=True, help="the aclImdb folder or aclImdb_v1.tar.gz (Maas et al. 2011)")
     ap.add_argument("--out", default="out_imdb", help="output root; one folder per stage and run")
@@ -775,15 +781,26 @@ def main(argv=None):
                     help="seeds of the DPO and PPO runs (default: 0 with --quick, 0 1 otherwise); the other methods "
                          "use the first")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
+    ap.add_argument("--model_preset", default=None, choices=sorted(PRESETS),
+                    help="model size of every trained model (minialign.models.decoder.PRESETS; default: the scale's, "
+                         f"{QUICK.preset}); gpt2-small is GPT-2 small's shape, for a GPU. Part of the SFT stage: a "
+                         "different preset needs a fresh --out")
     ap.add_argument("--force", action="store_true", help="delete --out and redo every stage (refused when --out holds "
                                                          "anything the experiment does not write)")
     args = ap.parse_args(argv)
     name, scale = ("quick", QUICK) if args.quick else ("full", FULL)
+    if args.model_preset is not None:
+        scale = dataclasses.replace(scale, preset=args.model_preset)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    return args, name, scale, seeds
+
+
+def main(argv=None):
+    args, name, scale, seeds = parse_args(argv)
+    print(f"[config] {name} scale, model preset {scale.preset}, seeds {seeds}", flush=True)
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m minialign.experiments.imdb " + " ".join(shlex.quote(str(a)) for a in given)
     run_experiment(args.imdb, args.out, scale, seeds, args.methods, args.force, name, command)
-
 
 if __name__ == "__main__":
     run_cli(main)
