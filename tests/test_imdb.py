@@ -289,14 +289,14 @@ TINY = dataclasses.replace(
     max_new_tokens=16, rl_prompts=16, eval_prefixes=8, eval_samples=2, sft_steps=3, sft_batch=32, pref_prefixes=8,
     rm_steps=1, dpo_betas=(0.1,), dpo_steps=2, dpo_eval_every=1, ppo_steps=1, ppo_eval_every=1,
     ppo_prompts_per_step=8, grpo_steps=1, grpo_eval_every=1, grpo_prompts_per_step=4, grpo_generations=2,
-    pft_steps=1, pft_eval_every=1, bon_prefixes=4, bon_max_n=4)
+    pft_steps=1, pft_eval_every=1, ul_steps=1, ul_eval_every=1, bon_prefixes=4, bon_max_n=4)
 
 
 def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the scripts' subprocesses (see conftest.run)
     root, _, tar = fixture_dir
     out = tmp_path / "out"
-    table = experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "best_of_n"),
+    table = experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "ul", "best_of_n"),
                                       scale_name="tiny")
     printed = capsys.readouterr().out
     assert "[sft] $ " in printed and "train_dpo.py" in printed and "--stop_after_steps 1" in printed
@@ -307,6 +307,8 @@ def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, caps
     points = sorted((out / "runs" / "dpo_b0.1_s0" / "frontier").glob("step_*.json"))
     assert [json.loads(p.read_text())["step"] for p in points] == [1, 2]
     assert (out / "runs" / "grpo_s0" / "frontier" / "step_00001.json").exists()
+    ul = json.loads((out / "runs" / "ul_s0" / "frontier" / "step_00001.json").read_text())
+    assert ul["method"] == "ul" and "--loss_type unlikelihood" in printed and 0 <= ul["judge2"] <= 1
     sft = json.loads((out / "sft" / "frontier" / "final.json").read_text())
     assert sft["kl"] == 0.0 and sft["n_samples"] == 16 and 0 <= sft["reward"] <= 1
     # the second judge and the degeneracy measures score every evaluated checkpoint, beside the true reward
@@ -318,7 +320,7 @@ def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, caps
     text = (out / "report.md").read_text()
     for needle in ("test-split accuracy", "KL <= 1", "DPO", "GRPO (true reward)", "Best-of-N (learned RM)",
                    "GFLOP/s", "Sampled continuations", "| dpo_b0.1_s0/train |", "Second judge (never used for training",
-                   "best second judge, KL <= 1", "| second judge | KL (nats) | distinct-1 | distinct-2 |", "| sft"):
+                   "best second judge, KL <= 1", "| second judge | KL (nats) | distinct-1 | distinct-2 |", "| sft", "Unlikelihood"):
         assert needle in text
     assert "DPO" in table
     res = json.loads((out / "results.json").read_text())
@@ -326,7 +328,7 @@ def test_experiment_plumbing_on_a_tiny_configuration(fixture_dir, tmp_path, caps
     assert all(p["judge2"] is not None and p["repeat_3"] is not None for p in res["series"]["dpo"])
     assert res["judge2"]["test"]["n"] == judge2["test"]["n"]
     # a second invocation skips everything that is done and writes the same points
-    experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "best_of_n"))
+    experiment.run_experiment(tar, out, TINY, seeds=[0], methods=("dpo", "grpo", "ul", "best_of_n"))
     again = capsys.readouterr().out
     assert " $ " not in again and "already done" in again
 

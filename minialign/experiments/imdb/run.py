@@ -14,6 +14,9 @@ the training scripts run as subprocesses, each command printed before it runs (a
   data        read aclImdb (folder or .tar.gz; minialign.experiments.imdb.reader, labels from the file names)
   classifier  the TRUE reward r(x, y) = P(positive | x + y): hashed uni+bigram logistic regression trained on
               the train split's labels (minialign.algorithms.classifier); its test-split accuracy goes into the report
+  judge2      a SECOND judge, never used for training: binarized unigram naive Bayes on the same train split
+              (minialign.experiments.imdb.naive_bayes); every checkpoint is scored by both, with the degeneracy of its
+              samples (minialign.evaluation.degeneracy: distinct-1/2, repeated 3-grams)
   tokenizer   python -m minialign.data.tokenizer on train-split review text
   prompts     prefixes of 2-8 tokens: SFT data and RL prompts from TRAIN reviews, evaluation prompts from TEST
   sft         train_sft.py from scratch on (prefix -> the review's next <= C tokens)
@@ -22,7 +25,8 @@ the training scripts run as subprocesses, each command printed before it runs (a
   rm          train_rm.py on those pairs (a prefix's 6 pairs are one batch element, its "group")
   runs        DPO (train_dpo.py, one run per --beta and seed); PPO with the learned RM (train_ppo.py; per seed);
               PPO-GT, PPO with the true reward (train_ppo.py --reward_funcs classifier:PATH); GRPO with the true
-              reward (train_grpo.py); Preferred-FT (train_sft.py on the best of each prefix's 4 samples). Each
+              reward (train_grpo.py); Preferred-FT (train_sft.py on the best of each prefix's 4 samples);
+              Unlikelihood (train_dpo.py --loss_type unlikelihood on the DPO pairs; Welleck et al. 2019). Each
               run trains in segments (--stop_after_steps K, then --resume: one run, one LR schedule) and its
               checkpoint is evaluated after every segment: a point of the frontier every K steps
   best_of_n   best of N = 1..max_n SFT samples by the learned RM (and, as a ceiling, by the true reward) at the
@@ -51,9 +55,9 @@ log N - (N-1)/N (Stiennon et al. 2020, App. G.3) where they are distinct, exact 
 
 What is simplified, against the paper: a 1M-parameter decoder instead of GPT-2-large; our own bag-of-n-grams
 classifier instead of the pretrained siebert/sentiment-roberta-large-english; continuations of <= C tokens;
-a few hundred optimizer steps; the unlikelihood baseline is left out (it would need a new loss in
-train_sft.py, which none of the scripts has; the paper finds it the weakest, with degenerate text); one
-hyperparameter setting per method except DPO's β sweep.
+a few hundred optimizer steps; one hyperparameter setting per method except DPO's β sweep (Unlikelihood's lr is
+DPO's, untuned). The measurements below predate the second judge, the degeneracy measures and the Unlikelihood
+run (stages judge2 and runs/ul_s*), which add to the times.
 
 Measured (x86_64, 2 cores shared with other jobs, fp32 matmul 68-85 GFLOP/s, OMP_NUM_THREADS=1; see report.md):
   --quick  8 min 18 s in all. Classifier test accuracy 0.8963. SFT true reward 0.521 (KL 0). Last checkpoints,
@@ -106,12 +110,12 @@ from minialign.training import checkpoint
 from minialign.training.runtime import Runtime
 
 EVAL_SEED = 12345  # the evaluation's sampling seed, the same for every checkpoint (common random numbers)
-METHODS = ("dpo", "ppo", "ppo_gt", "grpo", "pft", "best_of_n")
+METHODS = ("dpo", "ppo", "ppo_gt", "grpo", "pft", "ul", "best_of_n")
 LABELS = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-GT (true reward)",
-          "grpo": "GRPO (true reward)", "pft": "Preferred-FT", "best_of_n": "Best-of-N (learned RM)",
+          "grpo": "GRPO (true reward)", "pft": "Preferred-FT", "ul": "Unlikelihood", "best_of_n": "Best-of-N (learned RM)",
           "best_of_n_oracle": "Best-of-N (true reward, ceiling)"}
 COLORS = {"sft": "black", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:red", "grpo": "tab:green",
-          "pft": "tab:purple", "best_of_n": "tab:brown", "best_of_n_oracle": "tab:gray"}
+          "pft": "tab:purple", "ul": "tab:olive", "best_of_n": "tab:brown", "best_of_n_oracle": "tab:gray"}
 KL_BUDGETS = (1.0, 3.0, 10.0)
 SECOND = ("judge2", "distinct_1", "distinct_2", "repeat_3")  # per-point columns beside the true reward
 DEGENERATE_REPEAT_3 = 0.2  # a point whose samples repeat >= 20% of their 3-grams is marked degenerate (x in the plot)
@@ -157,6 +161,10 @@ class Scale:
     pft_steps: int = 30
     pft_eval_every: int = 15
     pft_lr: float = 1e-3
+    ul_steps: int = 24  # Unlikelihood (train_dpo.py --loss_type unlikelihood), on the DPO pairs
+    ul_eval_every: int = 12
+    ul_lr: float = 5e-4  # DPO's; not tuned for unlikelihood yet
+    ul_alpha: float = 1.0  # weight of the unlikelihood term (the DPO paper's α in [0, 1]; train_dpo's --beta)
     bon_prefixes: int = 128
     bon_max_n: int = 16
 
@@ -166,6 +174,7 @@ FULL = dataclasses.replace(
     QUICK, tokenizer_reviews=10000, eval_samples=4, sft_steps=1000, pref_prefixes=2000, rm_steps=150,
     dpo_betas=(0.05, 0.1, 1.0, 5.0), dpo_steps=60, dpo_eval_every=20, ppo_steps=40, ppo_eval_every=5,
     grpo_steps=40, grpo_eval_every=10, grpo_prompts_per_step=16, pft_steps=60, pft_eval_every=20,
+    ul_steps=60, ul_eval_every=20,
     bon_prefixes=256, bon_max_n=64)
 
 
@@ -482,6 +491,11 @@ def method_runs(out: Path, paths: dict, prefs: dict, scale: Scale, seeds: list[i
             "train_sft.py", "--init_from", sft, "--data", prefs["pft"], *no_eval, "--max_len", 96, "--lr",
             scale.pft_lr, "--warmup_steps", 5, "--micro_batch_size", 32, "--grad_accum", 2, "--seed", seed],
             scale.pft_steps, scale.pft_eval_every, {}))
+    if "ul" in methods:
+        runs.append(Run(f"ul_s{seed}", "ul", seed, [
+            "train_dpo.py", "--init_from", sft, "--loss_type", "unlikelihood", "--data", prefs["pairs"],
+            "--pref_eval_data", prefs["pairs_eval"], *no_eval, "--beta", scale.ul_alpha, "--lr", scale.ul_lr,
+            "--warmup_steps", 5, "--seed", seed], scale.ul_steps, scale.ul_eval_every, {"alpha": scale.ul_alpha}))
     return runs
 
 
@@ -646,8 +660,7 @@ def write_report(out: Path, scale_name: str, scale: Scale, seeds: list[int], com
                   f"{s['eos_rate']:.2f}.", ""]
     lines += ["## Best true reward within a KL budget", "",
               "Over every evaluated checkpoint of the method (and its SFT start); DPO pools its β values. With "
-              "several seeds: median [min, max] over seeds of each seed's best. Unlikelihood (in the paper's figure) "
-              "is not run yet (train_dpo.py --loss_type unlikelihood exists; the experiment does not run it).", "",
+              "several seeds: median [min, max] over seeds of each seed's best.", "",
               budget_table(ser), "", "The same, by the second judge (the same samples):", "",
               budget_table(ser, "judge2"), ""]
     if plotted:
