@@ -257,7 +257,7 @@ def walk_dpo(ctx: Context, tr: Trace, loss_type: str = "sigmoid", beta: float = 
                   "unlikelihood": "unlikelihood_loss"}.get(loss_type, "dpo_loss") + ")")
     with torch.no_grad():
         losses, chosen_rewards, rejected_rewards = preference_terms(cfg, pi_c, pi_r, pol.chosen_nll, ref_c, ref_r, pol)
-    reward_eq = "β π" if free else "β (log π - log π_ref)"
+    reward_eq = "π (no β)" if loss_type == "unlikelihood" else "β π" if free else "β (log π - log π_ref)"
     tr.tensor("chosen_rewards", chosen_rewards, f"{reward_eq} of y_c")
     tr.tensor("rejected_rewards", rejected_rewards, f"{reward_eq} of y_r")
     header = ["pair", "chosen_rewards", "rejected_rewards", "margin", "losses"]
