@@ -105,6 +105,8 @@ def test_imports_only_go_down():
 
 @pytest.mark.parametrize("folder", ["minialign", "examples"])
 def test_scripts_are_imported_by_nothing_but_tests(folder):
+    """The package and the examples never import a train_*.py: script internals are not an API. The tests and
+    the benchmarks do (bench/ times the scripts' own step functions, so a benchmark measures what a run runs)."""
     scripts = {p.stem for p in ROOT.glob("train_*.py")}
     found = []
     for p in (ROOT / folder).rglob("*.py"):

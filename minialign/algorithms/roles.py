@@ -44,9 +44,7 @@ def sft_reference(model: nn.Module, cfg, rt):
     policy's adapters-off forward, nothing loaded; otherwise a frozen copy of --init_from, loaded again."""
     if cfg.lora_r:
         return reference(model)
-    from minialign.algorithms.roles import frozen
-    from minialign.training.checkpoint import load_model  # checkpoint imports this module
-    return frozen(load_model(cfg.init_from), rt)
+    return frozen(checkpoint.load_model(cfg.init_from), rt)
 
 
 def value_and_reward(value: nn.Module, reward_model, cfg, base: str):

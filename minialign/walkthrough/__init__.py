@@ -48,16 +48,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reward_model", default=None, help="PPO / GRPO / online DPO judge (default: out/rm next to "
                                                          "out/sft; '' or none: the default task's gold rule)")
     ap.add_argument("--seed", type=int, default=1337, help="the scripts' --seed: data order, sampling, fresh heads")
-    ap.add_argument("--batch", type=int, default=0, help=f"examples (pairs, prompts) in the step; 0 = {DEFAULT_BATCH}")
-    ap.add_argument("--lr", type=float, default=0.0, help="learning rate of the one step (0 = the script's peak lr)")
+    ap.add_argument("--batch", type=int, default=None, help=f"examples (pairs, prompts) in the step (unset: {DEFAULT_BATCH})")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of the one step (unset: the script's peak lr)")
     ap.add_argument("--beta", type=float, default=None, help="dpo/online_dpo/kto β, ppo kl_coef, grpo β (default: "
                                                              "the script's)")
     ap.add_argument("--loss_type", default=None, help=f"dpo: {' | '.join(LOSS_TYPES)}; online_dpo: "
                                                       f"{' | '.join(DPO_LOSS_TYPES)}; grpo: {' | '.join(GRPO_LOSS_TYPES)}")
     ap.add_argument("--label_smoothing", type=float, default=0.0, help="dpo: ε of cDPO (sigmoid) / rDPO (robust)")
     ap.add_argument("--advantage_estimator", default="grpo", choices=ADVANTAGE_ESTIMATORS, help="grpo's baseline")
-    ap.add_argument("--num_generations", type=int, default=0, help="grpo G / online_dpo K: samples per prompt (0 = the "
-                                                                   f"script's: {DEFAULT_GENERATIONS})")
+    ap.add_argument("--num_generations", type=int, default=None, help="grpo G / online_dpo K: samples per prompt "
+                                                                      f"(unset: the script's, {DEFAULT_GENERATIONS})")
     ap.add_argument("--max_new_tokens", type=int, default=32, help="ppo / grpo / online_dpo generation budget "
                                                                   "(the scripts' 32)")
     ap.add_argument("--rows", type=int, default=0, help="token rows per table (0 = every token of the response)")
