@@ -13,6 +13,12 @@ Naive Bayes is overconfident (its logits are sums of many correlated terms), so 
 with one scale and bias (Platt 1999) fit on 10% of the train split held out from the counts:
     P(positive | x) = σ(a · logit(x) + b)
 Saved as JSON (weights by word), loaded without pickle.
+
+Measured on the real aclImdb (trained on the 25,000 train reviews, min_count 2: 45,526 words, 2.9 s on one core;
+calibration a = 0.187, b = 0.207): test-split accuracy 0.8359 on full reviews, 0.7402 on each test review's first
+40 words (the true reward: 0.7548 there). On those 25,000 openings the two judges agree on the label 80.5% of the
+time, Pearson r 0.763 between their probabilities: related, not the same judge. Less accurate than the true reward
+(0.896 on full reviews), so read its numbers as a check of the trend, not as a better reward.
 """
 
 from __future__ import annotations
