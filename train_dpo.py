@@ -240,7 +240,7 @@ def main(argv=None):
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
     if cfg.resume and cfg.ref_update_every:
         ref_model.load_state_dict(checkpoint.load(cfg.out_dir)["ref_model"])
-    model = runtime.wrap_ddp(model, rt, cfg.compile)
+    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     def kl_reference():  # the SFT model for KL: the live reference while it is still that model, else a fresh copy

@@ -88,6 +88,9 @@ class TrainConfig:
     skip_nonfinite: bool = knob(False, "skip (and count) steps with a non-finite loss instead of stopping")
     stop_after_steps: int = knob(0, "exit after this many steps of THIS invocation, checkpointing first (time-sliced "
                                     "jobs; continue with --resume); 0 = run to max_steps", non_negative)
+    gradient_checkpointing: bool = knob(False, "recompute each decoder block in the backward instead of keeping its "
+                                               "activations (torch.utils.checkpoint, non-reentrant): same gradients, "
+                                               "less memory, ~1 extra forward of the blocks per step")
     tensorboard: bool = knob(False, "also write TensorBoard event files to out_dir/tb (needs the [tensorboard] extra; "
                                     "metrics.jsonl stays the record)")
 

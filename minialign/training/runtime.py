@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from minialign.models.decoder import MoE
+from minialign.models.decoder import Backbone, MoE
 
 
 @dataclass
@@ -95,14 +95,26 @@ def has_moe(model) -> bool:
     return any(isinstance(m, MoE) for m in model.modules())
 
 
-def wrap_ddp(model, rt: Runtime, compile: bool = False):
+def set_gradient_checkpointing(model, on: bool):
+    """--gradient_checkpointing: every Backbone inside `model` (a policy, a value model, both in PPO's pair)
+    recomputes its blocks in the backward (minialign.models.decoder.Backbone). No wrapper modules, so the
+    state_dict keys do not change."""
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            m.gradient_checkpointing = on
+    return model
+
+
+def wrap_ddp(model, rt: Runtime, compile: bool = False, gradient_checkpointing: bool = False):
     """DDP-wrap the trained model under torchrun; with compile, compile its forward first (in place, so
-    the state_dict keys do not change).
+    the state_dict keys do not change); with gradient_checkpointing, its blocks recompute in the backward
+    (`set_gradient_checkpointing`; DDP sees the same parameters and hooks, so the two combine).
 
     An MoE model may route no token of a micro-batch to some expert, whose parameters then get no
     gradient on that rank: DDP must be told to look for unused parameters, or it waits for them forever
     ("Expected to have finished reduction in the prior iteration").
     """
+    set_gradient_checkpointing(model, gradient_checkpointing)
     if compile:
         model.compile()
         print0(rt, f"--compile: {type(model).__name__}.forward is compiled by torch.compile on first use "
