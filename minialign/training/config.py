@@ -145,6 +145,24 @@ class OfflineConfig(TrainConfig):
 
 
 @dataclass
+class FSDPConfig:
+    """--fsdp (SFT, DPO): shard the trained model over the ranks instead of replicating it (minialign.training.runtime)."""
+    fsdp: bool = knob(False, "under torchrun, shard the trained model's weights, gradients and AdamW state over the "
+                             "ranks (FSDP2 fully_shard, each decoder block and the whole model) instead of DDP's full "
+                             "copy per rank; checkpoints hold the full state dict")
+
+    def fsdp_problems(self, world_size: int) -> list[str]:
+        if not self.fsdp:
+            return []
+        out = [] if world_size > 1 else ["--fsdp needs torchrun with 2 or more processes (one holds the whole model)"]
+        if getattr(self, "lora_r", 0):
+            out.append("--fsdp with --lora_r: not supported yet (shard a full fine-tuning, or use LoRA with DDP)")
+        if getattr(self, "compile", False):
+            out.append("--fsdp with --compile: not supported yet")
+        return out
+
+
+@dataclass
 class FromScratch:
     """For scripts that can start from random weights (empty --init_from)."""
     preset: str = knob("cpu", "model preset when --init_from is empty (see minialign.models.decoder.PRESETS)")
@@ -274,6 +292,7 @@ def parse_config(cls, argv=None):
         problems = cfg.problems(int(os.environ.get("WORLD_SIZE", "1")))
         problems += cfg.lora_problems() if isinstance(cfg, LoRAConfig) else []
         problems += cfg.out_dir_problems() if isinstance(cfg, TrainConfig) else []
+        problems += cfg.fsdp_problems(int(os.environ.get("WORLD_SIZE", "1"))) if isinstance(cfg, FSDPConfig) else []
     if problems:
         ap.error("; ".join(problems))
     return cfg
