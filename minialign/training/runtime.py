@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from minialign.models.decoder import Backbone, MoE
+from minialign.models.decoder import Backbone, CausalLM, MoE, ScalarModel
 
 
 @dataclass
@@ -147,6 +147,21 @@ def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict | Non
     set_model_state_dict(model, model_sd, options=options)
     if optimizer is not None and optim_sd is not None:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+
+
+def unsharded(model, rt: Runtime):
+    """The trained model as a plain module for what rank 0 does alone (evaluation, sampling for the gold curve):
+    itself (unwrapped) without FSDP; with FSDP an unsharded copy built from the gathered full state dict on rank 0,
+    None on the other ranks. Every rank must call it."""
+    if not is_fsdp(model):
+        return unwrap(model)
+    state, _ = full_state_dicts(model, None)
+    if not rt.is_main:
+        return None
+    cls = next(c for c in type(model).__mro__ if c in (CausalLM, ScalarModel))  # FSDP2 subclasses the module
+    copy = cls(model.cfg)
+    copy.load_state_dict(state)
+    return copy.to(rt.device)
 
 
 def to_float(t) -> float:
