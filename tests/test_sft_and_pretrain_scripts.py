@@ -124,7 +124,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(workdir):
     of 4), the same tolerance as DDP (rtol 1e-4, atol 1e-5: the same gradient summed in a different order; FSDP and
     DDP agree with each other to ~1e-10), logged losses within 1e-4; the checkpoint holds full tensors (it loads
     unsharded: load_model, --init_from), and a sharded run stopped after 2 steps and resumed ends float for float
-    where the uninterrupted sharded run does."""
+    where the uninterrupted sharded run does; it exports to a transformers folder."""
     one, two, parts = workdir / "one_for_fsdp", workdir / "fsdp_two", workdir / "fsdp_parts"
     run(sft_args(workdir, one, "--micro_batch_size", "4", "--grad_accum", "2", "--max_steps", "4"))
     fsdp = ("--micro_batch_size", "4", "--grad_accum", "1", "--max_steps", "4", "--fsdp")
@@ -142,6 +142,8 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(workdir):
         assert torch.equal(v, params(parts)[k]), k
     from minialign.training.checkpoint import load_model
     assert load_model(str(two)).num_params() == sum(v.numel() for v in b.values())
+    run([sys.executable, "-m", "minialign.training.hf_export", "--ckpt", str(two), "--out", str(workdir / "fsdp_hf")])
+    assert (workdir / "fsdp_hf" / "model.safetensors").exists()
     proc = run(sft_args(workdir, parts, "--micro_batch_size", "4", "--grad_accum", "2", "--max_steps", "5", "--resume"),
                check=False, timeout=60)
     assert proc.returncode != 0 and "--fsdp" in proc.stderr  # a sharded run's optimizer state resumes sharded
