@@ -135,6 +135,9 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(workdir):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     for (s1, l1), (s2, l2) in zip(losses(one), losses(two)):
         assert s1 == s2 and abs(l1 - l2) < 1e-4
+    norms = [[r["grad_norm"] for r in map(json.loads, (Path(o) / "metrics.jsonl").read_text().splitlines())
+              if "grad_norm" in r] for o in (one, two)]
+    assert len(norms[0]) == 4 and all(abs(x - y) < 1e-4 for x, y in zip(*norms))  # the norm over both ranks' shards
     torchrun2(*sft_args(workdir, parts, *fsdp, "--stop_after_steps", "2"))
     torchrun2(*sft_args(workdir, parts, *fsdp, "--resume"))
     assert losses(parts) == losses(two)
