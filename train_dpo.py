@@ -51,7 +51,7 @@ then the default task's gold rule on --eval_prompts held-out prompts (minialign.
 KL to the SFT checkpoint (loaded again for it when training had no live reference), into eval.json.
 
 Run on one device:        python train_dpo.py                          (out/sft + data/pref_train.jsonl -> out/dpo)
-Run on N GPUs / processes: torchrun --nproc_per_node=N train_dpo.py
+Run on N GPUs / processes: torchrun --nproc_per_node=N train_dpo.py   (add --fsdp to shard the policy over them)
 Other losses:             python train_dpo.py --loss_type ipo | simpo | orpo | unlikelihood ...
 """
 
@@ -74,12 +74,12 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairBatch, PairsConfig, in_range,
-                                       knob, non_negative, one_of, parse_config, positive)
+from minialign.training.config import (FSDPConfig, GoldCurveConfig, LoRAConfig, OfflineConfig, PairBatch, PairsConfig,
+                                       in_range, knob, non_negative, one_of, parse_config, positive)
 
 
 @dataclass
-class Config(OfflineConfig, PairBatch, PairsConfig, GoldCurveConfig, LoRAConfig):
+class Config(OfflineConfig, PairBatch, PairsConfig, GoldCurveConfig, LoRAConfig, FSDPConfig):
     out_dir: str = knob("out/dpo", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("data/pref_train.jsonl", "preference pairs (JSONL(.gz) or JSON; formats in minialign.data.formats)")
@@ -124,6 +124,9 @@ class Config(OfflineConfig, PairBatch, PairsConfig, GoldCurveConfig, LoRAConfig)
         if self.ref_update_every and (self.precompute_ref or self.loss_type in REFERENCE_FREE):
             out.append("--ref_update_every needs a live reference model (not --precompute_ref, not a reference-free "
                        "loss)")
+        if self.fsdp and (self.ref_update_every or self.eval_every or self.gold_eval_every):
+            out.append("--fsdp with --ref_update_every, --eval_every or --gold_eval_every: not supported yet (they use "
+                       "the whole policy on one rank mid-run; the end-of-run evaluation works)")
         return out
 
     def resolve(self):
@@ -241,13 +244,13 @@ def main(argv=None):
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ---- optimizer, resume
+    # ---- DDP or FSDP (the reference stays whole on every rank), optimizer over the (sharded) parameters, resume
+    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
     if cfg.resume and cfg.ref_update_every:
         ref_model.load_state_dict(checkpoint.load(cfg.out_dir)["ref_model"])
-    model = runtime.wrap_ddp(model, rt, cfg.compile)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     def kl_reference():  # the SFT model for KL: the live reference while it is still that model, else a fresh copy
@@ -297,8 +300,9 @@ def main(argv=None):
     bar.close()
 
     # ---- evaluate: held-out pairs, then the gold rule with the KL to the SFT model
+    policy = runtime.unsharded(model, rt)  # with --fsdp, gathered into one copy on rank 0
     if rt.is_main:
-        policy = runtime.unwrap(model).eval()
+        policy = policy.eval()
         if eval_pairs:
             res = evaluate_pairs(policy, ref_model, eval_pairs, eval_ref_table, cfg, tok.pad_id, rt)
             log.log(cfg.max_steps, res)

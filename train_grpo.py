@@ -319,7 +319,7 @@ def main(argv=None):
     optimizer = loop.make_optimizer(policy, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
-    model = runtime.wrap_ddp(policy, rt)
+    model = runtime.wrap_ddp(policy, rt, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
     completions = completions_log(cfg.out_dir, rt, start_step if cfg.resume else None)  # rank 0's path
 

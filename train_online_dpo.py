@@ -268,7 +268,7 @@ def main(argv=None):
     if cfg.rounds and start_step % steps_per_round:
         saved = checkpoint.load(cfg.out_dir)
         pairs, round_stats = saved["round_pairs"], saved["round_stats"]
-    model = runtime.wrap_ddp(policy, rt)
+    model = runtime.wrap_ddp(policy, rt, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
     eval_prompts = None
     if cfg.eval_data and rt.is_main:

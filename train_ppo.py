@@ -291,7 +291,7 @@ def main(argv=None):
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
     if cfg.resume:
         checkpoint.load_extra_model(value, "value_model", cfg.out_dir)
-    model = runtime.wrap_ddp(pv, rt)
+    model = runtime.wrap_ddp(pv, rt, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
     eval_prompts = None  # held-out prompts for the gold rule, loaded before training (too-long ones dropped now)
     if cfg.eval_data and rt.is_main:

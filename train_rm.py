@@ -164,7 +164,7 @@ def main(argv=None):
     optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
-    model = runtime.wrap_ddp(model, rt, cfg.compile)
+    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     def evaluate(step: int):

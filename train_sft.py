@@ -5,7 +5,7 @@ N counts the assistant tokens (including each turn's <|im_end|>) of the WHOLE op
 all micro-batches and ranks (see minialign.training.loop). System, user and template tokens are context only.
 
 Run on one device:        python train_sft.py                         (data/sft_train.jsonl -> out/sft)
-Run on N GPUs / processes: torchrun --nproc_per_node=N train_sft.py
+Run on N GPUs / processes: torchrun --nproc_per_node=N train_sft.py   (add --fsdp to shard the model over them)
 Start from pretraining:   python train_sft.py --init_from out/pretrain
 LoRA on a pretrained model: python train_sft.py --init_from out/pretrain --lora_r 8   (minialign.models.lora)
 Accepted data formats: see minialign.data.formats (messages, conversations, prompt/completion, alpaca).
@@ -24,12 +24,12 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (EvalConfig, FromScratch, LoRAConfig, OfflineConfig, SequenceBatch, knob,
-                                       parse_config)
+from minialign.training.config import (EvalConfig, FromScratch, FSDPConfig, LoRAConfig, OfflineConfig, SequenceBatch,
+                                       knob, parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, SequenceBatch, FromScratch, EvalConfig, LoRAConfig):
+class Config(OfflineConfig, SequenceBatch, FromScratch, EvalConfig, LoRAConfig, FSDPConfig):
     out_dir: str = knob("out/sft", "output folder")
     init_from: str = knob("", "checkpoint folder to start from (e.g. out/pretrain); empty = random init from --preset")
     data: str = knob("data/sft_train.jsonl", "SFT conversations: JSONL(.gz) or JSON (formats: minialign.data.formats)")
@@ -79,11 +79,11 @@ def main(argv=None):
         eval_prompts = load_eval_prompts(cfg.eval_data, tok, cfg.eval_prompts, cfg.eval_max_new_tokens,
                                          model.cfg.max_seq_len)
 
-    # ---- optimizer, resume
+    # ---- DDP or FSDP, optimizer (over the sharded parameters with --fsdp), resume
+    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
-    model = runtime.wrap_ddp(model, rt, cfg.compile)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     # ---- train
@@ -111,8 +111,9 @@ def main(argv=None):
     bar.close()
 
     # ---- evaluate with the gold rule
+    policy = runtime.unsharded(model, rt)  # with --fsdp, gathered into one copy on rank 0
     if eval_prompts:
-        res = evaluate_policy(runtime.unwrap(model).eval(), tok, eval_prompts, cfg.eval_max_new_tokens)
+        res = evaluate_policy(policy.eval(), tok, eval_prompts, cfg.eval_max_new_tokens)
         checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
         log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
         print(f"sft eval on {res['n_prompts']} held-out prompts: {format_result(res)}")

@@ -613,3 +613,19 @@ def test_reinforce_family_bad_flags_are_refused(sft, capsys):
     assert config.parse_config(train_grpo.Config, ["--beta", "0.1"]).loss_type == "grpo"  # KL in the loss (GRPO's)
     assert config.parse_config(train_grpo.Config, ["--advantage_estimator", "rloo", "--beta", "0.1", "--loss_type",
                                                    "grpo"]).loss_type == "grpo"  # an explicit choice is kept
+
+
+def test_gradient_checkpointing_changes_no_update(sft):
+    """--gradient_checkpointing in GRPO (policy blocks recomputed in the backward; sampling and the no-grad
+    log-prob forwards never checkpoint): the same losses (1e-6) and weights (rtol 1e-5, atol 1e-6) as without it."""
+    d = sft
+    train_grpo.main(grpo_args(d, d / "plain_gc", "--max_steps", "2"))
+    train_grpo.main(grpo_args(d, d / "ckpt_gc", "--max_steps", "2", "--gradient_checkpointing"))
+    a, b = metric_rows(d / "plain_gc"), metric_rows(d / "ckpt_gc")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        if "loss" in ra:
+            assert abs(ra["loss"] - rb["loss"]) < 1e-6
+    pa, pb = params(d / "plain_gc"), params(d / "ckpt_gc")
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-6, msg=k)

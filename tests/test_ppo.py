@@ -343,3 +343,21 @@ def test_bad_flags_are_refused(ckpts, capsys):
     assert not (d / "bad_flags").exists()
     with pytest.raises(SystemExit, match="holds a causal model, not a reward model"):
         train_ppo.main(ppo_args(d, d / "bad", "--reward_model", str(d / "sft")))
+
+
+def test_gradient_checkpointing_changes_no_update(ckpts):
+    """--gradient_checkpointing in PPO (policy and value backbones both recompute their blocks): the same losses
+    (1e-6) and policy and value weights (rtol 1e-5, atol 1e-6) as without it."""
+    d = ckpts
+    train_ppo.main(ppo_args(d, d / "plain_gc", "--max_steps", "2"))
+    train_ppo.main(ppo_args(d, d / "ckpt_gc", "--max_steps", "2", "--gradient_checkpointing"))
+    a, b = metric_rows(d / "plain_gc"), metric_rows(d / "ckpt_gc")
+    assert any("loss/policy_avg" in r for r in a)
+    for ra, rb in zip(a, b):
+        for k in ("loss/policy_avg", "loss/value_avg"):
+            if k in ra:
+                assert abs(ra[k] - rb[k]) < 1e-6, k
+    for key in ("model", "value_model"):
+        pa, pb = params(d / "plain_gc", key), params(d / "ckpt_gc", key)
+        for k in pa:
+            torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-6, msg=f"{key}.{k}")

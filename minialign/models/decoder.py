@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -300,11 +301,19 @@ def default_position_ids(attention_mask):
 
 
 class Backbone(nn.Module):
-    """Embedding + blocks + final norm; returns hidden states (B, T, dim)."""
+    """Embedding + blocks + final norm; returns hidden states (B, T, dim).
+
+    gradient_checkpointing (set by minialign.training.runtime.wrap_ddp for --gradient_checkpointing): in a
+    training forward that builds a graph and uses no KV cache, each block runs under torch.utils.checkpoint
+    (non-reentrant): only its input is kept, and its activations are recomputed in the backward. Same
+    gradients (the recompute replays the RNG state, so dropout agrees), about n_layers x fewer saved
+    activations, one extra forward of the blocks per backward.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.gradient_checkpointing = False
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -359,8 +368,12 @@ class Backbone(nn.Module):
         cos = self.rope_cos[position_ids][:, None]  # (B, 1, T, hd)
         sin = self.rope_sin[position_ids][:, None]
         x = self.drop(self.embed(input_ids))  # (B, T, dim)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, kv_cache)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)

@@ -46,7 +46,8 @@ import torch
 from minialign.errors import UserError, run_cli
 from minialign.models import lora
 from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, model_config
-from minialign.training.runtime import Runtime, all_gather_object, unwrap
+from minialign.training.runtime import (Runtime, all_gather_object, full_state_dicts, is_fsdp, load_full_state_dicts,
+                                        unwrap)
 
 
 class CheckpointError(UserError, ValueError):
@@ -137,17 +138,24 @@ def save(out_dir, *, model, optimizer, scaler, step: int, cfg, tokenizer_path: s
     rank restores its own on --resume.
     """
     rngs = all_gather_object(rng_state(), rt) if rt is not None else [rng_state()]
+    base = unwrap(model)
+    sharded = is_fsdp(base)
+    if sharded:  # every rank takes part in gathering the full tensors
+        model_sd, optim_sd = full_state_dicts(base, optimizer)
     if rt is not None and not rt.is_main:
         return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = unwrap(model)
+    if not sharded:
+        model_sd = model_state(base)
+        optim_sd = optimizer.state_dict() if optimizer is not None else None
     state = {
-        "model": model_state(base),
+        "model": model_sd,
+        "optimizer_by_name": sharded,  # FSDP: the optimizer state is keyed by parameter name (full_state_dicts)
         "lora": base.lora_meta if lora.is_lora(base) else None,
         "model_kind": "scalar" if isinstance(base, ScalarModel) else "causal",
         "model_config": base.cfg.to_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optim_sd,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step,
         "rng": rngs,  # one entry per rank
@@ -417,8 +425,14 @@ def resume(cfg, model, optimizer, scaler, rt: Runtime | None = None) -> int:
     if not cfg.resume:
         return 0
     ckpt = load(cfg.out_dir)
-    load_model_state(unwrap(model), ckpt["model"], ckpt.get("lora"), cfg.out_dir)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if is_fsdp(unwrap(model)) != bool(ckpt.get("optimizer_by_name")):
+        raise UserError(f"{cfg.out_dir} was written by a run {'with' if ckpt.get('optimizer_by_name') else 'without'} "
+                        "--fsdp: resume it the same way (its weights load anywhere: --init_from)")
+    if is_fsdp(unwrap(model)):
+        load_full_state_dicts(unwrap(model), optimizer, ckpt["model"], ckpt["optimizer"])
+    else:
+        load_model_state(unwrap(model), ckpt["model"], ckpt.get("lora"), cfg.out_dir)
+        optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]

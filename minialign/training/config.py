@@ -88,6 +88,9 @@ class TrainConfig:
     skip_nonfinite: bool = knob(False, "skip (and count) steps with a non-finite loss instead of stopping")
     stop_after_steps: int = knob(0, "exit after this many steps of THIS invocation, checkpointing first (time-sliced "
                                     "jobs; continue with --resume); 0 = run to max_steps", non_negative)
+    gradient_checkpointing: bool = knob(False, "recompute each decoder block in the backward instead of keeping its "
+                                               "activations (torch.utils.checkpoint, non-reentrant): same gradients, "
+                                               "less memory, ~1 extra forward of the blocks per step")
     tensorboard: bool = knob(False, "also write TensorBoard event files to out_dir/tb (needs the [tensorboard] extra; "
                                     "metrics.jsonl stays the record)")
 
@@ -139,6 +142,24 @@ class OfflineConfig(TrainConfig):
     compile: bool = knob(False, "torch.compile the trained model's forward "
                                 "(opt-in: on 2 CPU cores the 26M SFT step ran "
                                 "1.15x faster after ~40 s of compiling; needs a C++ compiler on CPU)")
+
+
+@dataclass
+class FSDPConfig:
+    """--fsdp (SFT, DPO): shard the trained model over the ranks instead of replicating it (minialign.training.runtime)."""
+    fsdp: bool = knob(False, "under torchrun, shard the trained model's weights, gradients and AdamW state over the "
+                             "ranks (FSDP2 fully_shard, each decoder block and the whole model) instead of DDP's full "
+                             "copy per rank; checkpoints hold the full state dict")
+
+    def fsdp_problems(self, world_size: int) -> list[str]:
+        if not self.fsdp:
+            return []
+        out = [] if world_size > 1 else ["--fsdp needs torchrun with 2 or more processes (one holds the whole model)"]
+        if getattr(self, "lora_r", 0):
+            out.append("--fsdp with --lora_r: not supported yet (shard a full fine-tuning, or use LoRA with DDP)")
+        if getattr(self, "compile", False):
+            out.append("--fsdp with --compile: not supported yet")
+        return out
 
 
 @dataclass
@@ -271,6 +292,7 @@ def parse_config(cls, argv=None):
         problems = cfg.problems(int(os.environ.get("WORLD_SIZE", "1")))
         problems += cfg.lora_problems() if isinstance(cfg, LoRAConfig) else []
         problems += cfg.out_dir_problems() if isinstance(cfg, TrainConfig) else []
+        problems += cfg.fsdp_problems(int(os.environ.get("WORLD_SIZE", "1"))) if isinstance(cfg, FSDPConfig) else []
     if problems:
         ap.error("; ".join(problems))
     return cfg

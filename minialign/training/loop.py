@@ -182,7 +182,7 @@ def optimizer_step(model, optimizer, scaler, max_grad_norm: float) -> tuple[floa
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-    grad_norm = float(grad_norm)
+    grad_norm = runtime.to_float(grad_norm)  # with FSDP, the norm over every rank's shards
     applied = math.isfinite(grad_norm)
     if applied:
         scaler.step(optimizer)

@@ -4,6 +4,10 @@
   fp16 autocast with a GradScaler. The scaler exists in every run, disabled unless fp16.
 * DDP: the trained model is wrapped once (`wrap_ddp`); gradients are synchronized only on the last
   micro-batch of a step (`sync_context`). Only rank 0 writes files (`print0`, checkpoint, logger).
+* FSDP (--fsdp, SFT and DPO): instead of DDP, `wrap_ddp` shards the trained model with FSDP2's `fully_shard`,
+  each decoder block and then the whole model; gradients are reduce-scattered (averaged over ranks, as DDP
+  does, so the loop's global-count normalization is unchanged) after every micro-batch; checkpoints hold the
+  full state dict gathered on save (`full_state_dicts`), so they load unsharded.
 * Collectives: sums, means, maxima and row gathers over ranks are the functions below; with one
   process they return their input, so a script reads the same with and without torchrun.
 """
@@ -21,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from minialign.models.decoder import MoE
+from minialign.models.decoder import Backbone, CausalLM, MoE, ScalarModel
 
 
 @dataclass
@@ -95,20 +99,94 @@ def has_moe(model) -> bool:
     return any(isinstance(m, MoE) for m in model.modules())
 
 
-def wrap_ddp(model, rt: Runtime, compile: bool = False):
+def set_gradient_checkpointing(model, on: bool):
+    """--gradient_checkpointing: every Backbone inside `model` (a policy, a value model, both in PPO's pair)
+    recomputes its blocks in the backward (minialign.models.decoder.Backbone). No wrapper modules, so the
+    state_dict keys do not change."""
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            m.gradient_checkpointing = on
+    return model
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard_fsdp(model, rt: Runtime):
+    """FSDP2: every decoder block its own unit (gathered for its forward and backward, then freed), then the
+    root (embedding, final norm, heads). Parameters become DTensors sharded on dim 0 over the ranks; build the
+    optimizer after this call."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    for b in [m for m in model.modules() if isinstance(m, Backbone)]:
+        for layer in b.layers:
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state_dicts(model, optimizer) -> tuple[dict, dict | None]:
+    """An FSDP model's weights and its optimizer's state as full (unsharded) CPU tensors, keyed by parameter
+    name; every rank must call it (it all-gathers), rank 0 writes them."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return model_sd, optim_sd
+
+
+def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict | None):
+    """The inverse of `full_state_dicts`: each rank keeps its shard of the full tensors."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=options)
+    if optimizer is not None and optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+
+
+def unsharded(model, rt: Runtime):
+    """The trained model as a plain module for what rank 0 does alone (evaluation, sampling for the gold curve):
+    itself (unwrapped) without FSDP; with FSDP an unsharded copy built from the gathered full state dict on rank 0,
+    None on the other ranks. Every rank must call it."""
+    if not is_fsdp(model):
+        return unwrap(model)
+    state, _ = full_state_dicts(model, None)
+    if not rt.is_main:
+        return None
+    cls = next(c for c in type(model).__mro__ if c in (CausalLM, ScalarModel))  # FSDP2 subclasses the module
+    copy = cls(model.cfg)
+    copy.load_state_dict(state)
+    return copy.to(rt.device)
+
+
+def to_float(t) -> float:
+    """A scalar tensor -> float; a DTensor (e.g. clip_grad_norm_'s norm over FSDP shards) is reduced first."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def wrap_ddp(model, rt: Runtime, compile: bool = False, gradient_checkpointing: bool = False, fsdp: bool = False):
     """DDP-wrap the trained model under torchrun; with compile, compile its forward first (in place, so
-    the state_dict keys do not change).
+    the state_dict keys do not change); with gradient_checkpointing, its blocks recompute in the backward
+    (`set_gradient_checkpointing`; DDP sees the same parameters and hooks, so the two combine).
 
     An MoE model may route no token of a micro-batch to some expert, whose parameters then get no
     gradient on that rank: DDP must be told to look for unused parameters, or it waits for them forever
     ("Expected to have finished reduction in the prior iteration").
     """
+    set_gradient_checkpointing(model, gradient_checkpointing)
     if compile:
         model.compile()
         print0(rt, f"--compile: {type(model).__name__}.forward is compiled by torch.compile on first use "
                    "(slow first steps)")
     if not rt.ddp:
         return model
+    if fsdp:
+        return shard_fsdp(model, rt)
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=has_moe(model))
 
@@ -119,7 +197,7 @@ def unwrap(model):
 
 def sync_context(model, rt: Runtime, last_micro_step: bool):
     """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
-    if rt.ddp and not last_micro_step:
+    if rt.ddp and not last_micro_step and not is_fsdp(model):  # FSDP reduce-scatters every micro-batch's gradients
         return model.no_sync()
     return contextlib.nullcontext()
 
