@@ -21,17 +21,12 @@ Each step (Shao et al. 2024, "DeepSeekMath", Sec. 4.1; see minialign.algorithms.
      The reduction over tokens is `--loss_type` (grpo | dapo | dr_grpo; unset: dr_grpo with the KL in the
      reward, grpo otherwise), normalized by the count of the WHOLE step over micro-batches and ranks (see
      `grpo_loss_sum`).
-Where the KL goes (`--kl_in`, β > 0; see TRL #4967, OpenRLHF #1309): in the LOSS, k3 (GRPO's) has an unbiased
-value but a biased gradient, E[∇k3] = ∇KL(π_ref ‖ π) (the FORWARD KL); k1's is 0 in expectation; k2's is the reverse
-KL's on-policy. In the REWARD, -β·k1_t per token (k1 = log π_old/π_ref, a constant), A_t its return-to-go (the
-baselined score on the last token; RLOO baselines R = r - β Σ_t k1_t whole): the policy gradient of
-E[r] - β KL(π ‖ π_ref), unbiased (as PPO, REINFORCE++) ON CONDITION that the loss has a constant normalizer
-(--loss_type dr_grpo, the default there; grpo's 1/|o_i| and dapo's 1/Σ|o_i| weight each response's KL by its
-inverse length) and that every response counts (--mask_truncated_completions drops a truncated one's KL);
-REINFORCE++'s batch whitening makes it a rescaled estimate, not an unbiased one.
-Speed: each prompt is prefilled once for its G samples, and every training forward (policy, reference,
-reward model) packs a prompt's G responses into one row [x | y_1 | ... | y_G] (minialign.algorithms.packing), so
-the prompt is computed once, not G times; the log-probs equal one row [x y_i] per response's to float error.
+Where the KL goes (`--kl_in`, β > 0; TRL #4967, OpenRLHF #1309; the derivations in minialign.algorithms.losses
+kl_penalty / kl_reward): in the LOSS, k3's gradient is the FORWARD KL's (k1's is 0, k2's the reverse KL's
+on-policy); in the REWARD, -β·k1_t per token gives the gradient of E[r] - β KL(π ‖ π_ref) only with a constant
+normalizer (--loss_type dr_grpo, the default there) and every response counted.
+Speed: each prompt is prefilled once for its G samples, and every training forward packs a prompt's G responses
+into one row [x | y_1 | ... | y_G] (minialign.algorithms.packing): the prompt is computed once, not G times.
 A group whose rewards are all equal has zero advantages (grpo, rloo); when every advantage is 0 (and no KL loss)
 there is nothing to learn and the update is skipped (logged as update_skipped), rather than letting
 Adam's momentum move the weights on a zero gradient. Responses cut off at max_new_tokens get no loss

@@ -2,11 +2,9 @@
 arithmetic (minialign.training.memory) adds up by hand. Peak memory itself is measured in bench/bench_memory.py,
 not here (a timed or memory-measuring test on a shared CPU would be flaky)."""
 
-import sys
-
 import pytest
 import torch
-from conftest import ARCHS, ROOT, run, tiny_config
+from conftest import ARCHS, tiny_config
 
 from minialign.models.decoder import CausalLM, ScalarModel
 from minialign.training import runtime
