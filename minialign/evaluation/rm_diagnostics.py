@@ -1,7 +1,10 @@
 """Reward-model diagnostics: what the reward model does to each policy's responses, not only its pair accuracy.
 
-    python -m minialign.evaluation.rm_diagnostics --out out      # reads a main-job folder, writes out/rm_diagnostics.json
-                                                                 # and, with matplotlib, out/plots/rm_*.png
+    python -m minialign.evaluation.rm_diagnostics --out out      # reads a main-job folder, writes out/rm_diagnostics.json,
+                                                                 # out/rm_diagnostics.md (report.md includes it) and,
+                                                                 # with matplotlib, out/plots/rm_*.png
+
+The main job runs it as its last stage (minialign.pipeline, stage rm_diagnostics) before the report.
 
 For every policy stage present in OUT (sft, dpo, ppo, grpo, online_dpo, iterative_dpo) it samples one response per
 prompt at temperature 1 on the held-out prompts (data/rl_eval.jsonl, the first --n_eval) and on a random sample of
@@ -292,7 +295,8 @@ def write_plots(out: Path, res: dict) -> list[str]:
     for ax in (ax_p, ax_g):
         ax.set_xlabel("response length (tokens)", fontsize=8)
         ax.set_ylabel("reward-model score", fontsize=8)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no line when the lengths are all equal
+            ax.legend(fontsize=7)
     fig.suptitle("RM score vs response length, held-out prompts (least-squares lines, slope ± s.e.)", fontsize=10)
     fig.tight_layout()
     fig.savefig(plots / "rm_length_bias.png", dpi=90)
@@ -340,8 +344,9 @@ def _fmt_fit(fit: dict) -> str:
     return f"{fit['slope']:+.4f}{se} per token (n={fit['n']})"
 
 
-def reading(res: dict) -> str:
-    """A Markdown section with the numbers behind the plots (report.md includes it)."""
+def reading(res: dict, plots: list[str] = ()) -> str:
+    """A Markdown section with the numbers behind the plots and links to the `plots` drawn (OUT/rm_diagnostics.md,
+    which report.md includes; the links are relative to OUT)."""
     lines = ["## Reward-model diagnostics\n",
              f"One response per prompt at T=1 from each policy on {res['n_prompts']['eval']} held-out and "
              f"{res['n_prompts']['train']} training prompts, scored by the reward model and the gold rule "
@@ -370,6 +375,7 @@ def reading(res: dict) -> str:
                   "| N | sqrt(KL) | proxy RM (kept) | gold (kept) |", "|---|---|---|---|",
                   *[f"| {p['n']} | {p['sqrt_kl']:.3f} | {p['judge_score']:.3f} | {p['gold_score']:.3f} |" for p in bon],
                   ""]
+    lines += [f"### {PLOTS[name]}\n\n![{PLOTS[name]}](plots/{name})\n" for name in plots]
     return "\n".join(lines) + "\n"
 
 
@@ -402,7 +408,9 @@ def main(argv=None):
                    bon_prompts=args.bon_prompts, bon_max_n=args.bon_max_n)
     checkpoint.write_json(res, out / "rm_diagnostics.json")
     plots = write_plots(out, res)
-    print(reading(res))
+    text = reading(res, plots)
+    (out / "rm_diagnostics.md").write_text(text)
+    print(text)
     print(f"wrote {out / 'rm_diagnostics.json'}" + (f" and {', '.join(str(out / 'plots' / p) for p in plots)}"
                                                    if plots else " (no plots: pip install matplotlib)"))
 
