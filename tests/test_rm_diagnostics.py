@@ -150,3 +150,12 @@ def test_cli_on_a_tiny_main_job_writes_json_plots_and_report(tmp_path):
         for name in rd.PLOTS:
             assert (out / "plots" / name).stat().st_size > 1000, name
             assert f"(plots/{name})" in text
+
+
+def test_best_of_256_kl_with_ties_is_finite():
+    # 256 samples, the lowest score once: F(v)^256 = (1/256)^256 underflows to 0 in float64, and 0 * log 0 gave nan
+    # (seen in the main job's best-of-256 point). With q_low = 0 the KL is that of Bernoulli-like mass on the rest.
+    row = torch.cat([torch.zeros(1), torch.ones(255)]).double()[None, :]
+    kl = best_of_n.best_of_n_kl_per_prompt(row, 256)
+    p1 = 255 / 256  # q_1 = 1 - (1/256)^256 = 1 (in float64): KL = 1 * log(1 / p1)
+    assert torch.isfinite(kl).all() and float(kl[0]) == pytest.approx(math.log(1 / p1))
