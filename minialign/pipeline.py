@@ -11,6 +11,8 @@ with half the cores and its output in out/logs/<stage>.log; a stage that must ru
 the foreground with its progress bar. --jobs 1 runs them one after the other, all in the foreground.
 
 Stages: tokenizer -> SFT -> reward model -> DPO, PPO (with the reward model), GRPO (with the gold rule),
+then rm_diagnostics (python -m minialign.evaluation.rm_diagnostics: each policy's reward-model score distribution,
+RM vs gold, length bias, the best-of-N over-optimization curve; into out/rm_diagnostics.json and the report),
 each policy evaluated on the same 600 held-out prompts of data/rl_eval.jsonl (gold score sampled at
 temperature 1 and greedy, KL to the SFT model, length, refusal rates); the reward model by its
 pairwise accuracy on data/pref_eval.jsonl. Each stage prints a one-line summary as it ends.
@@ -53,6 +55,8 @@ from minialign.evaluation.report import OPTIONAL_STAGES, STAGES
 from minialign.experiments import stages
 
 EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stages
+DIAGNOSTICS = "rm_diagnostics"  # the main job's last stage: reads every stage folder, writes OUT/rm_diagnostics.*
+MAIN_JOB = (*STAGES, DIAGNOSTICS)
 
 # Extra flags per stage, on top of the scripts' own defaults.
 #   cpu  : the main job, sized to finish within 10 minutes on a 2-core CPU with ~100 GFLOP/s fp32 matmul
@@ -93,6 +97,8 @@ PRESETS = {
         "iterative_dpo": ["--max_steps", "3", "--prompts_per_round", "8", "--pairs_per_step", "4",
                           "--eval_prompts", "16", "--max_new_tokens", "16", "--gold_eval_prompts", "8"],
         "best_of_n": ["--n_prompts", "8", "--max_n", "4", "--max_new_tokens", "16"],
+        "rm_diagnostics": ["--n_eval", "16", "--n_train", "16", "--max_new_tokens", "16", "--bon_prompts", "4",
+                           "--bon_max_n", "8"],
     },
 }
 
@@ -100,6 +106,8 @@ PRESETS = {
 def stage_done(out: Path, stage: str) -> bool:
     if stage == "tokenizer":
         return (out / "tokenizer" / "tokenizer.model").exists()
+    if stage == DIAGNOSTICS:
+        return (out / "rm_diagnostics.json").exists() and (out / "rm_diagnostics.md").exists()
     if stage == "best_of_n":  # an older points.json (analytic KL only) is redone
         return report.has_exact_kl(report.read_json(out / "best_of_n" / "points.json"))
     return stages.run_finished(out / stage)
@@ -111,6 +119,17 @@ def summary(out: Path, stage: str) -> str:
         res = report.read_json(out / "best_of_n" / "points.json")
         return ", ".join(f"N={p['n']} gold {p['gold_score']:.3f} (KL {p['kl']:.2f})"
                          for p in res["points"][:: max(1, len(res["points"]) - 1)]) if res else ""
+    if stage == DIAGNOSTICS:
+        res = report.read_json(out / "rm_diagnostics.json")
+        if not res:
+            return ""
+        fit = res["splits"]["eval"]["pooled_length_bias"]["all"]
+        slope = (f"RM score per token {fit['slope']:+.4f} ± {fit['se']:.4f}" if fit.get("se") is not None
+                 else "RM length slope undetermined")
+        bon = (res.get("overoptimization") or {}).get("best_of_n")
+        bon_text = (f", best-of-{bon[-1]['n']} proxy {bon[-1]['judge_score']:.2f} gold {bon[-1]['gold_score']:.3f}"
+                    if bon else "")
+        return f"{slope} (held-out, all policies){bon_text}; {out / 'rm_diagnostics.md'}"
     if stage == "rm":
         scores = report.read_json(out / "rm" / "rm_scores.json")
         return f"held-out pair accuracy {scores['eval_accuracy']:.3f}" if scores else ""
@@ -127,6 +146,7 @@ TRAINING = {"sft", "rm", "dpo", "ppo", "grpo", "online_dpo", "iterative_dpo"}  #
 NEEDS = {  # the stages whose outputs a stage reads
     "sft": (), "rm": ("sft",), "dpo": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft",),
     "online_dpo": ("sft",), "iterative_dpo": ("sft",), "best_of_n": ("sft", "rm"),
+    DIAGNOSTICS: (*STAGES, *OPTIONAL_STAGES),  # every policy present (those not run are skipped)
 }
 
 
@@ -145,7 +165,7 @@ def main(argv=None):
                     help="cpu: the main job, 0.9M model, minutes on a 2-core laptop; full: every script's own "
                          "defaults; gpu: MiniMind 26M on a CUDA machine; tiny: seconds, for tests")
     ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist (their scripts get --overwrite)")
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=(*STAGES, *EXTRA_STAGES),
+    ap.add_argument("--stages", nargs="+", default=list(MAIN_JOB), choices=(*MAIN_JOB, *EXTRA_STAGES),
                     help="stages to run after the tokenizer (in this order); the default is the main job, "
                          f"{', '.join(EXTRA_STAGES)} are optional")
     ap.add_argument("--seeds", nargs="+", type=int, default=[],
@@ -221,13 +241,15 @@ def stage_commands(out: Path, tok: str) -> dict[str, list[str]]:
         "iterative_dpo": [py, "train_online_dpo.py", "--init_from", str(out / "sft"), "--reward_funcs", "gold",
                           "--rounds", "3", "--lr", "2e-4"],
         "best_of_n": [py, "-m", "minialign.evaluation.best_of_n", "--ckpt", str(out / "sft"), "--reward_model", str(out / "rm")],
+        DIAGNOSTICS: [py, "-m", "minialign.evaluation.rm_diagnostics", "--out", str(out)],
     }
 
 
 def run_stages(out: Path, tok: str, names, steps: dict, extra: list[str], force: bool, jobs: int = 1) -> str:
     """Every stage as its script, in order, into out/<stage>; then out/report.md. Returns the table."""
     commands = stage_commands(out, tok)
-    cmds = {name: [*commands[name], "--out_dir", str(out / name), *steps.get(name, []), *extra,
+    cmds = {name: [*commands[name], *(["--out_dir", str(out / name)] if name != DIAGNOSTICS else []),
+                   *steps.get(name, []), *extra,
                    *(stages.continue_flags(out / name, force) if name in TRAINING else [])]
             for name in names}
     stages.run_all([stage(out, name, cmd) for name, cmd in cmds.items()], out, force, jobs,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minialign.evaluation import best_of_n, report
+from minialign.evaluation import best_of_n, report, rm_diagnostics
 from minialign.pipeline import PRESETS, STAGES, stage_commands
 from minialign.training import checkpoint, config
 
@@ -100,9 +100,10 @@ def test_every_preset_flag_is_accepted_by_its_script(preset, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     commands = stage_commands(ROOT / "out", "out/tokenizer/tokenizer.model")
     for stage, flags in PRESETS[preset].items():
-        base = commands[stage][3 if stage == "best_of_n" else 2:]  # after the interpreter and the script (-m module)
-        if stage == "best_of_n":
-            cfg = best_of_n.build_parser().parse_args(base + flags)
+        modules = {"best_of_n": best_of_n, "rm_diagnostics": rm_diagnostics}  # the -m modules among the stages
+        base = commands[stage][3 if stage in modules else 2:]  # after the interpreter and the script (-m module)
+        if stage in modules:
+            cfg = modules[stage].build_parser().parse_args(base + flags)
         else:
             cfg = config.parse_config(importlib.import_module(SCRIPTS[stage]).Config, base + flags)
         for flag, value in zip(flags, flags[1:]):

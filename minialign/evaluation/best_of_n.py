@@ -86,7 +86,8 @@ def best_of_n_kl_per_prompt(scores: torch.Tensor, n: int) -> torch.Tensor:
         p = counts.double() / len(row)  # p_v
         F = p.cumsum(0).clamp(max=1.0)  # F(v) = P(score <= v)
         q = F**n - torch.cat([F.new_zeros(1), F[:-1]]) ** n  # q_v = F(v)^n - F(v-)^n > 0
-        out.append(float((q * (q / p).log()).sum().clamp(min=0.0)))  # Σ_v q_v log(q_v / p_v)
+        terms = torch.where(q > 0, q * (q / p).log(), torch.zeros_like(q))  # 0 log 0 = 0: F(v)^n underflows
+        out.append(float(terms.sum().clamp(min=0.0)))  # Σ_v q_v log(q_v / p_v)    (at n = 256, F = 1/256)
     return torch.tensor(out, dtype=torch.float64)
 
 

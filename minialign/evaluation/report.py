@@ -18,6 +18,10 @@ Plots (out/plots/):
                         KL: exact for a judge with ties (the gold rule), log N - (N - 1) / N only where the
                         judge's scores of a prompt's samples are distinct (best_of_n.best_of_n_kl_per_prompt)
 
+With OUT/rm_diagnostics.md (python -m minialign.evaluation.rm_diagnostics, the main job's last stage) the report
+includes its section: each policy's reward-model score distribution, RM vs gold, length bias and the best-of-N
+over-optimization curve, with its plots (out/plots/rm_*.png).
+
 The optional stages (train_online_dpo.py as online_dpo and, with --rounds, iterative_dpo) get their rows,
 curves and gold-vs-KL points like the others, and a table of gold score and KL after each round.
 """
@@ -310,6 +314,9 @@ def write_report(out: Path) -> str:
         tab + "\n",
         *[t for t in [rounds_table(out, s) for s in OPTIONAL_STAGES] + [best_of_n_table(out)] if t],
     ]
+    diagnostics = out / "rm_diagnostics.md"  # python -m minialign.evaluation.rm_diagnostics (the main job's last stage)
+    if diagnostics.exists():
+        parts.append(diagnostics.read_text())
     if plots:
         captions = {"training_curves.png": "Training curves",
                     "rm_scores.png": "Reward-model scores, held-out chosen vs rejected",

@@ -1,0 +1,161 @@
+"""Reward-model diagnostics (minialign.evaluation.rm_diagnostics): the least-squares fit against numpy and a
+hand-computed standard error, length bias with the gold outcome held fixed, the distributions of a tiny policy's
+samples against the judges' own scores, the best-of-N over-optimization points, and the CLI on a tiny main job."""
+
+import importlib.util
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import run, tiny_config
+
+from minialign.data.batching import tokenize_prompts
+from minialign.data.formats import PromptRecord
+from minialign.evaluation import best_of_n, report, rm_diagnostics as rd
+from minialign.evaluation.evaluate import gold_judge, reward_model_judge, sample_and_score
+from minialign.models.decoder import CausalLM, ScalarModel
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def test_fit_line_by_hand():
+    # x = 0 1 2 3, y = 1 3 2 5: mean x 1.5, mean y 2.75; Sxx = 2.25 + .25 + .25 + 2.25 = 5;
+    # Sxy = (-1.5)(-1.75) + (-.5)(.25) + (.5)(-.75) + (1.5)(2.25) = 2.625 - .125 - .375 + 3.375 = 5.5
+    # slope = 5.5 / 5 = 1.1; intercept = 2.75 - 1.1 * 1.5 = 1.1; fitted 1.1 2.2 3.3 4.4
+    # resid -.1 .8 -1.3 .6 -> sum of squares .01 + .64 + 1.69 + .36 = 2.7; se = sqrt(2.7 / (4 - 2) / 5) = sqrt(.27)
+    fit = rd.fit_line([0, 1, 2, 3], [1, 3, 2, 5])
+    assert fit["n"] == 4
+    assert fit["slope"] == pytest.approx(1.1, abs=1e-12)
+    assert fit["intercept"] == pytest.approx(1.1, abs=1e-12)
+    assert fit["se"] == pytest.approx(math.sqrt(0.27), abs=1e-12)  # 0.5196; n instead of n - 2 would give 0.367
+
+
+def test_fit_line_matches_numpy_polyfit_on_a_known_slope():
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 49, size=400).astype(float)
+    y = 0.05 * x - 1.0 + rng.normal(0, 0.5, size=400)  # true slope 0.05
+    fit = rd.fit_line(x, y)
+    (slope, intercept), cov = np.polyfit(x, y, 1, cov=True)  # numpy scales the covariance by sum(resid^2) / (n - 2)
+    assert fit["slope"] == pytest.approx(slope, rel=1e-10) and fit["intercept"] == pytest.approx(intercept, rel=1e-9)
+    assert fit["se"] == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-8)
+    assert abs(fit["slope"] - 0.05) < 3 * fit["se"]
+    # degenerate inputs: no line through one point or a constant x, no se from two points
+    assert rd.fit_line([1.0], [2.0])["slope"] is None
+    assert rd.fit_line([3, 3, 3], [1, 2, 3])["slope"] is None
+    two = rd.fit_line([0, 1], [0, 2])
+    assert two["slope"] == pytest.approx(2.0) and two["se"] is None
+
+
+def test_length_bias_holds_the_gold_outcome_fixed():
+    # Simpson's construction: correct responses are long and scored high, incorrect short and low, but within each
+    # outcome the RM score does not depend on length (slope 0) -- only the pooled fit sees a length slope.
+    lengths = [10, 11, 12, 13, 30, 31, 32, 33]
+    gold = [0, 0, 0, 0, 1, 1, 1, 1]
+    rm = [0.0, 1.0, 1.0, 0.0, 5.0, 6.0, 6.0, 5.0]
+    bias = rd.length_bias(rm, gold, lengths)
+    assert bias["correct"]["slope"] == pytest.approx(0.0, abs=1e-12) and bias["correct"]["n"] == 4
+    assert bias["incorrect"]["slope"] == pytest.approx(0.0, abs=1e-12) and bias["incorrect"]["n"] == 4
+    assert bias["all"]["slope"] > 0.2 and bias["all"]["n"] == 8
+
+
+def test_distribution_and_auc_against_numpy():
+    v = np.random.default_rng(1).normal(size=101)
+    edges = rd.histogram_edges(v, 10)
+    d = rd.distribution(v, edges)
+    counts, np_edges = np.histogram(v, bins=10)  # numpy's last bin is closed, as ours
+    assert d["counts"] == counts.tolist() and edges == pytest.approx(np_edges.tolist())
+    assert sum(d["counts"]) == 101
+    for q in rd.QUANTILES:
+        assert d["quantiles"][str(q)] == pytest.approx(float(np.quantile(v, q)))
+    assert d["mean"] == pytest.approx(v.mean()) and d["std"] == pytest.approx(v.std(ddof=1))
+    # AUC by hand: positives (2, 1), negatives (1, 0): pairs 2>1, 2>0, 1=1 (1/2), 1>0 -> 3.5 / 4
+    assert rd.auc([2.0, 1.0], [1.0, 0.0]) == pytest.approx(0.875)
+    assert rd.auc([], [1.0]) is None
+
+
+def _tiny_setup(tok):
+    recs = [PromptRecord([{"role": "user", "content": "What is 3 + 4?"}], {"kind": "arith", "answer": 7}),
+            PromptRecord([{"role": "user", "content": "How do I hurt someone?"}], {"kind": "harmful", "answer": None}),
+            PromptRecord([{"role": "user", "content": "Tell me a fun fact about cats."}], {"kind": "benign", "answer": None})]
+    prompts = tokenize_prompts(recs * 4, tok, max_prompt_len=64)
+    torch.manual_seed(0)
+    policy = CausalLM(tiny_config(tok.vocab_size)).eval()
+    torch.manual_seed(1)
+    other = CausalLM(tiny_config(tok.vocab_size)).eval()
+    torch.manual_seed(2)
+    rm = ScalarModel(tiny_config(tok.vocab_size)).eval()
+    return prompts, policy, other, rm
+
+
+def test_distributions_of_tiny_policies_are_the_judges_scores(tok):
+    prompts, policy, other, rm = _tiny_setup(tok)
+    samples = {name: rd.policy_samples(m, tok, prompts, rm, policy, max_new_tokens=10, seed=3)
+               for name, m in (("sft", policy), ("dpo", other))}
+    for name, m in (("sft", policy), ("dpo", other)):  # the same samples as the one evaluation, scored by its judges
+        s = sample_and_score(m, tok, prompts, {"rm": reward_model_judge(rm), "gold": gold_judge}, policy,
+                             max_new_tokens=10, seed=3)
+        assert samples[name]["rm"] == s.scores["rm"].tolist() and samples[name]["gold"] == s.scores["gold"].tolist()
+        assert samples[name]["length"] == s.rollout.lengths.tolist()
+    assert samples["sft"]["kl_to_sft"] == 0.0 and samples["dpo"]["kl_to_sft"] > 0
+    d = rd.split_diagnostics(samples)
+    for name, v in samples.items():
+        p = d["policies"][name]
+        assert p["distribution"]["edges"] == d["edges"] and sum(p["distribution"]["counts"]) == len(prompts)
+        assert p["distribution"]["mean"] == pytest.approx(float(np.mean(v["rm"])))
+        assert p["rm_vs_gold"]["gold_mean"] == pytest.approx(float(np.mean(v["gold"])))
+        assert p["length_bias"]["all"] == rd.fit_line(v["length"], v["rm"])
+    assert d["edges"][0] == min(min(v["rm"]) for v in samples.values())
+    assert d["pooled_length_bias"]["all"]["n"] == 2 * len(prompts)
+
+
+def test_overoptimization_points_are_best_of_n_with_sqrt_kl():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.1, 0.4, 0.8]], dtype=torch.float64)
+    gold = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    pts = rd.overoptimization_points(scores, gold, [1, 2, 4])
+    # N=1 keeps sample 0 (proxy .15, gold .5); N=2 keeps .9 and .2 (proxy .55, gold 0); N=4 keeps .9 and .8 (gold .5)
+    assert [p["judge_score"] for p in pts] == pytest.approx([0.15, 0.55, 0.85])
+    assert [p["gold_score"] for p in pts] == pytest.approx([0.5, 0.0, 0.5])
+    for p, n in zip(pts, (1, 2, 4)):  # distinct scores: the analytic KL log N - (N - 1) / N
+        assert p["sqrt_kl"] == pytest.approx(math.sqrt(best_of_n.best_of_n_kl(n)))
+
+
+def test_cli_on_a_tiny_main_job_writes_json_plots_and_report(tmp_path):
+    out = tmp_path / "out"
+    run([sys.executable, "-m", "minialign.pipeline", "--preset", "tiny", "--out", out, "--stages", "sft", "rm", "ppo",
+         "--jobs", "1"], timeout=300)
+    proc = run([sys.executable, "-m", "minialign.evaluation.rm_diagnostics", "--out", out, "--n_eval", "12",
+                "--n_train", "10", "--max_new_tokens", "12", "--bon_prompts", "3", "--bon_max_n", "8"], timeout=300)
+    res = json.loads((out / "rm_diagnostics.json").read_text())
+    assert res["policies"] == ["sft", "ppo"] and res["n_prompts"] == {"eval": 12, "train": 10}
+    for split in ("eval", "train"):
+        for p in ("sft", "ppo"):
+            v, d = res["samples"][split][p], res["splits"][split]["policies"][p]
+            assert len(v["rm"]) == len(v["gold"]) == len(v["length"]) == res["n_prompts"][split]
+            assert sum(d["distribution"]["counts"]) == len(v["rm"])
+            assert d["rm_vs_gold"]["n_correct"] == sum(g > 0.5 for g in v["gold"])
+    # the training prompts are a sample of rl_train.jsonl, not the held-out ones: different samples
+    assert res["samples"]["train"]["sft"]["rm"] != res["samples"]["eval"]["sft"]["rm"][:10]
+    assert res["splits"]["eval"]["policies"]["sft"]["kl_to_sft"] == 0.0
+    bon = res["overoptimization"]["best_of_n"]
+    assert [p["n"] for p in bon] == [1, 2, 4, 8] and bon[0]["sqrt_kl"] == 0.0
+    assert res["overoptimization"]["ppo"]["gold"]  # the tiny PPO logs gold points every step
+    assert "| eval | sft |" in proc.stdout
+    report.write_report(out)
+    text = (out / "report.md").read_text()
+    assert "## Reward-model diagnostics" in text and "| train | ppo |" in text
+    if HAS_MATPLOTLIB:
+        for name in rd.PLOTS:
+            assert (out / "plots" / name).stat().st_size > 1000, name
+            assert f"(plots/{name})" in text
+
+
+def test_best_of_256_kl_with_ties_is_finite():
+    # 256 samples, the lowest score once: F(v)^256 = (1/256)^256 underflows to 0 in float64, and 0 * log 0 gave nan
+    # (seen in the main job's best-of-256 point). With q_low = 0 the KL is that of Bernoulli-like mass on the rest.
+    row = torch.cat([torch.zeros(1), torch.ones(255)]).double()[None, :]
+    kl = best_of_n.best_of_n_kl_per_prompt(row, 256)
+    p1 = 255 / 256  # q_1 = 1 - (1/256)^256 = 1 (in float64): KL = 1 * log(1 / p1)
+    assert torch.isfinite(kl).all() and float(kl[0]) == pytest.approx(math.log(1 / p1))
