@@ -11,8 +11,6 @@ with half the cores and its output in out/logs/<stage>.log; a stage that must ru
 the foreground with its progress bar. --jobs 1 runs them one after the other, all in the foreground.
 
 Stages: tokenizer -> SFT -> reward model -> DPO, PPO (with the reward model), GRPO (with the gold rule),
-then rm_diagnostics (python -m minialign.evaluation.rm_diagnostics: each policy's reward-model score distribution,
-RM vs gold, length bias, the best-of-N over-optimization curve; into out/rm_diagnostics.json and the report),
 each policy evaluated on the same 600 held-out prompts of data/rl_eval.jsonl (gold score sampled at
 temperature 1 and greedy, KL to the SFT model, length, refusal rates); the reward model by its
 pairwise accuracy on data/pref_eval.jsonl. Each stage prints a one-line summary as it ends.
@@ -31,7 +29,10 @@ Optional stages, not in the main job (it stays within its time budget), run when
     python -m minialign.pipeline --stages online_dpo iterative_dpo best_of_n    # after sft and rm exist
   online_dpo     train_online_dpo.py --reward_funcs gold: DPO on the policy's own samples, judged by the rule
   iterative_dpo  the same with --rounds 3 --lr 2e-4: 3 rounds of (sample, judge, offline DPO against SFT)
-  best_of_n      python -m minialign.evaluation.best_of_n with the reward model as the judge: gold vs analytic KL, N <= 16
+  best_of_n      python -m minialign.evaluation.best_of_n with the reward model as the judge: gold vs exact KL, N <= 16
+  rm_diagnostics python -m minialign.evaluation.rm_diagnostics: each policy's reward-model score distribution, RM
+                 vs gold, length bias, the best-of-N over-optimization curve (N <= 256); ~70 s on 2 cores, into
+                 out/rm_diagnostics.json and the report (`--stages rm_diagnostics` after the main job)
 
 --seeds runs the whole pipeline once per seed (every stage gets --seed S) into OUT/seed_S/, sharing one
 tokenizer, and writes OUT/seeds.md: each number as the median [min, max] over the seeds, with this
@@ -54,9 +55,9 @@ from minialign.evaluation import report
 from minialign.evaluation.report import OPTIONAL_STAGES, STAGES
 from minialign.experiments import stages
 
-EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stages
-DIAGNOSTICS = "rm_diagnostics"  # the main job's last stage: reads every stage folder, writes OUT/rm_diagnostics.*
-MAIN_JOB = (*STAGES, DIAGNOSTICS)
+DIAGNOSTICS = "rm_diagnostics"  # reads every stage folder present, writes OUT/rm_diagnostics.*
+EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n", DIAGNOSTICS)  # run only when named in --stages
+MAIN_JOB = STAGES
 
 # Extra flags per stage, on top of the scripts' own defaults.
 #   cpu  : the main job, sized to finish within 10 minutes on a 2-core CPU with ~100 GFLOP/s fp32 matmul
