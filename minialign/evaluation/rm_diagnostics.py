@@ -48,7 +48,7 @@ from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import UserError, run_cli
 from minialign.evaluation import best_of_n
 from minialign.evaluation.evaluate import gold_judge, load_eval_prompts, reward_model_judge, sample_and_score
-from minialign.evaluation.report import COLORS, POLICY_STAGES, read_json, read_metrics
+from minialign.evaluation.report import COLORS, POLICY_STAGES, read_metrics
 from minialign.training import checkpoint
 from minialign.training.runtime import Runtime
 
