@@ -16,9 +16,9 @@ import torch
 from conftest import DigitTok, tiny_model
 
 from minialign.algorithms import classifier, reward_funcs
-from minialign.evaluation.evaluate import sample_and_score, summarize, text_judge
 from minialign.errors import UserError
 from minialign.evaluation import degeneracy
+from minialign.evaluation.evaluate import sample_and_score, summarize, text_judge
 from minialign.experiments.imdb import naive_bayes, reader
 from minialign.experiments.imdb import run as experiment
 from minialign.models import decoder

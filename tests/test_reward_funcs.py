@@ -42,3 +42,14 @@ def test_missing_field_error_names_the_function_and_the_field():
     reward_funcs.check_fields(sources, rows[:1])  # complete rows pass; 'finished' comes from the rollout
     with pytest.raises(reward_funcs.MissingFieldError, match=r"'gsm8k' needs the field 'gold_answer'"):
         reward_funcs.compute_rewards(reward_funcs.parse_reward_funcs(["gsm8k"], []), ["q"], ["#### 4"], {"kind": ["arith"]})
+
+
+@pytest.mark.parametrize("token, text", [("1,450", "1450"), ("-3.5", "-3.5"), (".5", ".5"), ("72.0", "72.0"),
+                                          ("7", "7")])
+def test_gold_answers_and_completions_read_numbers_with_one_grammar(token, text):
+    """A number reads the same whether it ends a GSM8K solution (the gold answer) or a completion."""
+    from minialign.data.formats import gsm8k_gold_answer
+    assert gsm8k_gold_answer(f"so #### {token}") == text
+    assert reward_funcs.extract_final_answer(f"work... #### {token}") == text
+    assert reward_funcs.extract_final_answer(f"The answer is {token}") == text
+    assert reward_funcs.gsm8k_reward(["q"], [f"#### {token}"], gold_answer=[gsm8k_gold_answer(f"#### {token}")]) == [1.0]

@@ -14,7 +14,8 @@ from conftest import run, tiny_config
 
 from minialign.data.batching import tokenize_prompts
 from minialign.data.formats import PromptRecord
-from minialign.evaluation import best_of_n, report, rm_diagnostics as rd
+from minialign.evaluation import best_of_n, report
+from minialign.evaluation import rm_diagnostics as rd
 from minialign.evaluation.evaluate import gold_judge, reward_model_judge, sample_and_score
 from minialign.models.decoder import CausalLM, ScalarModel
 

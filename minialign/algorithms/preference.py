@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from minialign.algorithms.losses import (DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
-                                        unlikelihood_loss)
+                                         unlikelihood_loss)
 from minialign.algorithms.packing import length_sorted_chunks, pack, response_logps
 from minialign.data.batching import tokenize_preferences
 from minialign.data.formats import PreferencePair, UnpairedRecord

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Callable
 
+from minialign.data.formats import NUMBER, number_text
 from minialign.errors import UserError
 from minialign.task.gold import gold_reward
 
@@ -80,17 +81,14 @@ def length_penalty(prompts: list, completions: list[str], completion_length: lis
     return [-float(n) / float(m) for n, m in zip(completion_length, max_completion_length)]
 
 
-_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
-_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+_FINAL = re.compile(r"####\s*(" + NUMBER.pattern + ")")
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The number after the last '####', else the last number in `text`; commas removed; None if none."""
-    found = _FINAL.findall(text) or _NUMBER.findall(text)
-    if not found:
-        return None
-    answer = found[-1].replace(",", "")
-    return answer if re.fullmatch(r"-?\d*\.?\d+", answer) else None
+    """The number after the last '####', else the last number in `text` (the number grammar of
+    minialign.data.formats.NUMBER, shared with the gold answers); commas removed; None if none."""
+    found = _FINAL.findall(text) or NUMBER.findall(text)
+    return number_text(found[-1]) if found else None
 
 
 def _same_number(a: str | None, b) -> bool:

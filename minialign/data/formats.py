@@ -975,10 +975,20 @@ def load_ranked(path: str | Path, stats: dict | None = None) -> list[RankedRecor
 
 PROMPT_KEY_SETS = ["{prompt}", "{messages}", "{conversations}", "{instruction, input}",
                    "{question, answer} (math, e.g. GSM8K)"]
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# The package's one number token, for gold answers here and for completions' final answers
+# (minialign.algorithms.reward_funcs.extract_final_answer): an optional minus, digits with commas as thousands
+# separators, optional decimals, or a bare ".5". number_text gives its canonical text (commas removed).
+NUMBER = re.compile(r"-?(?:\d[\d,]*)?\.?\d+")
 # a plain answer: optional "$", a number (thousands separators allowed), then text without digits
 _PLAIN_ANSWER = re.compile(r"\s*\$?\s*([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(\D*)",
                            re.DOTALL)
+
+
+def number_text(token: str) -> str | None:
+    """A NUMBER token with its thousands separators removed ("1,450" -> "1450"), or None if what is left
+    is not a number."""
+    text = token.replace(",", "")
+    return text if re.fullmatch(r"-?\d*\.?\d+", text) else None
 
 
 def gsm8k_gold_answer(answer: str) -> str | None:
@@ -986,8 +996,8 @@ def gsm8k_gold_answer(answer: str) -> str | None:
     or None if there is no such number."""
     if "####" not in answer:
         return None
-    gold = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    return gold if _NUMBER.fullmatch(gold) else None
+    gold = answer.rsplit("####", 1)[1].strip()
+    return number_text(gold) if NUMBER.fullmatch(gold) else None
 
 
 def parse_gold_answer(answer) -> str | None:

@@ -40,7 +40,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from minialign.models.decoder import ModelConfig, PRESETS, model_config
+from minialign.models.decoder import PRESETS, ModelConfig, model_config
 from minialign.models.hf_weights import hf_to_model_config
 
 GB = 1e9

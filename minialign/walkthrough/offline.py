@@ -14,9 +14,9 @@ import torch
 
 from minialign.algorithms.losses import DEFAULT_BETA, bradley_terry_loss, kto_loss, token_logps
 from minialign.algorithms.packing import collate_groups, collate_pairs, group_pairs, pair_count, response_logps
-from minialign.algorithms.preference import (LENGTH_AVERAGED, REFERENCE_FREE, collate_completions,
-                                             completion_logps, kl_partner, pair_logps, preference_terms,
-                                             reference_logps, unpair, used_logps)
+from minialign.algorithms.preference import (LENGTH_AVERAGED, REFERENCE_FREE, collate_completions, completion_logps,
+                                             kl_partner, pair_logps, preference_terms, reference_logps, unpair,
+                                             used_logps)
 from minialign.algorithms.reward_model import pair_rewards
 from minialign.algorithms.roles import disable_dropout, sft_reference
 from minialign.data.batching import collate_lm, tokenize_preferences, tokenize_sft

@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from minialign.algorithms.advantages import (completion_mask, count_units, greedy_rewards, step_advantages,
                                              token_rewards, whiten_all_ranks)
-from minialign.algorithms.losses import (DEFAULT_BETA, SUM, dpo_loss, gae, grpo_loss, kl_penalty, policy_gradient_loss,
-                                         ppo_policy_loss, ppo_value_loss)
+from minialign.algorithms.losses import (DEFAULT_BETA, SUM, dpo_loss, gae, grpo_loss, kl_penalty,
+                                         policy_gradient_loss, ppo_policy_loss, ppo_value_loss)
 from minialign.algorithms.packing import collate_pairs, pair_count, response_logps, response_scores, response_values
 from minialign.algorithms.preference import best_and_worst, pair_logps
 from minialign.algorithms.reward_funcs import parse_reward_funcs
