@@ -124,9 +124,9 @@ class Config(OfflineConfig, PairBatch, PairsConfig, GoldCurveConfig, LoRAConfig,
         if self.ref_update_every and (self.precompute_ref or self.loss_type in REFERENCE_FREE):
             out.append("--ref_update_every needs a live reference model (not --precompute_ref, not a reference-free "
                        "loss)")
-        if self.fsdp and (self.ref_update_every or self.eval_every or self.gold_eval_every):
-            out.append("--fsdp with --ref_update_every, --eval_every or --gold_eval_every: not supported yet (they use "
-                       "the whole policy on one rank mid-run; the end-of-run evaluation works)")
+        if self.fsdp and self.ref_update_every:
+            out.append("--fsdp with --ref_update_every: not supported yet (TR-DPO copies the whole policy into the "
+                       "reference)")
         return out
 
     def resolve(self):
@@ -214,7 +214,7 @@ def main(argv=None):
     if cfg.loss_type in REFERENCE_FREE:
         runtime.print0(rt, f"reference: none ({cfg.loss_type} is reference-free)")
     else:  # LoRA: the policy with its adapters off; else a frozen copy of the same weights
-        ref_model = sft_reference(model, cfg, rt)
+        ref_model = runtime.shard_frozen(sft_reference(model, cfg, rt), rt, cfg)  # --fsdp --shard_frozen
         freed = ", precomputed then freed" if cfg.precompute_ref else ""
         what = "the policy with its adapters off" if cfg.lora_r else f"frozen copy of {cfg.init_from}"
         runtime.print0(rt, f"reference: {what}{freed}")
@@ -236,15 +236,17 @@ def main(argv=None):
     # ---- reference log-probs computed once, then the reference model freed
     ref_table = eval_ref_table = None
     if cfg.precompute_ref:
-        ref_table = precompute_reference(ref_model, pairs, tok.pad_id, cfg, rt, "reference log-probs")
-        if eval_pairs:
-            eval_ref_table = precompute_reference(ref_model, eval_pairs, tok.pad_id, cfg, rt,
-                                                  "reference log-probs (eval)")
+        with runtime.gathered(ref_model):  # --shard_frozen: the ranks' shares of the table differ in size
+            ref_table = precompute_reference(ref_model, pairs, tok.pad_id, cfg, rt, "reference log-probs")
+            if eval_pairs:
+                eval_ref_table = precompute_reference(ref_model, eval_pairs, tok.pad_id, cfg, rt,
+                                                      "reference log-probs (eval)")
         ref_model = None  # freed: from here on one model in memory
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ---- DDP or FSDP (the reference stays whole on every rank), optimizer over the (sharded) parameters, resume
+    # ---- DDP or FSDP (the reference whole on every rank unless --shard_frozen), optimizer over the (sharded)
+    # parameters, resume
     model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
@@ -261,7 +263,8 @@ def main(argv=None):
     # held-out prompts for the gold rule, loaded before training (too-long ones dropped and counted now)
     eval_prompts = gold_ref = None
     if cfg.eval_data and rt.is_main:
-        eval_prompts = load_eval_prompts(cfg.eval_data, tok, 0, cfg.eval_max_new_tokens, model.cfg.max_seq_len)
+        eval_prompts = load_eval_prompts(cfg.eval_data, tok, 0, cfg.eval_max_new_tokens,
+                                         runtime.unwrap(model).cfg.max_seq_len)  # (model: DDP-wrapped by now)
         gold_ref = kl_reference() if cfg.gold_eval_every else None
 
     # ---- train
@@ -282,13 +285,18 @@ def main(argv=None):
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             log.log(done, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
-        if eval_pairs and rt.is_main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            res = evaluate_pairs(runtime.unwrap(model), ref_model, eval_pairs, eval_ref_table, cfg, tok.pad_id, rt)
-            log.log(done, res, bar)
-        if gold_ref is not None and done % cfg.gold_eval_every == 0 and done < cfg.max_steps:
-            point = gold_point(runtime.unwrap(model), tok, eval_prompts[:cfg.gold_eval_prompts],
-                               cfg.eval_max_new_tokens, gold_ref)
-            log.log(done, point, bar)
+        pairs_due = eval_pairs and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps
+        gold_due = cfg.eval_data and cfg.gold_eval_every and done % cfg.gold_eval_every == 0 and done < cfg.max_steps
+        if pairs_due or gold_due:
+            with runtime.gathered(model, ref_model):  # --fsdp: rank 0 evaluates alone on the gathered weights
+                if pairs_due and rt.is_main:
+                    res = evaluate_pairs(runtime.unwrap(model), ref_model, eval_pairs, eval_ref_table, cfg,
+                                         tok.pad_id, rt)
+                    log.log(done, res, bar)
+                if gold_due and gold_ref is not None:
+                    point = gold_point(runtime.unwrap(model), tok, eval_prompts[:cfg.gold_eval_prompts],
+                                       cfg.eval_max_new_tokens, gold_ref)
+                    log.log(done, point, bar)
         if checkpoint.should_save(done, start_step, cfg):
             extra = {"ref_model": ref_model.state_dict()} if cfg.ref_update_every else None
             checkpoint.save(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=done, cfg=cfg,
@@ -299,11 +307,11 @@ def main(argv=None):
             return
     bar.close()
 
-    # ---- evaluate: held-out pairs, then the gold rule with the KL to the SFT model
-    policy = runtime.unsharded(model, rt)  # with --fsdp, gathered into one copy on rank 0
-    if rt.is_main:
-        policy = policy.eval()
-        if eval_pairs:
+    # ---- evaluate: held-out pairs, then the gold rule with the KL to the SFT model (--fsdp: rank 0 alone, on the
+    # gathered weights)
+    with runtime.gathered(model, ref_model):
+        policy = runtime.unwrap(model).eval()
+        if eval_pairs and rt.is_main:
             res = evaluate_pairs(policy, ref_model, eval_pairs, eval_ref_table, cfg, tok.pad_id, rt)
             log.log(cfg.max_steps, res)
             checkpoint.write_json(res, f"{cfg.out_dir}/eval_pairs.json")

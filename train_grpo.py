@@ -70,14 +70,14 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, config, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig, at_least, knob,
-                                       non_negative, one_of, positive, rl_problems)
+from minialign.training.config import (FSDPConfig, GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig,
+                                       at_least, knob, non_negative, one_of, positive, rl_problems)
 from minialign.training.logger import completions_log, log_completions
 from minialign.training.runtime import gather_columns
 
 
 @dataclass
-class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
+class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig, FSDPConfig):
     out_dir: str = knob("out/grpo", "output folder")
     init_from: str = knob("out/sft", "policy (and reference) checkpoint to start from",
                           (bool, "is required (GRPO starts from an SFT policy, e.g. out/sft)"))
@@ -282,6 +282,7 @@ def main(argv=None):
     policy = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
     ref_model = sft_reference(policy, cfg, rt) if cfg.beta > 0 else None  # LoRA: the policy, adapters off
     reward_model = load_reward_model(cfg.reward_model, rt, "train_grpo.py") if cfg.reward_model else None
+    ref_model, reward_model = (runtime.shard_frozen(m, rt, cfg) for m in (ref_model, reward_model))  # --shard_frozen
     if reward_model is not None and reward_model.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_grpo.py: error: the reward model's vocabulary ({reward_model.cfg.vocab_size}) differs "
                          f"from the policy's ({policy.cfg.vocab_size})")
@@ -310,11 +311,12 @@ def main(argv=None):
                        f"{cfg.num_iterations} update(s) each; {cfg.max_steps} steps = "
                        f"{cfg.max_steps * cfg.prompts_per_step / len(prompts):.2f} epochs of prompts")
 
-    # ---- optimizer, resume (the sampler needs no state: it is seeded from (seed, step), see minialign.algorithms.rollout)
+    # ---- DDP or FSDP, optimizer, resume (the sampler needs no state: it is seeded from (seed, step), see
+    # minialign.algorithms.rollout)
+    model = runtime.wrap_ddp(policy, rt, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(policy, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
-    model = runtime.wrap_ddp(policy, rt, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
     completions = completions_log(cfg.out_dir, rt, start_step if cfg.resume else None)  # rank 0's path
 
@@ -335,7 +337,7 @@ def main(argv=None):
         loop.set_lr(optimizer, lr)
         step_prompts = [prompts[i] for i in step_prompt_indices(len(prompts), step, cfg.prompts_per_step, cfg.seed, rt)]
         # 1. rollout: G responses per prompt, no gradients; this rank's prompts start at global position rank * share
-        with rt.autocast(), lora.merged_for_sampling(policy):  # LoRA: adapters merged while sampling
+        with rt.autocast(), lora.merged_for_sampling(policy), runtime.gathered(policy):  # LoRA merged; FSDP gathered
             ro = sample_rollout(policy, tok, step_prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                                 cfg.seed, step, rt.rank * share, cfg.prompts_per_generate)
             greedy = (greedy_rollout(policy, tok, step_prompts, cfg.max_new_tokens, cfg.prompts_per_generate)
@@ -349,9 +351,11 @@ def main(argv=None):
             log_completions(completions, step + 1, ro, g, sources, rt, bar)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
-        if gold_ref is not None and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
-            log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts], cfg.eval_max_new_tokens,
-                                         gold_ref), bar)
+        if cfg.eval_data and cfg.gold_eval_every and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
+            with runtime.gathered(policy, ref_model):  # --fsdp: rank 0 samples alone on the gathered weights
+                if gold_ref is not None:
+                    log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts],
+                                                 cfg.eval_max_new_tokens, gold_ref), bar)
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=policy, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)
@@ -363,15 +367,16 @@ def main(argv=None):
     runtime.print0(rt, f"trained {cfg.max_steps - start_step} steps in {time.time() - t0:.0f}s")
 
     # ---- evaluate with the gold rule, KL measured against the SFT model we started from (if already loaded)
-    if cfg.eval_data and rt.is_main:
-        ref = gold_ref if gold_ref is not None else ref_model
-        if ref is None:
-            ref = sft_reference(policy, cfg, rt)
-        res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None], cfg.eval_max_new_tokens,
-                              ref)
-        checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
-        log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
-        print(f"grpo eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
+    with runtime.gathered(policy, ref_model):  # --fsdp: rank 0 evaluates alone on the gathered weights
+        if cfg.eval_data and rt.is_main:
+            ref = gold_ref if gold_ref is not None else ref_model
+            if ref is None:
+                ref = sft_reference(policy, cfg, rt)
+            res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None],
+                                  cfg.eval_max_new_tokens, ref)
+            checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
+            log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
+            print(f"grpo eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
     runtime.cleanup(rt)
 
 

@@ -20,7 +20,7 @@ forward. Simplified: TRL also averages z0 over ranks; here it is per micro-batch
 matches a single process only up to that estimate.
 
 Run on one device:        python train_kto.py                           (out/sft + data/pref_train.jsonl split)
-Run on N GPUs / processes: torchrun --nproc_per_node=N train_kto.py
+Run on N GPUs / processes: torchrun --nproc_per_node=N train_kto.py   (add --fsdp to shard the policy over them)
 Unpaired data:            python train_kto.py --data my_unpaired.jsonl
 With LoRA:                python train_kto.py --lora_r 8 --lr 4e-3  (reference: the policy, adapters off; lr as DPO's)
 """
@@ -41,12 +41,12 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig, SequenceBatch, knob,
-                                       non_negative, parse_config)
+from minialign.training.config import (FSDPConfig, GoldCurveConfig, LoRAConfig, OfflineConfig, PairsConfig,
+                                       SequenceBatch, knob, non_negative, parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, SequenceBatch, PairsConfig, GoldCurveConfig, LoRAConfig):
+class Config(OfflineConfig, SequenceBatch, PairsConfig, GoldCurveConfig, LoRAConfig, FSDPConfig):
     out_dir: str = knob("out/kto", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference IS it")
     data: str = knob("", "unpaired examples {prompt, completion, label} or {messages, label} ('' = split --pairs)")
@@ -150,6 +150,7 @@ def main(argv=None):
     # ---- models: the policy and its frozen reference (the same SFT weights)
     model = lora.from_config(disable_dropout(checkpoint.load_model(cfg.init_from)), cfg, cfg.init_from).to(rt.device)
     ref_model = sft_reference(model, cfg, rt)  # LoRA: the policy with its adapters off; else a frozen copy
+    ref_model = runtime.shard_frozen(ref_model, rt, cfg)  # --fsdp --shard_frozen; else whole on every rank
     runtime.print0(rt, f"policy from {cfg.init_from}: {lora.describe(model)}; beta {cfg.beta}; reference: "
                        + ("adapters off" if cfg.lora_r else "frozen copy")
                        + (", precomputed then freed" if cfg.precompute_ref else ""))
@@ -177,7 +178,8 @@ def main(argv=None):
 
     ref_table = None
     if cfg.precompute_ref:
-        ref_table = precompute_reference(ref_model, examples, tok.pad_id, cfg, rt)
+        with runtime.gathered(ref_model):  # --shard_frozen: the ranks' shares of the table differ in size
+            ref_table = precompute_reference(ref_model, examples, tok.pad_id, cfg, rt)
         ref_model = None  # freed: one model in memory while training
 
     def kl_reference():  # the SFT model for KL: the live reference, or loaded again if precompute freed it
@@ -185,11 +187,11 @@ def main(argv=None):
 
     gold_ref = kl_reference() if eval_prompts and cfg.gold_eval_every else None
 
-    # ---- optimizer, resume
+    # ---- DDP or FSDP, optimizer (over the sharded parameters with --fsdp), resume
+    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
-    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     # ---- train
@@ -210,9 +212,11 @@ def main(argv=None):
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             log.log(done, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
-        if gold_ref is not None and done % cfg.gold_eval_every == 0 and done < cfg.max_steps:
-            log.log(done, gold_point(runtime.unwrap(model), tok, eval_prompts[:cfg.gold_eval_prompts],
-                                     cfg.eval_max_new_tokens, gold_ref), bar)
+        if cfg.eval_data and cfg.gold_eval_every and done % cfg.gold_eval_every == 0 and done < cfg.max_steps:
+            with runtime.gathered(model, ref_model):  # --fsdp: rank 0 samples alone on the gathered weights
+                if gold_ref is not None:
+                    log.log(done, gold_point(runtime.unwrap(model), tok, eval_prompts[:cfg.gold_eval_prompts],
+                                             cfg.eval_max_new_tokens, gold_ref), bar)
         if checkpoint.should_save(done, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=done, cfg=cfg,
                             tokenizer_path=tok_path, finished=done == cfg.max_steps, rt=rt)
@@ -223,12 +227,13 @@ def main(argv=None):
     bar.close()
 
     # ---- evaluate with the gold rule, KL measured against the SFT model
-    if eval_prompts:
-        res = evaluate_policy(runtime.unwrap(model).eval(), tok, eval_prompts[:cfg.eval_prompts or None],
-                              cfg.eval_max_new_tokens, gold_ref or kl_reference())
-        checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
-        log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
-        print(f"kto eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
+    with runtime.gathered(model, ref_model):  # --fsdp: rank 0 evaluates alone on the gathered weights
+        if eval_prompts:
+            res = evaluate_policy(runtime.unwrap(model).eval(), tok, eval_prompts[:cfg.eval_prompts or None],
+                                  cfg.eval_max_new_tokens, gold_ref or kl_reference())
+            checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
+            log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
+            print(f"kto eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
     runtime.cleanup(rt)
 
 

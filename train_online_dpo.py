@@ -66,7 +66,7 @@ from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, PairBatch, TrainConfig, at_least, in_range, knob,
+from minialign.training.config import (FSDPConfig, GoldCurveConfig, PairBatch, TrainConfig, at_least, in_range, knob,
                                        non_negative, one_of, parse_config, positive)
 from minialign.training.runtime import gather_columns
 
@@ -74,7 +74,7 @@ PROMPTS_PER_ROUND, PAIRS_PER_STEP = 1024, 64  # iterative DPO's sizes when --rou
 
 
 @dataclass
-class Config(TrainConfig, PairBatch, GoldCurveConfig):
+class Config(TrainConfig, PairBatch, GoldCurveConfig, FSDPConfig):
     out_dir: str = knob("out/online_dpo", "output folder")
     init_from: str = knob("out/sft", "SFT checkpoint: the policy starts from it and the reference is it",
                           (bool, "is required (online DPO starts from an SFT policy, e.g. out/sft)"))
@@ -235,9 +235,10 @@ def main(argv=None):
 
     # ---- models: policy; the frozen SFT model (the reference with --ref sft, and the KL baseline); the judge
     policy = disable_dropout(checkpoint.load_model(cfg.init_from)).to(rt.device)
-    sft_model = frozen(checkpoint.load_model(cfg.init_from), rt)
+    sft_model = runtime.shard_frozen(frozen(checkpoint.load_model(cfg.init_from), rt), rt, cfg)  # --shard_frozen
     ref_model = sft_model if cfg.ref == "sft" else policy  # previous: the policy as each round starts
     reward_model = load_reward_model(cfg.reward_model, rt, "train_online_dpo.py") if cfg.reward_model else None
+    reward_model = runtime.shard_frozen(reward_model, rt, cfg)
     if reward_model is not None and reward_model.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_online_dpo.py: error: the reward model's vocabulary ({reward_model.cfg.vocab_size}) "
                          f"differs from the policy's ({policy.cfg.vocab_size})")
@@ -260,7 +261,9 @@ def main(argv=None):
                       f"{cfg.prompts_per_step} pairs; {cfg.max_steps} steps = "
                       f"{cfg.max_steps * cfg.prompts_per_step / len(prompts):.2f} epochs of prompts"))
 
-    # ---- optimizer, resume (online sampling is seeded from (seed, step); a round's pairs are in the checkpoint)
+    # ---- DDP or FSDP, optimizer, resume (online sampling is seeded from (seed, step); a round's pairs are in the
+    # checkpoint)
+    model = runtime.wrap_ddp(policy, rt, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(policy, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
@@ -268,7 +271,6 @@ def main(argv=None):
     if cfg.rounds and start_step % steps_per_round:
         saved = checkpoint.load(cfg.out_dir)
         pairs, round_stats = saved["round_pairs"], saved["round_stats"]
-    model = runtime.wrap_ddp(policy, rt, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
     eval_prompts = None
     if cfg.eval_data and rt.is_main:
@@ -286,7 +288,8 @@ def main(argv=None):
         # 1-3. sample K per prompt from the current policy, judge, keep (best, worst): every step, or once a round
         if s == 0:
             mine = [prompts[i] for i in step_prompt_indices(len(prompts), rnd, n_sampled, cfg.seed, rt)]
-            pairs, round_stats = sample_pairs(policy, ref_model, reward_model, tok, mine, sources, rnd, rt, cfg)
+            with runtime.gathered(policy):  # --fsdp: the policy's full weights while sampling
+                pairs, round_stats = sample_pairs(policy, ref_model, reward_model, tok, mine, sources, rnd, rt, cfg)
         # 4. a DPO step on this rank's part of the pairs
         lengths = pair_lengths(pairs)
         if cfg.rounds:  # pairs_per_step of the round's pairs, in the data order of the round
@@ -296,9 +299,9 @@ def main(argv=None):
         else:  # every pair of the step, dealt out over the ranks
             idx = list(range(rt.rank, len(pairs), rt.world_size))
             idx = sorted(idx, key=lambda i: lengths[i]) if cfg.group_by_length else idx
-        batches = [to_device(collate_sampled_pairs([pairs[i] for i in idx[j : j + cfg.micro_batch_pairs]], tok.pad_id,
-                                                cfg.loss_type), rt.device)
-                   for j in range(0, len(idx), cfg.micro_batch_pairs)]
+        fewest = len(pairs) // rt.world_size if not cfg.rounds else len(idx)  # the smallest rank's share
+        batches = [to_device(collate_sampled_pairs([pairs[i] for i in part], tok.pad_id, cfg.loss_type), rt.device)
+                   for part in loop.micro_batches(idx, cfg.micro_batch_pairs, fewest, cfg.fsdp)]
         skip = len(pairs) < rt.world_size  # same on every rank; each needs a pair (DDP all-reduces in backward)
         metrics = {"update_skipped": float(skip)}
         if not skip:
@@ -313,14 +316,16 @@ def main(argv=None):
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             log.log(done, {**metrics, **loop.skip_counts(stats)}, bar)
         round_end = cfg.rounds and done % steps_per_round == 0
-        if eval_prompts and (round_end or (cfg.gold_eval_every and done % cfg.gold_eval_every == 0
-                                           and done < cfg.max_steps)):
-            point = gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts], cfg.eval_max_new_tokens,
-                               sft_model)
-            if round_end:  # the round's row: its gold score, KL to SFT, and how many pairs it trained on
+        if cfg.eval_data and (round_end or (cfg.gold_eval_every and done % cfg.gold_eval_every == 0
+                                            and done < cfg.max_steps)):
+            with runtime.gathered(policy, sft_model):  # --fsdp: rank 0 samples alone on the gathered weights
+                point = eval_prompts and gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts],
+                                                    cfg.eval_max_new_tokens, sft_model)
+            if point and round_end:  # the round's row: its gold score, KL to SFT, and how many pairs it trained on
                 point = {"round": rnd + 1, **point, "pairs/used": round_stats["pairs/used"],
                          "pairs/ties_skipped": round_stats["pairs/ties_skipped"]}
-            log.log(done, point, bar)
+            if point:
+                log.log(done, point, bar)
         if checkpoint.should_save(done, start_step, cfg):
             extra = {"round_pairs": pairs, "round_stats": round_stats} if cfg.rounds else None
             checkpoint.save(cfg.out_dir, model=policy, optimizer=optimizer, scaler=scaler, step=done, cfg=cfg,
@@ -333,12 +338,13 @@ def main(argv=None):
     runtime.print0(rt, f"trained {cfg.max_steps - start_step} steps in {time.time() - t0:.0f}s")
 
     # ---- evaluate with the gold rule, KL measured against the SFT model we started from
-    if eval_prompts:
-        res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None], cfg.eval_max_new_tokens,
-                              sft_model)
-        checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
-        log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
-        print(f"online dpo eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
+    with runtime.gathered(policy, sft_model):  # --fsdp: rank 0 evaluates alone on the gathered weights
+        if eval_prompts:
+            res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None],
+                                  cfg.eval_max_new_tokens, sft_model)
+            checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
+            log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
+            print(f"online dpo eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
     runtime.cleanup(rt)
 
 

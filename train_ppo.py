@@ -70,13 +70,13 @@ from minialign.errors import run_cli
 from minialign.evaluation.evaluate import evaluate_policy, format_result, gold_point, load_eval_prompts
 from minialign.models import lora
 from minialign.training import checkpoint, config, logger, loop, runtime
-from minialign.training.config import (GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig, at_least,
-                                       in_range, knob, non_negative, positive, rl_problems)
+from minialign.training.config import (FSDPConfig, GoldCurveConfig, OnlineLoRAConfig, SequenceBatch, TrainConfig,
+                                       at_least, in_range, knob, non_negative, positive, rl_problems)
 from minialign.training.runtime import gather_columns
 
 
 @dataclass
-class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig):
+class Config(TrainConfig, SequenceBatch, GoldCurveConfig, OnlineLoRAConfig, FSDPConfig):
     out_dir: str = knob("out/ppo", "output folder")
     init_from: str = knob("out/sft", "policy and reference checkpoint (SFT)",
                           (bool, "is required (PPO starts from an SFT policy, e.g. out/sft)"))
@@ -265,6 +265,7 @@ def main(argv=None):
     value = disable_dropout(checkpoint.load_model(cfg.reward_model or cfg.init_from, kind="scalar"))
     value, reward_model = value_and_reward(value, reward_model, cfg, cfg.reward_model or cfg.init_from)
     value.to(rt.device)
+    ref_model, reward_model = (runtime.shard_frozen(m, rt, cfg) for m in (ref_model, reward_model))  # --shard_frozen
     if value.cfg.vocab_size != policy.cfg.vocab_size:
         raise SystemExit(f"train_ppo.py: error: the reward model's vocabulary ({value.cfg.vocab_size}) differs from "
                          f"the policy's ({policy.cfg.vocab_size})")
@@ -285,13 +286,12 @@ def main(argv=None):
                        f"{cfg.num_ppo_epochs} epochs x {cfg.num_minibatches} minibatches (optimizer steps)")
 
     # ---- one optimizer over policy + value, resume (the value model rides in the checkpoint's extra)
+    # (DDP wraps the pair; FSDP shards the policy and the value model, each its own root)
     pv = PolicyAndValue(policy, value)
+    model = runtime.wrap_ddp(pv, rt, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(pv, cfg, rt)
     scaler = rt.make_scaler()
-    start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt)
-    if cfg.resume:
-        checkpoint.load_extra_model(value, "value_model", cfg.out_dir)
-    model = runtime.wrap_ddp(pv, rt, gradient_checkpointing=cfg.gradient_checkpointing)
+    start_step = checkpoint.resume(cfg, policy, optimizer, scaler, rt, root=pv, extra_models={"value_model": value})
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, tensorboard=cfg.tensorboard)
     eval_prompts = None  # held-out prompts for the gold rule, loaded before training (too-long ones dropped now)
     if cfg.eval_data and rt.is_main:
@@ -307,23 +307,25 @@ def main(argv=None):
         loop.set_lr(optimizer, lr)
         step_prompts = [prompts[i] for i in step_prompt_indices(len(prompts), step, cfg.prompts_per_step, cfg.seed, rt)]
         # 1. rollout: one response per prompt, no gradients; this rank's prompts start at global position rank * share
-        with rt.autocast(), lora.merged_for_sampling(policy):  # LoRA: adapters merged while sampling
+        with rt.autocast(), lora.merged_for_sampling(policy), runtime.gathered(pv):  # LoRA merged; FSDP gathered
             ro = sample_rollout(policy, tok, step_prompts, 1, cfg.max_new_tokens, cfg.temperature, cfg.seed, step,
                                 rt.rank * len(step_prompts), cfg.prompts_per_generate)
-        # 2-4. old log-probs, reference, values, scores, per-token rewards, GAE; 5. the PPO epochs
-        b = rollout_tensors(pv, ref_model, reward_model, ro, sources, step, rt, cfg)
+            # 2-4. old log-probs, reference, values, scores, per-token rewards, GAE; 5. the PPO epochs
+            b = rollout_tensors(pv, ref_model, reward_model, ro, sources, step, rt, cfg)
         metrics = {**rollout_metrics(ro, b, sources, rt), "episode": (step + 1) * cfg.prompts_per_step,
                    **ppo_update(model, optimizer, scaler, ro, b, step, rt, cfg, stats)}
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
-        if eval_prompts and cfg.gold_eval_every and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
-            log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts], cfg.eval_max_new_tokens,
-                                         ref_model), bar)
+        if cfg.eval_data and cfg.gold_eval_every and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
+            with runtime.gathered(pv, ref_model):  # --fsdp: rank 0 samples alone on the gathered weights
+                if eval_prompts:
+                    log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts],
+                                                 cfg.eval_max_new_tokens, ref_model), bar)
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=policy, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt,
-                            extra=checkpoint.extra_model("value_model", value))
+                            extra=checkpoint.extra_model("value_model", value), root=pv)
         if checkpoint.should_stop(step + 1, start_step, cfg):
             runtime.print0(rt, f"stopping after {cfg.stop_after_steps} iterations as asked; continue with --resume")
             runtime.cleanup(rt)
@@ -332,12 +334,13 @@ def main(argv=None):
     runtime.print0(rt, f"trained {cfg.max_steps - start_step} iterations in {time.time() - t0:.0f}s")
 
     # ---- evaluate with the gold rule, KL measured against the SFT reference
-    if cfg.eval_data and rt.is_main:
-        res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None], cfg.eval_max_new_tokens,
-                              ref_model)
-        checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
-        log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
-        print(f"ppo eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
+    with runtime.gathered(pv, ref_model):  # --fsdp: rank 0 evaluates alone on the gathered weights
+        if cfg.eval_data and rt.is_main:
+            res = evaluate_policy(policy.eval(), tok, eval_prompts[: cfg.eval_prompts or None],
+                                  cfg.eval_max_new_tokens, ref_model)
+            checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
+            log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
+            print(f"ppo eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
     runtime.cleanup(rt)
 
 

@@ -8,7 +8,7 @@ On the default task pretraining is optional: SFT from scratch already learns the
 for the full story, and for your own text corpora ({"text": ...} JSONL, or a .txt file).
 
 Run on one device:         python train_pretrain.py             (data/pretrain.jsonl -> out/pretrain)
-Run on N GPUs / processes: torchrun --nproc_per_node=N train_pretrain.py
+Run on N GPUs / processes: torchrun --nproc_per_node=N train_pretrain.py   (add --fsdp to shard the model over them)
 Then:                      python train_sft.py --init_from out/pretrain
 Needs a tokenizer first:   python -m minialign.data.tokenizer
 """
@@ -24,11 +24,12 @@ from minialign.data.formats import load_pretrain
 from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import run_cli
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import FromScratch, OfflineConfig, SequenceBatch, knob, one_of, parse_config
+from minialign.training.config import (FromScratch, FSDPConfig, OfflineConfig, SequenceBatch, knob, one_of,
+                                       parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, SequenceBatch, FromScratch):
+class Config(OfflineConfig, SequenceBatch, FromScratch, FSDPConfig):
     out_dir: str = knob("out/pretrain", "output folder")
     init_from: str = knob("", "checkpoint folder to continue from; empty = random init from --preset")
     data: str = knob("data/pretrain.jsonl", "text corpus: {\"text\": ...} JSONL(.gz), JSON, or a plain .txt file")
@@ -69,10 +70,11 @@ def main(argv=None):
                        f"{sum(lengths)} tokens; "
                        f"{cfg.max_steps} steps x {global_batch} sequences = {epochs:.2f} epochs")
 
+    # ---- DDP or FSDP, optimizer (over the sharded parameters with --fsdp), resume
+    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
-    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     model.train()

@@ -22,7 +22,7 @@ mean margin, mean/min/max reward; the chosen and rejected reward lists go to <ou
 and, if matplotlib is installed, a histogram to <out_dir>/rm_scores.png.
 
 Run on one device:         python train_rm.py                      (data/pref_train.jsonl -> out/rm, from out/sft)
-Run on N GPUs / processes: torchrun --nproc_per_node=N train_rm.py
+Run on N GPUs / processes: torchrun --nproc_per_node=N train_rm.py   (add --fsdp to shard the model over them)
 With LoRA:                 python train_rm.py --lora_r 8   (adapters on the SFT backbone; the score head trains in full)
 Score any JSONL afterwards: python -m minialign.algorithms.reward_model --ckpt out/rm --data file.jsonl
 Accepted data formats: see minialign.data.formats.load_preferences ({prompt, chosen, rejected}, implicit
@@ -43,12 +43,12 @@ from minialign.data.tokenizer import load_tokenizer
 from minialign.errors import run_cli
 from minialign.models import lora
 from minialign.training import checkpoint, logger, loop, runtime
-from minialign.training.config import (FromScratch, LoRAConfig, OfflineConfig, PairBatch, PairsConfig, knob,
-                                       non_negative, parse_config)
+from minialign.training.config import (FromScratch, FSDPConfig, LoRAConfig, OfflineConfig, PairBatch, PairsConfig,
+                                       knob, non_negative, parse_config)
 
 
 @dataclass
-class Config(OfflineConfig, PairBatch, FromScratch, PairsConfig, LoRAConfig):
+class Config(OfflineConfig, PairBatch, FromScratch, PairsConfig, LoRAConfig, FSDPConfig):
     out_dir: str = knob("out/rm", "output folder")
     data: str = knob("data/pref_train.jsonl", "preference pairs for training (JSONL(.gz) or JSON)")
     eval_data: str = knob("data/pref_eval.jsonl", "held-out pairs for accuracy and the score distributions "
@@ -160,11 +160,11 @@ def main(argv=None):
                        f"{cfg.micro_batch_pairs} x {cfg.grad_accum} accum x {rt.world_size} ranks; "
                        f"{cfg.max_steps} steps = {epochs:.2f} epochs")
 
-    # ---- optimizer, resume
+    # ---- DDP or FSDP, optimizer (over the sharded parameters with --fsdp), resume
+    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     optimizer = loop.make_optimizer(model, cfg, rt)
     scaler = rt.make_scaler()
     start_step = checkpoint.resume(cfg, model, optimizer, scaler, rt)
-    model = runtime.wrap_ddp(model, rt, cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing)
     log = logger.MetricsLog(cfg.out_dir, rt, start_step if cfg.resume else None, cfg.tensorboard)
 
     def evaluate(step: int):
@@ -194,8 +194,9 @@ def main(argv=None):
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         at_eval = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps
-        if eval_examples and rt.is_main and at_eval:
-            final = evaluate(step + 1)
+        if eval_examples and at_eval:
+            with runtime.gathered(model):  # --fsdp: rank 0 evaluates alone on the gathered weights
+                final = evaluate(step + 1) if rt.is_main else None
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt)
@@ -205,9 +206,10 @@ def main(argv=None):
             return
     bar.close()
 
+    if eval_examples and start_step == cfg.max_steps:  # resumed a finished run: nothing trained, evaluate it anyway
+        with runtime.gathered(model):
+            final = evaluate(cfg.max_steps) if rt.is_main else None
     if eval_examples and rt.is_main:
-        if start_step == cfg.max_steps:  # resumed a finished run: nothing trained, evaluate it anyway
-            final = evaluate(cfg.max_steps)
         print(f"rm eval on {len(eval_examples)} held-out pairs: accuracy {final['eval_accuracy']:.4f}  "
               f"margin {final['eval_margin']:.3f}  "
               f"rewards chosen {final['eval_rewards/chosen']:.3f} rejected {final['eval_rewards/rejected']:.3f}  "

@@ -111,12 +111,12 @@ def main(argv=None):
     bar.close()
 
     # ---- evaluate with the gold rule
-    policy = runtime.unsharded(model, rt)  # with --fsdp, gathered into one copy on rank 0
-    if eval_prompts:
-        res = evaluate_policy(policy.eval(), tok, eval_prompts, cfg.eval_max_new_tokens)
-        checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
-        log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
-        print(f"sft eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
+    with runtime.gathered(model):  # --fsdp: rank 0 evaluates alone on the gathered weights
+        if eval_prompts:
+            res = evaluate_policy(runtime.unwrap(model).eval(), tok, eval_prompts, cfg.eval_max_new_tokens)
+            checkpoint.write_json(res, f"{cfg.out_dir}/eval.json")
+            log.log(cfg.max_steps, {k: v for k, v in res.items() if k != "examples"})
+            print(f"sft eval on {res['n_prompts']} held-out prompts: {format_result(res)}")
     runtime.cleanup(rt)
 
 

@@ -46,8 +46,8 @@ import torch
 from minialign.errors import UserError, run_cli
 from minialign.models import lora
 from minialign.models.decoder import CausalLM, ModelConfig, ScalarModel, model_config
-from minialign.training.runtime import (Runtime, all_gather_object, full_state_dicts, is_fsdp, load_full_state_dicts,
-                                        unwrap)
+from minialign.training.runtime import (Runtime, all_gather_object, full_state_dicts, is_sharded,
+                                        load_full_state_dicts, unwrap)
 
 
 class CheckpointError(UserError, ValueError):
@@ -131,17 +131,21 @@ def set_rng_state(state: dict):
 
 
 def save(out_dir, *, model, optimizer, scaler, step: int, cfg, tokenizer_path: str | None,
-         finished: bool = False, extra: dict | None = None, rt: Runtime | None = None):
+         finished: bool = False, extra: dict | None = None, rt: Runtime | None = None, root=None):
     """Write out_dir/ckpt.pt atomically (rank 0 only), plus config.json and a copy of the tokenizer.
 
     Every rank must call it (at the same steps): the RNG states of all ranks are gathered first, so each
-    rank restores its own on --resume.
+    rank restores its own on --resume. root: the module the optimizer was built over when it is more than `model`
+    (PPO's policy-and-value pair); with FSDP the optimizer's state is gathered over it, keyed by names under it.
     """
     rngs = all_gather_object(rng_state(), rt) if rt is not None else [rng_state()]
     base = unwrap(model)
-    sharded = is_fsdp(base)
+    holder = unwrap(root) if root is not None else base
+    sharded = is_sharded(holder)
     if sharded:  # every rank takes part in gathering the full tensors
-        model_sd, optim_sd = full_state_dicts(base, optimizer)
+        full_sd, optim_sd = full_state_dicts(holder, optimizer)
+        prefix = _prefix(holder, base)
+        model_sd = {k[len(prefix):]: v for k, v in full_sd.items() if k.startswith(prefix)}
     if rt is not None and not rt.is_main:
         return
     out = Path(out_dir)
@@ -409,29 +413,40 @@ def load_model_state(model, state: dict, lora_meta: dict | None, where):
 
 
 def extra_model(name: str, model) -> dict:
-    """A second trained model (PPO's value model) for save(extra=...): its weights (or adapters), LoRA and config."""
-    return {name: model_state(model), f"{name}_lora": getattr(model, "lora_meta", None),
-            f"{name}_config": model.cfg.to_dict()}
+    """A second trained model (PPO's value model) for save(extra=...): its weights (or adapters), LoRA and config.
+    Every rank must call it (a sharded model's full weights are gathered; rank 0 keeps them)."""
+    state = full_state_dicts(model, None)[0] if is_sharded(model) else model_state(model)
+    return {name: state, f"{name}_lora": getattr(model, "lora_meta", None), f"{name}_config": model.cfg.to_dict()}
 
 
-def load_extra_model(model, name: str, out_dir):
-    """Restore an `extra_model` from out_dir/ckpt.pt on --resume."""
-    saved = load(out_dir)
-    load_model_state(model, saved[name], saved.get(f"{name}_lora"), out_dir)
+def _prefix(root, module) -> str:
+    """The state-dict key prefix of `module` inside `root` ('' for root itself, 'policy.' in PPO's pair)."""
+    name = next(n for n, m in root.named_modules() if m is module)
+    return name + "." if name else ""
 
 
-def resume(cfg, model, optimizer, scaler, rt: Runtime | None = None) -> int:
-    """With --resume, restore weights, optimizer, scaler and this rank's RNG from out_dir/ckpt.pt; return its step."""
+def resume(cfg, model, optimizer, scaler, rt: Runtime | None = None, root=None, extra_models: dict | None = None) -> int:
+    """With --resume, restore weights, optimizer, scaler and this rank's RNG from out_dir/ckpt.pt; return its step.
+    root: as for `save`; extra_models: {name: model} saved with `extra_model` (PPO's value model), restored too.
+    With FSDP call it after sharding and after building the optimizer (each rank keeps its shards)."""
     if not cfg.resume:
         return 0
     ckpt = load(cfg.out_dir)
-    if is_fsdp(unwrap(model)) != bool(ckpt.get("optimizer_by_name")):
+    holder = unwrap(root) if root is not None else unwrap(model)
+    extra_models = extra_models or {}
+    if is_sharded(holder) != bool(ckpt.get("optimizer_by_name")):
         raise UserError(f"{cfg.out_dir} was written by a run {'with' if ckpt.get('optimizer_by_name') else 'without'} "
                         "--fsdp: resume it the same way (its weights load anywhere: --init_from)")
-    if is_fsdp(unwrap(model)):
-        load_full_state_dicts(unwrap(model), optimizer, ckpt["model"], ckpt["optimizer"])
+    if is_sharded(holder):
+        full = {}
+        for module, state in [(unwrap(model), ckpt["model"])] + [(m, ckpt[n]) for n, m in extra_models.items()]:
+            prefix = _prefix(holder, module)
+            full.update({prefix + k: v for k, v in state.items()})
+        load_full_state_dicts(holder, optimizer, full, ckpt["optimizer"])
     else:
         load_model_state(unwrap(model), ckpt["model"], ckpt.get("lora"), cfg.out_dir)
+        for name, m in extra_models.items():
+            load_model_state(m, ckpt[name], ckpt.get(f"{name}_lora"), cfg.out_dir)
         optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])

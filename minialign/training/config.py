@@ -146,14 +146,18 @@ class OfflineConfig(TrainConfig):
 
 @dataclass
 class FSDPConfig:
-    """--fsdp (SFT, DPO): shard the trained model over the ranks instead of replicating it (minialign.training.runtime)."""
+    """--fsdp (every training script): shard the trained model over the ranks instead of replicating it
+    (minialign.training.runtime); --shard_frozen: the frozen reference / reward models too."""
     fsdp: bool = knob(False, "under torchrun, shard the trained model's weights, gradients and AdamW state over the "
                              "ranks (FSDP2 fully_shard, each decoder block and the whole model) instead of DDP's full "
                              "copy per rank; checkpoints hold the full state dict")
+    shard_frozen: bool = knob(False, "with --fsdp, shard the frozen reference and reward models too: 1/N of their "
+                                     "weights per rank, at the cost of an all-gather per block in each of their "
+                                     "forwards; off = a whole copy on every rank, no communication")
 
     def fsdp_problems(self, world_size: int) -> list[str]:
         if not self.fsdp:
-            return []
+            return ["--shard_frozen needs --fsdp"] if self.shard_frozen else []
         out = [] if world_size > 1 else ["--fsdp needs torchrun with 2 or more processes (one holds the whole model)"]
         if getattr(self, "lora_r", 0):
             out.append("--fsdp with --lora_r: not supported yet (shard a full fine-tuning, or use LoRA with DDP)")

@@ -48,6 +48,20 @@ def micro_batch_indices(n_examples: int, step: int, micro_step: int, cfg, rt: Ru
             for i in range(mb)]
 
 
+def micro_batches(idx: list, size: int, fewest: int, fsdp: bool) -> list[list]:
+    """This rank's examples `idx` cut into micro-batches of `size`. With FSDP every rank must run the same number
+    of micro-batches (each forward and backward is a collective), so when the ranks' shares differ (the fewest
+    being `fewest`) there are max(1, ceil(fewest / size)) near-equal ones instead, one example larger than `size`
+    where a rank holds more. The step's loss is a mean over the global count either way, so the cut changes no
+    gradient."""
+    if not fsdp:
+        return [idx[j : j + size] for j in range(0, len(idx), size)]
+    n = max(1, -(-fewest // size))
+    base, extra = divmod(len(idx), n)
+    bounds = [sum(base + (k < extra) for k in range(i)) for i in range(n + 1)]
+    return [idx[bounds[i] : bounds[i + 1]] for i in range(n)]
+
+
 def step_batches(n_examples: int, step: int, cfg, rt: Runtime, lengths=None) -> list[list[int]]:
     """This rank's grad_accum micro-batches (lists of example indices) for optimizer step `step`.
 
@@ -144,6 +158,9 @@ def train_step(model, optimizer, scaler, batches: list, loss_fn, count_fn, rt: R
     micro-batch and rank split. Returned: the metrics and grad_norm (pre-clip).
     """
     counts = [float(count_fn(b)) for b in batches]
+    if runtime.is_sharded(model) and runtime.all_reduce_max(len(batches), rt) != -runtime.all_reduce_max(-len(batches), rt):
+        raise RuntimeError("FSDP: the ranks have different numbers of micro-batches in this step (each micro-batch's "
+                           "forward and backward is a collective; DDP tolerates this, FSDP would hang)")
     normalizer = step_normalizer(sum(counts), rt)
     sums: dict = {}
     maxima: dict = {}

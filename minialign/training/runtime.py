@@ -4,10 +4,12 @@
   fp16 autocast with a GradScaler. The scaler exists in every run, disabled unless fp16.
 * DDP: the trained model is wrapped once (`wrap_ddp`); gradients are synchronized only on the last
   micro-batch of a step (`sync_context`). Only rank 0 writes files (`print0`, checkpoint, logger).
-* FSDP (--fsdp, SFT and DPO): instead of DDP, `wrap_ddp` shards the trained model with FSDP2's `fully_shard`,
-  each decoder block and then the whole model; gradients are reduce-scattered (averaged over ranks, as DDP
-  does, so the loop's global-count normalization is unchanged) after every micro-batch; checkpoints hold the
-  full state dict gathered on save (`full_state_dicts`), so they load unsharded.
+* FSDP (--fsdp, every training script): instead of DDP, `wrap_ddp` shards the trained model with FSDP2's
+  `fully_shard`, each decoder block and then the whole model; gradients are reduce-scattered (averaged over
+  ranks, as DDP does, so the loop's global-count normalization is unchanged) after every micro-batch; checkpoints
+  hold the full state dict gathered on save (`full_state_dicts`), so they load unsharded. A sharded forward is a
+  collective, so sampling and rank 0's evaluations run inside `gathered` (weights gathered once, then local);
+  frozen models stay whole on every rank unless --shard_frozen (`shard_frozen`).
 * Collectives: sums, means, maxima and row gathers over ranks are the functions below; with one
   process they return their input, so a script reads the same with and without torchrun.
 """
@@ -114,18 +116,48 @@ def is_fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_fsdp(model, rt: Runtime):
+def is_sharded(model) -> bool:
+    """The model, or a model inside it (PPO's policy-and-value pair), is sharded with FSDP."""
+    return any(is_fsdp(m) for m in model.modules())
+
+
+def shard_fsdp(model, rt: Runtime, frozen: bool = False):
     """FSDP2: every decoder block its own unit (gathered for its forward and backward, then freed), then the
     root (embedding, final norm, heads). Parameters become DTensors sharded on dim 0 over the ranks; build the
-    optimizer after this call."""
+    optimizer after this call. A container of models (PPO's policy-and-value pair) gets one root per model, so
+    each model's own forward (sampling with the policy alone) enters through its root. A trained root keeps its
+    weights gathered from its forward to its backward (FSDP2's default for a root); a frozen one (`frozen`: a
+    reference or reward model, no backward) frees them after every forward.
+
+    Precision: on CUDA with bf16/fp16 FSDP2's MixedPrecisionPolicy casts the gathered weights to that dtype
+    (param_dtype) and reduce-scatters gradients in fp32 (reduce_dtype), so the sharded master weights and the
+    AdamW state stay fp32; autocast still runs around the forward. On CPU (fp32) there is no policy."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
-    for b in [m for m in model.modules() if isinstance(m, Backbone)]:
-        for layer in b.layers:
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    kwargs = {"mesh": mesh}
+    if rt.device.type == "cuda" and rt.dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    roots = [model] if isinstance(model, (CausalLM, ScalarModel)) else [
+        m for m in model.children() if isinstance(m, (CausalLM, ScalarModel))]
+    for root in roots:
+        for layer in root.backbone.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(root, **kwargs, **({"reshard_after_forward": True} if frozen else {}))
+        root._reshards_after_forward = frozen  # for `gathered` to restore (blocks: True, FSDP2's default)
     return model
+
+
+def shard_frozen(model, rt: Runtime, cfg):
+    """--fsdp with --shard_frozen: a frozen model (reference, reward model) sharded like the policy, so each rank
+    holds 1/world_size of its weights and every forward all-gathers one block at a time (each of its forwards is
+    then a collective: the scripts run them on every rank alike, or inside `gathered`). Without the flag (the
+    default) it stays whole on every rank: its full weights in memory, no communication. None stays None."""
+    if model is None or not getattr(cfg, "fsdp", False) or not getattr(cfg, "shard_frozen", False) or not rt.ddp:
+        return model
+    if not isinstance(model, torch.nn.Module):  # LoRA's adapters-off view of the policy: nothing of its own
+        return model
+    return shard_fsdp(model, rt, frozen=True)
 
 
 def full_state_dicts(model, optimizer) -> tuple[dict, dict | None]:
@@ -149,19 +181,28 @@ def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict | Non
         set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
 
 
-def unsharded(model, rt: Runtime):
-    """The trained model as a plain module for what rank 0 does alone (evaluation, sampling for the gold curve):
-    itself (unwrapped) without FSDP; with FSDP an unsharded copy built from the gathered full state dict on rank 0,
-    None on the other ranks. Every rank must call it."""
-    if not is_fsdp(model):
-        return unwrap(model)
-    state, _ = full_state_dicts(model, None)
-    if not rt.is_main:
-        return None
-    cls = next(c for c in type(model).__mro__ if c in (CausalLM, ScalarModel))  # FSDP2 subclasses the module
-    copy = cls(model.cfg)
-    copy.load_state_dict(state)
-    return copy.to(rt.device)
+@contextlib.contextmanager
+def gathered(*models):
+    """No-grad forwards (sampling, scoring a rollout, rank 0's evaluation) on FSDP models with their full weights.
+
+    FSDP2 all-gathers a block's weights in its forward and frees them after, so a forward is a collective: every
+    rank must run the same number. Sampling breaks that (ranks stop generating at different steps), rank 0's
+    evaluation runs on rank 0 alone, and the CPU sampler reads the weights directly
+    (minialign.models.packed_linear). Inside this context every FSDP unit of `models` is all-gathered ONCE on entry
+    and kept through any number of forwards, which then communicate nothing; on exit the shards are restored
+    (memory: one full copy of those weights per rank while inside). Every rank must enter it. Models that are not
+    sharded (or None) are left alone, so without --fsdp it does nothing."""
+    units = [m for model in models if isinstance(model, torch.nn.Module) for m in model.modules() if is_fsdp(m)]
+    after = [getattr(m, "_reshards_after_forward", True) for m in units]  # what each unit does outside
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, reshard in zip(units, after):
+            m.set_reshard_after_forward(reshard, recurse=False)
+            m.reshard()
 
 
 def to_float(t) -> float:
@@ -186,7 +227,7 @@ def wrap_ddp(model, rt: Runtime, compile: bool = False, gradient_checkpointing: 
     if not rt.ddp:
         return model
     if fsdp:
-        return shard_fsdp(model, rt)
+        return shard_fsdp(model, rt, frozen=True)
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=has_moe(model))
 
@@ -197,7 +238,7 @@ def unwrap(model):
 
 def sync_context(model, rt: Runtime, last_micro_step: bool):
     """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
-    if rt.ddp and not last_micro_step and not is_fsdp(model):  # FSDP reduce-scatters every micro-batch's gradients
+    if rt.ddp and not last_micro_step and not is_sharded(model):  # FSDP reduce-scatters every micro-batch's gradients
         return model.no_sync()
     return contextlib.nullcontext()
 
