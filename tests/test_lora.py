@@ -332,6 +332,10 @@ REFUSED = [  # (script, flags, what the error says)
     (train_ppo, ["--lora_r", "8", "--lora_dropout", "0.1"], "--lora_dropout=0.1 must be 0 in online RL"),
     (train_grpo, ["--lora_r", "8", "--lora_dropout", "0.1"], "--lora_dropout=0.1 must be 0 in online RL"),
     (train_kto, ["--lora_r", "8", "--lora_dropout", "1"], "--lora_dropout=1.0 must be in [0, 1)"),
+    (train_dpo, ["--lora_base_dtype", "bf16"], "--lora_base_dtype bf16 needs --lora_r"),
+    (train_sft, ["--lora_r", "8", "--lora_base_dtype", "fp16"], "--lora_base_dtype='fp16' must be one of fp32, bf16"),
+    (train_grpo, ["--lora_r", "8", "--lora_base_dtype", "bf16", "--dtype", "fp16"],
+     "--lora_base_dtype bf16 with --dtype fp16"),
 ]
 
 
@@ -382,3 +386,167 @@ def test_sampling_with_merged_adapters_leaves_the_model_exactly_as_it_was():
         assert torch.equal(model(x), y) and len(lora.lora_layers(model)) == 14
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# ------------------------------------------------------------------------- a frozen bf16 base (--lora_base_dtype)
+
+# Measured (tiny models, random init, |logits| <= 1.6, 3 seeds): the bf16 base's logits and log-probs differ from
+# the fp32 base's by <= 2.0e-3 on the dense and QK-norm models; the MoE by up to 2.3e-2 where a token's routing
+# flips. The bounds below leave ~1.5x room.
+BF16_ATOL = {"dense": 3e-3, "qk_norm": 3e-3, "moe": 4e-2}
+
+
+def bf16_lora(base, stage=train_dpo, trainable=()):
+    """`base` (left as it is) with r 4 adapters on a frozen bf16 base, as a script's --lora_base_dtype bf16 makes it."""
+    cfg = stage.Config(lora_r=4, lora_alpha=8.0, lora_base_dtype="bf16", init_from="base")
+    return lora.from_config(copy.deepcopy(base), cfg, "base", trainable=trainable)
+
+
+def test_a_bf16_base_stores_frozen_weights_in_bf16_and_keeps_adapters_heads_and_adamw_fp32():
+    base = tiny_model(seed=0, **ARCHS["moe"], tie_embeddings=False)  # a separate lm_head and MoE routers too
+    model = bf16_lora(base)
+    fp32 = base.state_dict()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert name.endswith((".lora_A", ".lora_B")) and p.dtype == torch.float32, name
+        else:  # every frozen parameter: the projections, embedding, lm_head, norms, routers; rounded, nothing else
+            assert p.dtype == torch.bfloat16, name
+            assert torch.equal(p, fp32[name.replace(".base.", ".")].to(torch.bfloat16)), name
+    assert model.lora_meta["base_dtype"] == "bf16" and model.lora_meta["base_sha256"] == lora.weights_hash(base)
+    assert model.backbone.rope_cos.dtype == torch.float32  # the activations' dtype: still float32
+    scalar = bf16_lora(ScalarModel(tiny_config()), train_rm, trainable=("score_head.",))  # a reward model's new head
+    assert scalar.score_head.weight.dtype == torch.float32 and scalar.backbone.embed.weight.dtype == torch.bfloat16
+
+    x = torch.randint(0, 96, (3, 10))
+    batch = {"inputs": x[:, :-1], "labels": x[:, 1:]}
+    optimizer = loop.make_optimizer(model, train_sft.Config(lr=1e-2), RT)
+    loop.train_step(model, optimizer, RT.make_scaler(), [batch], sum_nll, lambda b: 1, RT, 1.0)
+    states = [s for s in optimizer.state.values()]
+    assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in states)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_a_fresh_adapter_on_a_bf16_base_is_exactly_that_base_and_close_to_the_fp32_one(arch):
+    base = tiny_model(seed=0, **ARCHS[arch])
+    model = bf16_lora(base)
+    bf16_base = lora.cast_frozen(copy.deepcopy(base).requires_grad_(False), torch.bfloat16)  # no adapters at all
+    x = torch.randint(0, 96, (3, 12))
+    with torch.no_grad():
+        y, y_bf16, y_fp32 = model(x), bf16_base(x), base(x)
+        assert y.dtype == torch.float32 and torch.equal(y, y_bf16)  # B = 0: the bf16 base's logits, bit for bit
+        assert torch.equal(lora.reference(model)(x), y_bf16)  # adapters off: the bf16 base alone
+        gap = (y - y_fp32).abs().max()
+        assert 0 < gap <= BF16_ATOL[arch]  # the base's rounding, and only that
+        assert (y.log_softmax(-1) - y_fp32.log_softmax(-1)).abs().max() <= BF16_ATOL[arch]
+
+
+def test_training_on_a_bf16_base_lowers_the_loss_and_moves_only_the_adapters():
+    """The upcast matmul's own backward: the adapters' gradients are those of an fp32 model holding the same rounded
+    base, and what autograd keeps for the backward holds no fp32 copy of a base matrix (only the bf16 ones)."""
+    model = nudge_adapters(bf16_lora(tiny_model(seed=0)))
+    x = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"inputs": x[:, :-1], "labels": x[:, 1:]}
+    as_fp32 = lora.cast_frozen(copy.deepcopy(model), torch.float32)  # the bf16 values, stored as float32
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        loss = sum_nll(model, batch)[0]
+    loss.backward()
+    sum_nll(as_fp32, batch)[0].backward()
+    for (name, p), q in zip(model.named_parameters(), as_fp32.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    matrices = {tuple(p.shape) for p in model.parameters() if not p.requires_grad and p.dim() == 2}
+    assert (torch.bfloat16, (96, 64)) in saved  # the tied head's stored weight
+    assert not [s for s in saved if s[0] == torch.float32 and s[1] in matrices]
+    model.zero_grad(set_to_none=True)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = loop.make_optimizer(model, train_sft.Config(lr=1e-2), RT)
+    losses = [loop.train_step(model, optimizer, RT.make_scaler(), [batch], sum_nll, lambda b: 1, RT, 1.0)["loss"]
+              for _ in range(5)]
+    assert losses[-1] < losses[0] - 1.0, losses
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v) != k.endswith((".lora_A", ".lora_B")), k  # the bf16 base: bit for bit
+
+
+def test_merging_never_touches_a_bf16_base():
+    """merged_for_sampling leaves a bf16 base's adapters live (the training forward, exactly); merge / unmerge in place
+    are refused; merged_copy is an fp32 model equal to the live forward to fp32 rounding. Merging into bf16 would
+    miss that by ~1e-3 (most of the update rounds away), and unmerging by subtraction would not give W0 back."""
+    model = nudge_adapters(bf16_lora(tiny_model(seed=0)))
+    x = torch.randint(0, 96, (2, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        y = model(x)
+        with lora.merged_for_sampling(model):
+            assert len(lora.lora_layers(model)) == 14 and torch.equal(model(x), y)
+        for fn in (lora.merge, lora.unmerge):
+            with pytest.raises(ValueError, match="bf16 base"):
+                fn(model)
+        plain = lora.merged_copy(model)
+        assert all(p.dtype == torch.float32 for p in plain.parameters()) and not lora.lora_layers(plain)
+        assert type(plain.backbone.layers[0].attn.q_proj) is torch.nn.Linear
+        torch.testing.assert_close(plain(x), y, rtol=0, atol=1e-5)
+        assert torch.equal(model(x), y)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sampling_from_a_bf16_base_gives_the_training_forwards_log_probs():
+    """The KV cache holds float32 activations (not the bf16 weights' dtype), and the log-probs of the sampled tokens
+    are those of a full training forward to float32 rounding."""
+    from minialign.algorithms.generation import generate
+    model = nudge_adapters(bf16_lora(tiny_model(seed=0))).eval()
+    prompt = torch.randint(1, 96, (2, 5))
+    with torch.no_grad(), lora.merged_for_sampling(model):
+        gen = generate(model, prompt, torch.ones_like(prompt, dtype=torch.bool), 6, eos_id=-1, pad_id=0,
+                       generator=torch.Generator().manual_seed(0))
+        full = torch.cat([prompt, gen.response_ids], dim=1)
+        logps = token_logps(model(full)[:, 4:-1], gen.response_ids)
+    assert bool(gen.response_mask.all())
+    torch.testing.assert_close(gen.logps, logps, rtol=0, atol=1e-5)
+
+
+def test_dpo_on_a_bf16_base_end_to_end_and_its_checkpoint_merges_onto_the_fp32_base(workdir):
+    """The script takes the flag: step 1 is at policy == reference exactly (loss log 2, both the bf16 base); the
+    checkpoint holds fp32 adapters and the fp32 base's hash, and loads as a full fp32 model (base + s B A); a resume
+    without the flag is refused."""
+    out = workdir / "dpo_bf16"
+    train_dpo.main(args("dpo", workdir, out, "--max_steps", "2", "--lora_base_dtype", "bf16"))
+    first = rows(out)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0.0
+    saved = ckpt(out)
+    base = checkpoint.load_model(workdir / "base")
+    assert saved["lora"]["base_dtype"] == "bf16" and saved["lora"]["base_sha256"] == lora.weights_hash(base)
+    assert all(k.endswith((".lora_A", ".lora_B")) and v.dtype == torch.float32 for k, v in saved["model"].items())
+    assert {v.dtype for v in saved["optimizer"]["state"][0].values() if v.dim()} == {torch.float32}
+    merged = checkpoint.load_model(out)
+    assert all(p.dtype == torch.float32 for p in merged.parameters()) and not lora.lora_layers(merged)
+    expected = lora.apply_lora(checkpoint.load_model(workdir / "base"), 4, 8.0)  # by hand: fp32 base + adapters
+    lora.load_lora_state_dict(expected, saved["model"])
+    x = torch.randint(4, 400, (2, 16))
+    trained = bf16_lora(base)  # the forward the run trained: the bf16 base + the same adapters
+    lora.load_lora_state_dict(trained, saved["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), expected(x), rtol=0, atol=1e-5)
+        assert (merged(x) - trained(x)).abs().max() <= BF16_ATOL["dense"]
+    with pytest.raises(ValueError, match="base_dtype differ"):
+        train_dpo.main(args("dpo", workdir, out, "--max_steps", "3", "--resume"))
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_online_rl_samples_and_trains_on_a_bf16_base(workdir, stage):
+    """Sampling runs the live adapters on the bf16 base (merged_for_sampling does not merge it), with PPO's value
+    model on a bf16 base too; the KV-cache sampler's log-probs agree with the training forward's to float32
+    rounding, and the policy starts at its reference (KL 0 at step 1)."""
+    out = workdir / f"{stage}_bf16"
+    MAIN[stage].main(args(stage, workdir, out, "--max_steps", "2", "--lora_base_dtype", "bf16"))
+    saved = ckpt(out)
+    assert saved["lora"]["base_dtype"] == "bf16" and all(v.dtype == torch.float32 for v in saved["model"].values())
+    assert any(float(v.abs().max()) > 0 for k, v in saved["model"].items() if k.endswith("lora_B"))  # it trained
+    if stage == "ppo":
+        assert saved["value_model_lora"]["base_dtype"] == "bf16"
+    assert all(math.isfinite(r["loss"]) for r in rows(out))
+    first = rows(out)[0]
+    assert first["sampler/logp_max_abs_diff"] < 1e-5 and abs(first["objective/kl" if stage == "ppo" else "kl"]) < 1e-6

@@ -110,3 +110,31 @@ def test_the_plan_prints(capsys):
     assert "total" in out and "FSDP" in out and "KV cache" in out
     memory.main(["--table"])
     assert capsys.readouterr().out.count("| qwen2.5-") == 3 * 4 * 2
+
+
+def test_a_bf16_lora_base_counts_two_bytes_per_frozen_parameter():
+    """--lora_base_dtype bf16: weights 2 P (the frozen base) + 4 A (the fp32 adapters) instead of 4 P + 4 A;
+    gradients and AdamW unchanged (4 A, 8 A). Under bf16 autocast the base is not cast again: the autocast line
+    drops from 2 P to 2 A. In fp32 (no autocast) it holds the one weight upcast at a time: the largest of the
+    tiny model's V x d = 96 x 64, I x d = 192 x 64 and (H hd) x d = 64 x 64 is the MLP's, 4 * 192 * 64 bytes."""
+    cfg = tiny_config()
+    P, A = memory.count_params(cfg), memory.lora_params(cfg, 8)
+    fp32 = memory.plan(cfg, "dpo", lora_r=8, dtype="fp32", micro_batch=2, seq_len=16)
+    bf16 = memory.plan(cfg, "dpo", lora_r=8, dtype="fp32", micro_batch=2, seq_len=16, lora_base_dtype="bf16")
+    assert (bf16.weights, bf16.gradients, bf16.adamw, bf16.frozen) == (2 * P + 4 * A, 4 * A, 8 * A, 0)
+    assert (fp32.weights, fp32.autocast) == (4 * P + 4 * A, 0) and bf16.autocast == 4 * 192 * 64
+    assert fp32.total - bf16.total == 2 * P - 4 * 192 * 64
+    auto = memory.plan(cfg, "dpo", lora_r=8, dtype="bf16", micro_batch=2, seq_len=16, lora_base_dtype="bf16")
+    assert auto.autocast == 2 * A and memory.plan(cfg, "dpo", lora_r=8, dtype="bf16").autocast == 2 * P
+    ppo = memory.plan(cfg, "ppo", lora_r=8, dtype="fp32", micro_batch=2, seq_len=16, lora_base_dtype="bf16")
+    assert (ppo.weights, ppo.frozen) == (2 * 2 * P + 4 * 2 * A, 4 * P)  # policy + value bases; the RM stays fp32
+    with pytest.raises(ValueError, match="bf16 with lora_r > 0"):
+        memory.plan(cfg, "sft", lora_base_dtype="bf16")
+
+
+def test_the_plan_cli_takes_the_lora_base_dtype(capsys):
+    memory.main(["--model", "cpu", "--stage", "dpo", "--lora_r", "8", "--lora_base_dtype", "bf16"])
+    assert "LoRA r 8, bf16 base" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        memory.main(["--model", "cpu", "--stage", "dpo", "--lora_base_dtype", "bf16"])
+    assert "--lora_base_dtype bf16 needs --lora_r" in capsys.readouterr().err

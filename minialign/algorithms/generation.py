@@ -102,8 +102,7 @@ def generate(
     B, P = prompt_ids.shape
     with packed_weights(model, B * num_samples) if pack_weights else contextlib.nullcontext():
         device = prompt_ids.device
-        param = next(model.parameters())
-        cache = KVCache(model.cfg, B, P + max_new_tokens, device, param.dtype)
+        cache = KVCache(model.cfg, B, P + max_new_tokens, device, model.backbone.act_dtype)  # not a bf16 weight's
         logits = model(prompt_ids, prompt_mask, kv_cache=cache, logits_to_keep=1)[:, -1].float()  # (B, V)
         if num_samples > 1:
             cache.repeat_rows(num_samples)

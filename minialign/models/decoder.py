@@ -116,6 +116,32 @@ def model_config(preset: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[preset], **overrides})
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """x W^T + b for a frozen W stored in a lower precision than x: W upcast for the matmul, and only the stored W
+    kept for the backward (grad_x = grad_y W), upcast again there, so no full-precision copy outlives one matmul."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        return grad_y @ weight.to(grad_y.dtype), None, None  # frozen: no gradient for the weight or bias
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), also for a FROZEN weight stored in a lower precision than the activations x (a
+    LoRA base kept in bf16, minialign.models.lora): it is upcast to x's dtype for this one matmul (exact: every
+    bf16 value is a float32 value), so activations and sums stay float32; under autocast F.linear casts as usual."""
+    if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise TypeError(f"a trainable {weight.dtype} weight under {x.dtype} activations: only a frozen one is upcast")
+    return _UpcastLinear.apply(x, weight, bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -367,7 +393,7 @@ class Backbone(nn.Module):
             raise ValueError(f"position {int(position_ids.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos = self.rope_cos[position_ids][:, None]  # (B, 1, T, hd)
         sin = self.rope_sin[position_ids][:, None]
-        x = self.drop(self.embed(input_ids))  # (B, T, dim)
+        x = self.drop(self.embed(input_ids).to(self.act_dtype))  # (B, T, dim); a bf16 embedding upcast exactly
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for layer in self.layers:
             if recompute:
@@ -377,6 +403,12 @@ class Backbone(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The activations' dtype outside autocast: the RoPE tables' (float32; float64 after .double()), also when
+        the frozen weights are stored in bf16 (minialign.models.lora's --lora_base_dtype)."""
+        return self.rope_cos.dtype
 
     def moe_aux_loss(self):
         """Sum of the MoE load-balancing losses of the last forward (0 for a dense model)."""
@@ -422,7 +454,7 @@ class CausalLM(nn.Module):
         if self.packed_head is not None:
             return self.packed_head(h)
         head = self.backbone.embed.weight if self.lm_head is None else self.lm_head.weight  # (V, dim)
-        return F.linear(h, head)  # (B, T, V) or (M, V)
+        return linear(h, head)  # (B, T, V) or (M, V)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

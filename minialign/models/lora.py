@@ -9,7 +9,7 @@ caller marks trainable, e.g. a reward model's new score head) get gradients. Tar
 minialign.models.decoder by short name: q, k, v, o (Attention), gate, up, down (SwiGLU, MoE experts included).
 
 What this gives the stages (the scripts call it through `--lora_r`, `--lora_alpha`, `--lora_dropout`,
-`--lora_targets`; minialign.training.config.LoRAConfig):
+`--lora_targets`, `--lora_base_dtype`; minialign.training.config.LoRAConfig):
   * the reference of DPO, KTO, PPO and GRPO is the policy itself with its adapters disabled
     (`reference(model)`): no second model in memory, no precompute. That is only the starting model when the
     adapters are fresh, so a LoRA checkpoint used as --init_from is MERGED into its base when it is loaded
@@ -20,7 +20,7 @@ What this gives the stages (the scripts call it through `--lora_r`, `--lora_alph
     `python -m minialign.training.checkpoint merge --ckpt out/dpo --out out/dpo_merged` writes the full checkpoint
     (python -m minialign.training.hf_export takes that one, or merges a LoRA run on the fly);
   * PPO and GRPO sample with the adapters merged into temporary weights (`merged_for_sampling`), so the
-    sampler's fast path applies.
+    sampler's fast path applies (an fp32 base; a bf16 base samples with its adapters live).
 
 Numerics: merging adds (alpha / r) B A to W0 in the weights' dtype, so a merged forward equals the unmerged
 one to rounding (1e-6 in fp32), and `unmerge` restores W0 to rounding, not bit for bit. The adapters-off
@@ -28,6 +28,25 @@ forward is exactly the base model's (it runs W0 x alone). The CPU sampler's prep
 (minialign.models.packed_linear) apply to plain nn.Linear only, so a model with adapters samples on the ordinary,
 slower path unless inside `merged_for_sampling` (minialign.evaluation.evaluate's end-of-run scoring does not use it:
 its KL reference is the adapters-off model, which a merged swap would hide).
+
+A bf16 base (`--lora_base_dtype bf16`, `from_config` -> `cast_frozen`): every frozen parameter of the model (the
+wrapped and the untargeted projections, the embedding and so the tied head, a separate lm_head, the norms, the MoE
+routers) is stored in bfloat16, half its memory; the adapters and the heads the caller marks trainable stay float32,
+so their gradients and AdamW moments are float32 too. Activations stay float32 on CPU, with no autocast: each frozen
+matmul upcasts its weight for that one product (minialign.models.decoder.linear, exact since every bf16 value is a
+float32 value), and its backward keeps the stored bf16 weight, not the copy, so no fp32 copy of the base outlives
+one matmul (the alternative, bf16 activations, would round those too, and bf16 matmuls run 20-35x slower on
+AVX2 CPUs: minialign.training.runtime).
+The embedding's rows are upcast as they are looked up and RMSNorm already upcasts its weight; log-softmax and the
+losses stay float32. Under CUDA bf16 autocast the matmuls take the bf16 weights as they are (no cast, no cached
+copy). So the only rounding is of the base weights, to ~2-3 significant digits (relative error <= 2^-8): on the tiny
+test models (random init, |logits| <= 1.6) the logits and log-probs of the bf16 base differ from the fp32 base's by
+at most 2e-3 (1.3e-3 of the largest logit), 4e-3 on the cpu preset (|logits| <= 2.6); an MoE whose routing flips
+for a token differs by up to 2.3e-2. The adapters-off reference is the bf16 base alone, so a fresh adapter's
+forward equals it exactly. The checkpoint's base hash is of the fp32 weights as loaded, so a bf16 run's adapters
+load and merge onto the fp32 base checkpoint (a full fp32 model: the adapters were trained against the rounded
+base, so that merge differs from the trained forward by the rounding above). `merge` / `unmerge` refuse a bf16 base,
+`merged_for_sampling` leaves its adapters live, and `merged_copy` upcasts the copy first (see each).
 
 Simplified on purpose: one set of adapters per model (PPO's value model is a second model with its own, not a
 second adapter on the policy); embeddings, norms, the output head and MoE routers are never adapted (frozen).
@@ -46,8 +65,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minialign.models.decoder import Attention, MoE, SwiGLU
+from minialign.models.decoder import Attention, MoE, SwiGLU, linear
 
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --lora_base_dtype
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
            "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
@@ -80,6 +100,39 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}"
+
+
+class FrozenLinear(nn.Linear):
+    """A frozen nn.Linear stored in a lower precision than the activations (a bf16 base): the same `weight` and
+    `bias`, a forward that upcasts them per matmul (decoder.linear). Only `cast_frozen` makes these."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """In place: store every frozen floating-point parameter in `dtype` (the trainable ones, i.e. the adapters and
+    marked heads, untouched), and make each frozen nn.Linear a FrozenLinear where its weight is then not float32
+    (back to a plain nn.Linear where it is). Buffers (the RoPE tables) stay as they are."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child.weight.requires_grad:
+                continue
+            cls = nn.Linear if child.weight.dtype == torch.float32 else FrozenLinear
+            if type(child) is not cls:
+                swapped = cls(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                swapped.weight, swapped.bias = child.weight, child.bias
+                setattr(module, name, swapped)
+    return model
+
+
+def base_is_low_precision(model: nn.Module) -> bool:
+    """True when the frozen base is stored in a lower precision than the adapters (--lora_base_dtype bf16)."""
+    return any(m.base.weight.dtype != m.lora_A.dtype for m in lora_layers(model))
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
@@ -140,12 +193,15 @@ def from_config(model: nn.Module, cfg, base: str, trainable: tuple[str, ...] = (
     just loaded from `base` (before .to(device) is fine), with dropout already off where the stage wants it."""
     if not cfg.lora_r:
         return model
-    digest = weights_hash(model, skip=tuple(trainable))
+    digest = weights_hash(model, skip=tuple(trainable))  # of the weights as loaded (fp32), before any cast
     try:
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, trainable)
     except ValueError as e:  # a rank the model's projections cannot hold: refused like a bad flag
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
-    model.lora_meta.update(base=str(base), base_abspath=str(Path(base).resolve()), base_sha256=digest)
+    if cfg.lora_base_dtype != "fp32":
+        cast_frozen(model, BASE_DTYPES[cfg.lora_base_dtype])  # after apply_lora: A, B were made fp32
+    model.lora_meta.update(base=str(base), base_abspath=str(Path(base).resolve()), base_sha256=digest,
+                           base_dtype=cfg.lora_base_dtype)
     return model
 
 
@@ -157,7 +213,8 @@ def describe(model: nn.Module) -> str:
     mb_weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     mb_train = 3 * sum(p.numel() * p.element_size() for p in trained) / 2**20
     kind = (f"LoRA r={model.lora_meta['r']} alpha={model.lora_meta['alpha']:g} on "
-            f"{','.join(model.lora_meta['targets'])}" if is_lora(model) else "full fine-tuning")
+            f"{','.join(model.lora_meta['targets'])}, base in {model.lora_meta.get('base_dtype', 'fp32')}"
+            if is_lora(model) else "full fine-tuning")
     return (f"{kind}: {n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable; weights {mb_weights:.1f} MB "
             f"+ gradients and AdamW moments {mb_train:.1f} MB")
 
@@ -214,9 +271,17 @@ def reference(model: nn.Module) -> AdaptersOff:
     return AdaptersOff(model.module if hasattr(model, "module") else model)
 
 
+def _refuse_low_precision_merge(model: nn.Module, what: str):
+    if base_is_low_precision(model):
+        raise ValueError(f"{what} on a bf16 base would round the update away (and unmerging by subtraction would "
+                         "not give W0 back): use merged_copy (fp32), or load the checkpoint (merged onto the fp32 "
+                         "base)")
+
+
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """W0 <- W0 + (alpha / r) B A in every adapter (the forward then skips the adapter)."""
+    """W0 <- W0 + (alpha / r) B A in every adapter (the forward then skips the adapter). fp32 bases only."""
+    _refuse_low_precision_merge(model, "merge")
     for m in lora_layers(model):
         if not m.merged:
             m.base.weight += m.delta_weight().to(m.base.weight.dtype)
@@ -227,6 +292,7 @@ def merge(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge` (W0 back to rounding)."""
+    _refuse_low_precision_merge(model, "unmerge")
     for m in lora_layers(model):
         if m.merged:
             m.base.weight -= m.delta_weight().to(m.base.weight.dtype)
@@ -240,12 +306,17 @@ def merged_for_sampling(model: nn.Module):
     tensor (W0 is untouched, so leaving the block restores the model exactly), so the sampler runs one matmul
     per projection and its CPU fast path (minialign.models.packed_linear, plain nn.Linear only) applies: GRPO's
     rollouts on the default task ran about 1.7x slower without it. Sampling only: nothing in the block may train,
-    and adapters_disabled finds no adapters in it. A model without adapters is left as it is."""
+    and adapters_disabled finds no adapters in it. A model without adapters is left as it is.
+
+    A bf16 base (--lora_base_dtype bf16) is NOT merged: the adapters stay live and sampling runs the training
+    forward exactly. W0 + (alpha / r) B A rounded to bf16 would drop most of the update (bf16 rounds to within 2^-8
+    of |W0|, and a young update is smaller than that), an fp32 merged copy would cost twice the base's memory, and
+    the packed fast path skips bf16 weights anyway."""
     swaps = []
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
-                if isinstance(child, LoRALinear) and not child.merged:
+                if isinstance(child, LoRALinear) and not child.merged and child.base.weight.dtype == child.lora_A.dtype:
                     w = child.base.weight
                     plain = nn.Linear(child.base.in_features, child.base.out_features, bias=False, device="meta")
                     plain.weight = nn.Parameter(w + child.delta_weight().to(w.dtype), requires_grad=False)
@@ -273,9 +344,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain model equal to `model` with its adapters merged; `model` itself is left as it is."""
+    """A plain model equal to `model` with its adapters merged; `model` itself is left as it is. A bf16 base is
+    upcast to float32 in the copy first (exactly), so the copy is an fp32 model: that bf16-rounded base + s B A."""
     memo = {id(m.aux_loss): m.aux_loss.detach() for m in model.modules() if isinstance(m, MoE)}  # a non-leaf tensor
-    return merge_and_unload(copy.deepcopy(model, memo))
+    return merge_and_unload(cast_frozen(copy.deepcopy(model, memo), torch.float32))
 
 
 def lora_state_dict(model: nn.Module) -> dict:

@@ -404,8 +404,9 @@ def load_model_state(model, state: dict, lora_meta: dict | None, where):
     if not lora_meta:
         model.load_state_dict(state)
         return
-    keys = ("r", "alpha", "dropout", "targets", "trainable", "base_sha256")
-    changed = [k for k in keys if model.lora_meta[k] != lora_meta[k]]
+    keys = ("r", "alpha", "dropout", "targets", "trainable", "base_sha256", "base_dtype")
+    ours, saved = ({"base_dtype": "fp32", **meta} for meta in (model.lora_meta, lora_meta))  # older runs: fp32
+    changed = [k for k in keys if ours[k] != saved[k]]
     if changed:
         raise ValueError(f"{where} was trained with other adapters or another base ({', '.join(changed)} differ): "
                          "resume with the same --lora_* flags and --init_from")

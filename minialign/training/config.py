@@ -219,12 +219,22 @@ class LoRAConfig:
                                                        "down (MLP, MoE experts too)",
                                    (lambda v: 0 < len(v) == len(set(v)) and set(v) <= set(LORA_TARGETS),
                                     f"must be distinct names among {' '.join(LORA_TARGETS)}"))
+    lora_base_dtype: str = knob("fp32", "dtype the frozen base is stored in: fp32, or bf16 (half its memory; the "
+                                        "adapters and AdamW state stay fp32, the matmuls run in the activations' "
+                                        "dtype, logits within a few 1e-3 of the fp32 base's, and the reference is "
+                                        "the bf16 base with the adapters off). Needs --lora_r", one_of("fp32", "bf16"))
 
     def lora_problems(self) -> list[str]:
         """LoRA's cross-flag rules, checked by parse_config for every Config that has these knobs."""
         if not self.lora_r:
+            if self.lora_base_dtype != "fp32":
+                return [f"--lora_base_dtype {self.lora_base_dtype} needs --lora_r: only a frozen base can be stored "
+                        "in bf16 (full fine-tuning keeps fp32 master weights)"]
             return []
         out = []
+        if self.lora_base_dtype == "bf16" and getattr(self, "dtype", "") == "fp16":
+            out.append("--lora_base_dtype bf16 with --dtype fp16: fp16 autocast would copy every bf16 weight to fp16 "
+                       "for the backward; use --dtype bf16 (or auto)")
         if not getattr(self, "init_from", ""):
             out.append(f"--lora_r={self.lora_r} needs --init_from: adapters train on top of saved weights (a random "
                        "base would be lost with the run, its checkpoint holding only the adapters)")

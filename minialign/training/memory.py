@@ -2,6 +2,7 @@
 
     python -m minialign.training.memory --model qwen2.5-1.5b --stage dpo --world_size 8 --fsdp
     python -m minialign.training.memory --model path/to/config.json --stage grpo --lora_r 16
+    python -m minialign.training.memory --model qwen2.5-7b --stage dpo --lora_r 16 --lora_base_dtype bf16
     python -m minialign.training.memory --table            # the README's what-fits table
 
 Notation: P = parameters of one model (its ModelConfig, counted exactly as minialign.models.decoder builds it),
@@ -9,12 +10,16 @@ P_t = trained parameters (P, or the LoRA adapters), W = world size, S = 1 with D
 W with --fsdp (fully_shard: parameters, gradients and optimizer state split over the ranks), N = tokens of one
 micro-batch (micro_batch rows x seq_len), a = bytes of an activation (2 under bf16 / fp16 autocast, 4 in fp32).
 
-    weights      4 P / S                     fp32 master weights of the trained model(s)
+    weights      4 P / S                     fp32 master weights of the trained model(s); with LoRA the frozen
+                                             base, b P (b = 4, or 2 with --lora_base_dtype bf16), + 4 P_t
     gradients    4 P_t / S                   fp32, one per trained parameter
     adamw        8 P_t / S                   exp_avg and exp_avg_sq, fp32
     autocast     2 P_t                       bf16 copies of the trained weights that autocast caches for the
                                              backward (bf16 / fp16 only; with FSDP the gathered copies of about
-                                             two blocks instead: 2 * 4 * P_block)
+                                             two blocks instead: 2 * 4 * P_block); LoRA with an fp32 base: 2 P
+                                             (the base is cast too), with a bf16 base: 2 P_t (used as it is).
+                                             A bf16 base without autocast: 4 d max(V, I, H hd), the one weight
+                                             upcast at a time (minialign.models.decoder.linear), the head's
     frozen       4 P_frozen / S              reference (DPO, KTO, PPO, GRPO with beta > 0), reward model (PPO);
                                              0 for the LoRA reference, which is the trained model with adapters off
     activations  N * L * per_layer + head    saved for the backward; per token and layer
@@ -30,7 +35,7 @@ What it leaves out, on purpose: the CUDA context and allocator fragmentation (ad
 buckets (about 25 MB), communication buffers, the KV cache of sampling (PPO, GRPO, online DPO) which lives while
 the activations do not (`kv_cache` is printed apart: n_layers * 2 * rows * H_kv * seq_len * hd * a), and the
 logit rows a stage skips (SFT computes logits on trained tokens only; the plan counts every token, an upper
-bound). LoRA here has an fp32 base like the scripts (a frozen bf16 base is not implemented yet).
+bound). LoRA's --lora_base_dtype (fp32 by default, as the scripts) is the scripts' flag of that name.
 Checked against measured peak memory on CPU in bench/bench_memory.py.
 """
 
@@ -120,14 +125,18 @@ def activation_bytes(cfg: ModelConfig, tokens: int, act_bytes: int, gradient_che
 
 def plan(cfg: ModelConfig, stage: str, world_size: int = 1, fsdp: bool = False, lora_r: int = 0,
          gradient_checkpointing: bool = False, dtype: str = "bf16", micro_batch: int = 4, seq_len: int = 1024,
-         reference: bool = True) -> Plan:
+         reference: bool = True, lora_base_dtype: str = "fp32") -> Plan:
     """The bytes per rank of `stage` (sft, dpo, ppo, grpo) for the model `cfg` (see the module docstring).
 
     micro_batch: rows of one forward (SFT/PPO/GRPO sequences, DPO pairs packed one row each), seq_len their length.
     reference: DPO / GRPO with a reference model (GRPO's beta > 0); PPO always has one.
+    dtype: the autocast dtype (fp32 = none); lora_base_dtype: what the frozen LoRA base is stored in (fp32, bf16).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if lora_base_dtype not in ("fp32", "bf16") or (lora_base_dtype == "bf16" and not lora_r):
+        raise ValueError(f"lora_base_dtype {lora_base_dtype!r}: fp32, or bf16 with lora_r > 0")
+    base_bytes = 2 if lora_base_dtype == "bf16" else 4
     a = 4 if dtype == "fp32" else 2
     shard = world_size if fsdp else 1
     P = count_params(cfg)
@@ -137,13 +146,15 @@ def plan(cfg: ModelConfig, stage: str, world_size: int = 1, fsdp: bool = False, 
     n_frozen = {"sft": 0, "dpo": int(reference), "grpo": int(reference), "ppo": 2}[stage]
     if lora_r:
         n_frozen -= {"sft": 0, "dpo": int(reference), "grpo": int(reference), "ppo": 1}[stage]  # ref = adapters off
-    weights = 4 * (P_train + (P_t if lora_r else 0)) / shard
-    if a == 4:
-        autocast = 0.0
+    weights = (base_bytes * P_train + (4 * P_t if lora_r else 0)) / shard
+    if a == 4:  # no autocast; a bf16 base upcasts one weight at a time, the largest being the head or an MLP matrix
+        autocast = 4 * cfg.dim * max(cfg.vocab_size, cfg.hidden_dim, cfg.n_heads * cfg.head_dim) * (base_bytes == 2)
     elif fsdp:
         autocast = 2 * 4 * block_params(cfg) * trained_models  # the gathered (unsharded) blocks in flight
-    else:
-        autocast = 2 * P_t if not lora_r else 2 * P_train  # LoRA: the frozen base is cast for the forward too
+    elif not lora_r:
+        autocast = 2 * P_t
+    else:  # LoRA: the fp32 frozen base is cast for the forward too; a bf16 one is used as it is
+        autocast = 2 * P_t if base_bytes == 2 else 2 * P_train
     tokens = micro_batch * seq_len
     acts = activation_bytes(cfg, tokens, a, gradient_checkpointing) * trained_models
     kv = cfg.n_layers * 2 * micro_batch * cfg.n_kv_heads * seq_len * cfg.head_dim * a if stage in ("ppo", "grpo") else 0
@@ -188,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--world_size", type=int, default=1, help="ranks (GPUs)")
     ap.add_argument("--fsdp", action="store_true", help="shard weights, gradients, AdamW state and frozen models")
     ap.add_argument("--lora_r", type=int, default=0, help="LoRA rank on q k v o gate up down (0 = full fine-tuning)")
+    ap.add_argument("--lora_base_dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="what the frozen LoRA base is stored in (bf16: 2 bytes per base parameter; needs --lora_r)")
     ap.add_argument("--gradient_checkpointing", action="store_true")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype")
     ap.add_argument("--micro_batch", type=int, default=4, help="rows per forward (sequences; DPO: pairs)")
@@ -198,11 +211,14 @@ def main(argv=None):
     if args.table:
         print(fits_table(args.micro_batch, args.seq_len))
         return
+    if args.lora_base_dtype != "fp32" and not args.lora_r:
+        ap.error(f"--lora_base_dtype {args.lora_base_dtype} needs --lora_r (only a frozen base is stored in bf16)")
     cfg = resolve_model(args.model)
     p = plan(cfg, args.stage, args.world_size, args.fsdp, args.lora_r, args.gradient_checkpointing, args.dtype,
-             args.micro_batch, args.seq_len, not args.no_reference)
+             args.micro_batch, args.seq_len, not args.no_reference, args.lora_base_dtype)
+    tuning = f"LoRA r {args.lora_r}, {args.lora_base_dtype} base" if args.lora_r else "full"
     print(f"{args.model}: {count_params(cfg) / 1e6:.1f}M parameters; {args.stage}, {args.world_size} rank(s) "
-          f"{'FSDP' if args.fsdp else 'DDP'}, {f'LoRA r {args.lora_r}' if args.lora_r else 'full'}, {args.dtype}, "
+          f"{'FSDP' if args.fsdp else 'DDP'}, {tuning}, {args.dtype}, "
           f"{'' if args.gradient_checkpointing else 'no '}gradient checkpointing, "
           f"{args.micro_batch} x {args.seq_len} tokens per micro-batch")
     print(format_plan(p))
