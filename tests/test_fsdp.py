@@ -3,9 +3,10 @@ process ends.
 
 SFT (with stop + resume and the transformers export) and DPO have their own --fsdp tests beside their scripts;
 this file covers the rest in ONE pair of spawned processes (each script's main() run in turn, a fresh process
-group per run), against the same scripts in this process: pretrain, RM, KTO, PPO (also stopped after 2 iterations
-and resumed), online DPO and GRPO, the frozen reference / reward models sharded too (--shard_frozen) where a
-script has them, and the mid-run gold evaluation (rank 0 alone, inside runtime.gathered) on. Tolerance as for DDP:
+group per run), against the same scripts in this process: pretrain, RM, KTO, DPO, PPO (also stopped after 2
+iterations and resumed), online DPO and GRPO, the frozen reference / reward models sharded too (--shard_frozen)
+where a script has them, --gradient_checkpointing with FSDP (pretrain, GRPO), and the mid-run evaluations (rank 0 alone, inside runtime.gathered) on; and DPO under
+plain DDP with its evaluations. Tolerance as for DDP:
 weights rtol 1e-4 / atol 1e-5 (the same gradient summed in another order), logged losses within 1e-4.
 """
 
@@ -60,9 +61,11 @@ def runs(d: Path) -> dict[str, tuple[str, list[str], list[str], list[str]]]:
     ppo = [*rl, "--reward_model", rm, "--prompts_per_step", "8", "--prompts_per_generate", "2", "--micro_batch_size",
            "2", "--num_ppo_epochs", "2", "--num_minibatches", "2", "--missing_eos_penalty", "1", "--kl_coef", "0.2",
            "--whiten_rewards", "--max_steps", "4"]
+    dpo = ["--init_from", sft, "--data", str(d / "pref_train.jsonl"), "--pref_eval_data", str(d / "pref_eval.jsonl"),
+           *ev, *gold, "--eval_every", "2", "--max_steps", "3", "--warmup_steps", "1", "--lr", "1e-3", "--log_every", "1"]
     return {
         "pretrain": ("train_pretrain", ["--init_from", sft, "--data", str(d / "pretrain.jsonl"), "--max_len", "64",
-                                        "--max_steps", "3", "--log_every", "1"], one, two),
+                                        "--max_steps", "3", "--log_every", "1"], one, [*two, "--gradient_checkpointing"]),
         "rm": ("train_rm", ["--init_from", sft, "--data", str(d / "pref_train.jsonl"), "--eval_data",
                             str(d / "pref_eval.jsonl"), "--eval_every", "2", "--max_steps", "3", "--log_every", "1"],
                ["--micro_batch_pairs", "4", "--grad_accum", "2"],
@@ -70,6 +73,11 @@ def runs(d: Path) -> dict[str, tuple[str, list[str], list[str], list[str]]]:
         # KTO's z0 is estimated per micro-batch, so the micro-batches must hold the same examples: no length sort
         "kto": ("train_kto", ["--init_from", sft, "--pairs", str(d / "pref_train.jsonl"), *ev, *gold, "--max_steps",
                               "3", "--log_every", "1", "--no-group_by_length"], one, [*two, "--shard_frozen"]),
+        "dpo": ("train_dpo", dpo, ["--micro_batch_pairs", "4", "--grad_accum", "2"],
+                ["--micro_batch_pairs", "4", "--grad_accum", "1", "--fsdp", "--shard_frozen"]),
+        # plain DDP with the end-of-run and mid-run evaluations (it failed: model.cfg read on the DDP wrapper)
+        "dpo_ddp": ("train_dpo", dpo, ["--micro_batch_pairs", "4", "--grad_accum", "2"],
+                    ["--micro_batch_pairs", "4", "--grad_accum", "1"]),
         "ppo": ("train_ppo", ppo, [], ["--fsdp", "--shard_frozen", *gold]),
         # 6 prompts: some steps keep an odd number of pairs, so the ranks' shares differ (loop.micro_batches)
         "online_dpo": ("train_online_dpo", [*rl, "--prompts_per_step", "6", "--num_generations", "4",
@@ -79,7 +87,7 @@ def runs(d: Path) -> dict[str, tuple[str, list[str], list[str], list[str]]]:
         "grpo": ("train_grpo", [*rl, "--reward_model", rm, "--reward_funcs", "gold", "reward_model", "--prompts_per_step",
                                 "4", "--num_generations", "4", "--micro_batch_size", "8", "--prompts_per_generate", "2",
                                 "--beta", "0.04", "--num_iterations", "2", "--max_steps", "3"],
-                 [], ["--fsdp", "--shard_frozen", *gold]),
+                 [], ["--fsdp", "--shard_frozen", "--gradient_checkpointing", *gold]),
     }
 
 
@@ -169,7 +177,7 @@ def test_every_script_under_fsdp_matches_one_process(d):
         moved = max(float((a[k] - start[k]).abs().max()) for k in a if k in start)
         assert moved > 1e-4, name  # the runs trained: the comparison above could fail
     # the gold points logged mid-run by rank 0 on the gathered weights (sampled/gold_score at step 2)
-    for name in ("kto", "ppo", "online_dpo", "grpo"):
+    for name in ("kto", "dpo", "dpo_ddp", "ppo", "online_dpo", "grpo"):
         rows = [json.loads(line) for line in (d / f"{name}_fsdp/metrics.jsonl").read_text().splitlines()]
         assert any(r["step"] == 2 and "sampled/gold_score" in r for r in rows), name
     # online DPO kept an odd number of pairs at some step: ranks with different shares, the same micro-batch count

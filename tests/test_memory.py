@@ -94,7 +94,12 @@ def test_the_plan_adds_up_by_hand():
     dpo = memory.plan(cfg, "dpo", dtype="fp32", micro_batch=2, seq_len=16)
     assert dpo.frozen == 4 * P and dpo.total == sft.total + 4 * P
     sharded = memory.plan(cfg, "dpo", world_size=4, fsdp=True, dtype="fp32", micro_batch=2, seq_len=16)
-    assert (sharded.weights, sharded.gradients, sharded.adamw, sharded.frozen) == (P, P, 2 * P, P)
+    assert (sharded.weights, sharded.gradients, sharded.adamw, sharded.frozen) == (P, P, 2 * P, 4 * P)  # ref whole
+    sharded = memory.plan(cfg, "dpo", world_size=4, fsdp=True, dtype="fp32", micro_batch=2, seq_len=16,
+                          shard_frozen=True)
+    assert (sharded.frozen, sharded.ddp_buckets) == (P, 0)
+    ddp = memory.plan(cfg, "dpo", world_size=4, dtype="fp32", micro_batch=2, seq_len=16)  # + the reducer's buckets
+    assert ddp.ddp_buckets == 4 * P and ddp.total == dpo.total + 4 * P and dpo.ddp_buckets == 0
     A = memory.lora_params(cfg, 8)
     lo = memory.plan(cfg, "dpo", lora_r=8, dtype="fp32", micro_batch=2, seq_len=16)
     assert (lo.weights, lo.gradients, lo.adamw, lo.frozen) == (4 * (P + A), 4 * A, 8 * A, 0)

@@ -20,7 +20,8 @@ micro-batch (micro_batch rows x seq_len), a = bytes of an activation (2 under bf
                                              (the base is cast too), with a bf16 base: 2 P_t (used as it is).
                                              A bf16 base without autocast: 4 d max(V, I, H hd), the one weight
                                              upcast at a time (minialign.models.decoder.linear), the head's
-    frozen       4 P_frozen / S              reference (DPO, KTO, PPO, GRPO with beta > 0), reward model (PPO);
+    frozen       4 P_frozen / S_f            reference (DPO, KTO, PPO, GRPO with beta > 0), reward model (PPO);
+                                             S_f = W with --fsdp --shard_frozen, else 1 (whole on every rank);
                                              0 for the LoRA reference, which is the trained model with adapters off
     activations  N * L * per_layer + head    saved for the backward; per token and layer
                  per_layer = 4 * 2d + a * (2d + 4 H hd + 3 H_kv hd + 4 I)
@@ -29,10 +30,13 @@ micro-batch (micro_batch rows x seq_len), a = bytes of an activation (2 under bf
                  per logit row (the logits, their float32 copy for logsumexp, and the float32 gradient)
                  With --gradient_checkpointing per_layer = 4 d (each block's input), plus one block's full set
                  (the one being recomputed).
+    ddp_buckets  4 P_t with DDP (W > 1)      DDP's reducer keeps its own flat copy of every gradient for the
+                                             all-reduce (gradient_as_bucket_view off); 0 with FSDP or one process
     (PPO doubles the activations: the value model has its own backbone.)
 
-What it leaves out, on purpose: the CUDA context and allocator fragmentation (add 1-2 GB per GPU), DDP's gradient
-buckets (about 25 MB), communication buffers, the KV cache of sampling (PPO, GRPO, online DPO) which lives while
+The plan adds the lines up, which overstates the peak when the lines are not alive at once (e.g. activations at
+the end of the forward, before this step's gradients exist). What it leaves out, on purpose: the CUDA context and
+allocator fragmentation (add 1-2 GB per GPU), communication buffers, the KV cache of sampling (PPO, GRPO, online DPO) which lives while
 the activations do not (`kv_cache` is printed apart: n_layers * 2 * rows * H_kv * seq_len * hd * a), and the
 logit rows a stage skips (SFT computes logits on trained tokens only; the plan counts every token, an upper
 bound). LoRA's --lora_base_dtype (fp32 by default, as the scripts) is the scripts' flag of that name.
@@ -108,10 +112,12 @@ class Plan:
     frozen: float
     activations: float
     kv_cache: float
+    ddp_buckets: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.adamw + self.autocast + self.frozen + self.activations
+        return (self.weights + self.gradients + self.adamw + self.autocast + self.frozen + self.activations
+                + self.ddp_buckets)
 
 
 def activation_bytes(cfg: ModelConfig, tokens: int, act_bytes: int, gradient_checkpointing: bool) -> float:
@@ -125,7 +131,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, act_bytes: int, gradient_che
 
 def plan(cfg: ModelConfig, stage: str, world_size: int = 1, fsdp: bool = False, lora_r: int = 0,
          gradient_checkpointing: bool = False, dtype: str = "bf16", micro_batch: int = 4, seq_len: int = 1024,
-         reference: bool = True, lora_base_dtype: str = "fp32") -> Plan:
+         reference: bool = True, lora_base_dtype: str = "fp32", shard_frozen: bool = False) -> Plan:
     """The bytes per rank of `stage` (sft, dpo, ppo, grpo) for the model `cfg` (see the module docstring).
 
     micro_batch: rows of one forward (SFT/PPO/GRPO sequences, DPO pairs packed one row each), seq_len their length.
@@ -159,11 +165,13 @@ def plan(cfg: ModelConfig, stage: str, world_size: int = 1, fsdp: bool = False, 
     acts = activation_bytes(cfg, tokens, a, gradient_checkpointing) * trained_models
     kv = cfg.n_layers * 2 * micro_batch * cfg.n_kv_heads * seq_len * cfg.head_dim * a if stage in ("ppo", "grpo") else 0
     return Plan(weights=weights, gradients=4 * P_t / shard, adamw=8 * P_t / shard, autocast=autocast,
-                frozen=4 * P * n_frozen / shard, activations=acts, kv_cache=kv)
+                frozen=4 * P * n_frozen / (shard if shard_frozen else 1), activations=acts, kv_cache=kv,
+                ddp_buckets=4 * P_t if world_size > 1 and not fsdp else 0.0)
 
 
 def format_plan(p: Plan) -> str:
-    rows = [(k, getattr(p, k)) for k in ("weights", "gradients", "adamw", "autocast", "frozen", "activations")]
+    rows = [(k, getattr(p, k)) for k in ("weights", "gradients", "adamw", "autocast", "frozen", "activations",
+                                         "ddp_buckets") if k != "ddp_buckets" or p.ddp_buckets]
     lines = [f"  {k:<12} {v / GB:9.2f} GB" for k, v in rows]
     lines.append(f"  {'total':<12} {p.total / GB:9.2f} GB per rank")
     if p.kv_cache:
@@ -177,14 +185,15 @@ def fits_table(micro_batch: int = 4, seq_len: int = 1024, world_size: int = 8) -
     def fit(gb):
         return next((f"{g}" for g in (24, 40, 80) if gb + 2 <= g), "no")  # + 2 GB for the CUDA context
 
-    out = [f"| model | stage | tuning | 1 GPU (GB) | fits | FSDP x{world_size} (GB/GPU) | fits |",
+    out = [f"| model | stage | tuning | 1 GPU (GB) | fits | FSDP x{world_size}, --shard_frozen (GB/GPU) | fits |",
            "|---|---|---|---|---|---|---|"]
     for name in QWEN25:
         cfg = ModelConfig(**QWEN25[name])
         for stage in STAGES:
             for r in (0, 16):
                 one = plan(cfg, stage, 1, False, r, True, "bf16", micro_batch, seq_len).total / GB
-                many = plan(cfg, stage, world_size, True, r, True, "bf16", micro_batch, seq_len).total / GB
+                many = plan(cfg, stage, world_size, True, r, True, "bf16", micro_batch, seq_len,
+                            shard_frozen=True).total / GB
                 out.append(f"| {name} | {stage} | {'LoRA r16' if r else 'full'} | {one:.1f} | {fit(one)} | "
                            f"{many:.1f} | {fit(many)} |")
     return "\n".join(out)
@@ -197,7 +206,8 @@ def main(argv=None):
                                                              f"({', '.join(QWEN25)}) or an HF config.json path")
     ap.add_argument("--stage", default="sft", choices=STAGES)
     ap.add_argument("--world_size", type=int, default=1, help="ranks (GPUs)")
-    ap.add_argument("--fsdp", action="store_true", help="shard weights, gradients, AdamW state and frozen models")
+    ap.add_argument("--fsdp", action="store_true", help="shard the trained model's weights, gradients, AdamW state")
+    ap.add_argument("--shard_frozen", action="store_true", help="with --fsdp, shard the reference / reward models too")
     ap.add_argument("--lora_r", type=int, default=0, help="LoRA rank on q k v o gate up down (0 = full fine-tuning)")
     ap.add_argument("--lora_base_dtype", default="fp32", choices=("fp32", "bf16"),
                     help="what the frozen LoRA base is stored in (bf16: 2 bytes per base parameter; needs --lora_r)")
@@ -215,7 +225,8 @@ def main(argv=None):
         ap.error(f"--lora_base_dtype {args.lora_base_dtype} needs --lora_r (only a frozen base is stored in bf16)")
     cfg = resolve_model(args.model)
     p = plan(cfg, args.stage, args.world_size, args.fsdp, args.lora_r, args.gradient_checkpointing, args.dtype,
-             args.micro_batch, args.seq_len, not args.no_reference, args.lora_base_dtype)
+             args.micro_batch, args.seq_len, not args.no_reference, args.lora_base_dtype,
+             args.fsdp and args.shard_frozen)
     tuning = f"LoRA r {args.lora_r}, {args.lora_base_dtype} base" if args.lora_r else "full"
     print(f"{args.model}: {count_params(cfg) / 1e6:.1f}M parameters; {args.stage}, {args.world_size} rank(s) "
           f"{'FSDP' if args.fsdp else 'DDP'}, {tuning}, {args.dtype}, "
