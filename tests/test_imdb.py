@@ -359,3 +359,20 @@ def test_docstring_does_not_credit_the_paper_with_best_of_n():
     doc = " ".join(experiment.__doc__.split())
     assert "as the paper's baselines do" not in doc
     assert "the DPO paper's IMDb figure has no best-of-N" in doc and "exact for ties" in doc
+
+
+def test_every_method_runs_on_every_seed_and_the_report_has_the_20_nat_bucket(tmp_path):
+    """Issue 32: medians over seeds for every method, not DPO and PPO only (before: the other methods ran with the
+    first seed alone), and the KL buckets <= 1, 3, 10, 20."""
+    paths = {"rl_train": "rl.jsonl"}
+    prefs = {"pairs": "p.jsonl", "pairs_eval": "pe.jsonl", "pft": "pft.jsonl"}
+    runs = experiment.method_runs(tmp_path, paths, prefs, experiment.QUICK, [0, 1, 2], experiment.METHODS)
+    per_method = {}
+    for r in runs:
+        per_method.setdefault(r.method, set()).add(r.seed)
+        assert ["--seed", r.seed] == r.args[r.args.index("--seed"):][:2]
+    assert per_method == {m: {0, 1, 2} for m in experiment.METHODS if m != "best_of_n"}  # best-of-N: no training
+    assert sum(r.method == "dpo" for r in runs) == 3 * len(experiment.QUICK.dpo_betas)
+    ser = {"dpo": [{"kl": 15.0, "reward": 0.8, "seed": s} for s in (0, 1, 2)]}
+    table = experiment.budget_table(ser)
+    assert "KL <= 20" in table and "0.800 [0.800, 0.800] (3 seeds)" in table

@@ -1,7 +1,7 @@
 """Controlled sentiment generation on IMDb: the reward-vs-KL frontier of Rafailov et al. 2023 (DPO), Fig. 2 left.
 
     python -m minialign.experiments.imdb --imdb aclImdb_v1.tar.gz --out out_imdb --quick   # <= 10 min, 2 cores
-    python -m minialign.experiments.imdb --imdb aclImdb_v1.tar.gz --out out_imdb_full      # <= 60 min: 2 seeds
+    python -m minialign.experiments.imdb --imdb aclImdb_v1.tar.gz --out out_imdb_full      # 2 seeds (time: below)
 
 The task (paper, Sec. 6.1 and App. C.1): x is a prefix of an IMDb review (2-8 tokens) and the policy must
 continue it with POSITIVE sentiment. Every method starts from the same SFT model; each is scored by the
@@ -32,7 +32,7 @@ the training scripts run as subprocesses, each command printed before it runs (a
   best_of_n   best of N = 1..max_n SFT samples by the learned RM (and, as a ceiling, by the true reward) at the
               KL of best-of-N (minialign.evaluation.best_of_n: log N - (N-1)/N where a prefix's max_n scores are
               distinct, the exact KL of its empirical score distribution where some tie, e.g. duplicate samples)
-  report      report.md (table of the best true reward within KL <= 1, 3, 10 nats; the classifier's accuracy;
+  report      report.md (table of the best true reward within KL <= 1, 3, 10, 20 nats; the classifier's accuracy;
               sampled continuations; wall times; this machine's fp32 matmul GFLOP/s), results.json and, with
               matplotlib, plots/reward_vs_kl.png
 
@@ -64,7 +64,8 @@ Measured (x86_64, 2 cores shared with other jobs, fp32 matmul 68-85 GFLOP/s, OMP
            reward at KL (nats): DPO β 0.1 0.603 at 5.3, β 1 0.588 at 1.6; PPO 0.597 at 7.6; PPO-GT 0.557 at 3.5;
            GRPO 0.548 at 0.9; Preferred-FT 0.631 at 2.8; best-of-16 by the RM 0.670 at 1.8 (RM pair accuracy 0.61).
            A 1M-parameter model after 150 SFT steps writes barely English: the quick mode checks the plumbing.
-  full     the SFT model (1000 steps, 10 min here) reaches true reward 0.522 with legible, sentiment-consistent
+  full     (measured when only DPO and PPO ran on both seeds; every method runs on every seed now, not yet
+           re-timed) the SFT model (1000 steps, 10 min here) reaches true reward 0.522 with legible, sentiment-consistent
            text; RM pair accuracy 0.742; best-of-64 by the RM 0.862 at KL 3.2; DPO β 0.1 0.744 at KL 8.3 after 60
            steps; PPO (lr 3e-4) 0.605 at KL 5.8 after 10 iterations, 0.903 at KL 21.7 after 40; GRPO 0.664 at
            KL 3.1 after 40 steps. The stages measured add up to about 49 minutes on this (loaded) machine.
@@ -116,7 +117,7 @@ LABELS = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-
           "best_of_n_oracle": "Best-of-N (true reward, ceiling)"}
 COLORS = {"sft": "black", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:red", "grpo": "tab:green",
           "pft": "tab:purple", "ul": "tab:olive", "best_of_n": "tab:brown", "best_of_n_oracle": "tab:gray"}
-KL_BUDGETS = (1.0, 3.0, 10.0)
+KL_BUDGETS = (1.0, 3.0, 10.0, 20.0)  # the issue's buckets; the paper's figure spans KL 0-20
 SECOND = ("judge2", "distinct_1", "distinct_2", "repeat_3")  # per-point columns beside the true reward
 DEGENERATE_REPEAT_3 = 0.2  # a point whose samples repeat >= 20% of their 3-grams is marked degenerate (x in the plot)
 OUTPUTS = {"data", "classifier", "judge2", "tokenizer", "sft", "prefs", "rm", "runs", "best_of_n", "plots", "logs", "report.md",
@@ -455,8 +456,8 @@ def stage_best_of_n(out: Path, scale: Scale, evaluator: Evaluator) -> None:
 # -------------------------------------------------------------------------------------------------- runs
 
 def method_runs(out: Path, paths: dict, prefs: dict, scale: Scale, seeds: list[int], methods) -> list[Run]:
-    """Every training run of the experiment. DPO and PPO (the paper's comparison) run once per seed, the
-    others with the first seed."""
+    """Every training run of the experiment: every method once per seed (DPO once per beta and seed), so each
+    has a median and range over the seeds in the report."""
     sft, clf = str(out / "sft"), f"classifier:{out / 'classifier' / 'classifier.pt'}"
     M, no_eval = scale.max_new_tokens, ["--eval_data", ""]
     runs = []
@@ -473,29 +474,28 @@ def method_runs(out: Path, paths: dict, prefs: dict, scale: Scale, seeds: list[i
                 "--data", paths["rl_train"], *no_eval, "--max_new_tokens", M, "--kl_coef", scale.ppo_kl_coef,
                 "--lr", scale.ppo_lr, "--prompts_per_step", scale.ppo_prompts_per_step, "--warmup_steps", 3,
                 "--seed", seed], scale.ppo_steps, scale.ppo_eval_every, {"kl_coef": scale.ppo_kl_coef}))
-    seed = seeds[0]
-    if "ppo_gt" in methods:
-        runs.append(Run(f"ppo_gt_s{seed}", "ppo_gt", seed, [
-            "train_ppo.py", "--init_from", sft, "--reward_model", "", "--reward_funcs", clf, "--data",
-            paths["rl_train"], *no_eval, "--max_new_tokens", M, "--kl_coef", scale.ppo_gt_kl_coef, "--lr",
-            scale.ppo_lr, "--prompts_per_step", scale.ppo_prompts_per_step, "--warmup_steps", 3, "--seed", seed],
-            scale.ppo_steps, scale.ppo_eval_every, {"kl_coef": scale.ppo_gt_kl_coef}))
-    if "grpo" in methods:
-        runs.append(Run(f"grpo_s{seed}", "grpo", seed, [
-            "train_grpo.py", "--init_from", sft, "--reward_funcs", clf, "--data", paths["rl_train"], *no_eval,
-            "--max_new_tokens", M, "--no-mask_truncated_completions", "--lr", scale.grpo_lr,
-            "--prompts_per_step", scale.grpo_prompts_per_step, "--num_generations", scale.grpo_generations,
-            "--warmup_steps", 3, "--seed", seed], scale.grpo_steps, scale.grpo_eval_every, {}))
-    if "pft" in methods:
-        runs.append(Run(f"pft_s{seed}", "pft", seed, [
-            "train_sft.py", "--init_from", sft, "--data", prefs["pft"], *no_eval, "--max_len", 96, "--lr",
-            scale.pft_lr, "--warmup_steps", 5, "--micro_batch_size", 32, "--grad_accum", 2, "--seed", seed],
-            scale.pft_steps, scale.pft_eval_every, {}))
-    if "ul" in methods:
-        runs.append(Run(f"ul_s{seed}", "ul", seed, [
-            "train_dpo.py", "--init_from", sft, "--loss_type", "unlikelihood", "--data", prefs["pairs"],
-            "--pref_eval_data", prefs["pairs_eval"], *no_eval, "--beta", scale.ul_alpha, "--lr", scale.ul_lr,
-            "--warmup_steps", 5, "--seed", seed], scale.ul_steps, scale.ul_eval_every, {"alpha": scale.ul_alpha}))
+        if "ppo_gt" in methods:
+            runs.append(Run(f"ppo_gt_s{seed}", "ppo_gt", seed, [
+                "train_ppo.py", "--init_from", sft, "--reward_model", "", "--reward_funcs", clf, "--data",
+                paths["rl_train"], *no_eval, "--max_new_tokens", M, "--kl_coef", scale.ppo_gt_kl_coef, "--lr",
+                scale.ppo_lr, "--prompts_per_step", scale.ppo_prompts_per_step, "--warmup_steps", 3, "--seed", seed],
+                scale.ppo_steps, scale.ppo_eval_every, {"kl_coef": scale.ppo_gt_kl_coef}))
+        if "grpo" in methods:
+            runs.append(Run(f"grpo_s{seed}", "grpo", seed, [
+                "train_grpo.py", "--init_from", sft, "--reward_funcs", clf, "--data", paths["rl_train"], *no_eval,
+                "--max_new_tokens", M, "--no-mask_truncated_completions", "--lr", scale.grpo_lr,
+                "--prompts_per_step", scale.grpo_prompts_per_step, "--num_generations", scale.grpo_generations,
+                "--warmup_steps", 3, "--seed", seed], scale.grpo_steps, scale.grpo_eval_every, {}))
+        if "pft" in methods:
+            runs.append(Run(f"pft_s{seed}", "pft", seed, [
+                "train_sft.py", "--init_from", sft, "--data", prefs["pft"], *no_eval, "--max_len", 96, "--lr",
+                scale.pft_lr, "--warmup_steps", 5, "--micro_batch_size", 32, "--grad_accum", 2, "--seed", seed],
+                scale.pft_steps, scale.pft_eval_every, {}))
+        if "ul" in methods:
+            runs.append(Run(f"ul_s{seed}", "ul", seed, [
+                "train_dpo.py", "--init_from", sft, "--loss_type", "unlikelihood", "--data", prefs["pairs"],
+                "--pref_eval_data", prefs["pairs_eval"], *no_eval, "--beta", scale.ul_alpha, "--lr", scale.ul_lr,
+                "--warmup_steps", 5, "--seed", seed], scale.ul_steps, scale.ul_eval_every, {"alpha": scale.ul_alpha}))
     return runs
 
 
@@ -791,8 +791,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="out_imdb", help="output root; one folder per stage and run")
     ap.add_argument("--quick", action="store_true", help="the <= 10-minute configuration (default: the full one)")
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
-                    help="seeds of the DPO and PPO runs (default: 0 with --quick, 0 1 otherwise); the other methods "
-                         "use the first")
+                    help="seeds of every method's runs (default: 0 with --quick, 0 1 otherwise); the report gives "
+                         "the median and range over them per KL bucket")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     ap.add_argument("--model_preset", default=None, choices=sorted(PRESETS),
                     help="model size of every trained model (minialign.models.decoder.PRESETS; default: the scale's, "
