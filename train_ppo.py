@@ -319,7 +319,7 @@ def main(argv=None):
             log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if eval_prompts and cfg.gold_eval_every and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
             log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts], cfg.eval_max_new_tokens,
-                                         ref_model), bar)
+                                         ref_model, reward_model=reward_model), bar)  # + RM score, same samples
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=policy, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt,
