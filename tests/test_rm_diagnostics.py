@@ -214,3 +214,31 @@ def test_ppo_curve_reads_the_same_sample_rows_and_falls_back(tmp_path):
     rows = rd.ppo_table({"overoptimization": {"ppo_runs": {str(run_dir): c}}})
     assert rows[0].startswith("ppo_long (kl_coef 0.05, seed 1)") and "step 10 (0.700)" in rows[0]
     assert "| 20 | 2.000 | 2.000 | 0.600 |" in rows
+
+
+def test_imdb_diagnostics_on_constructed_samples(tmp_path):
+    """IMDb: the true reward is continuous, held fixed within the bins < 0.5 and >= 0.5; the layout is the default
+    task's, so the same plots draw it; best-of-N points get sqrt(KL); run folders are colored by their method."""
+    from minialign.experiments.imdb import rm_diagnostics as imdb_rd
+    # within each true-reward bin the RM score rises 0.1 per token; the bins differ by length and level
+    samples = {"sft": {"rm": [0.0, 0.1, 0.2, 1.5, 1.6, 1.7], "gold": [0.1, 0.2, 0.3, 0.6, 0.7, 0.8],
+                       "length": [10, 11, 12, 20, 21, 22], "kl_to_sft": 0.0},
+               "dpo_b0.1_s0": {"rm": [0.5, 0.7, 2.0, 2.2], "gold": [0.4, 0.45, 0.5, 0.9],
+                               "length": [5, 7, 30, 32], "kl_to_sft": 1.5}}
+    bon = [{"n": 1, "kl": 0.0, "judge_score": 0.1, "gold_score": 0.5}, {"n": 4, "kl": 0.25, "judge_score": 0.9,
+                                                                         "gold_score": 0.6}]
+    res = imdb_rd.diagnostics(samples, bon, n_prompts=6)
+    sft = res["splits"]["test"]["policies"]["sft"]
+    assert sft["length_bias"]["correct"]["slope"] == pytest.approx(0.1) and sft["length_bias"]["correct"]["n"] == 3
+    assert sft["length_bias"]["incorrect"]["slope"] == pytest.approx(0.1)
+    assert sft["length_bias"]["all"]["slope"] > 0.1  # pooled over the bins the level difference adds to the slope
+    dpo = res["splits"]["test"]["policies"]["dpo_b0.1_s0"]
+    assert dpo["rm_vs_gold"]["n_correct"] == 2  # 0.5 counts in the upper bin
+    assert dpo["rm_vs_gold"]["auc"] == 1.0 and sft["rm_vs_gold"]["pearson_rm_true"] > 0.9
+    assert sum(sft["true_distribution"]["counts"]) == 6 and sft["true_distribution"]["edges"][-1] == 1.0
+    assert [p["sqrt_kl"] for p in res["overoptimization"]["best_of_n"]] == [0.0, 0.5]
+    assert res["colors"]["dpo_b0.1_s0"] == "tab:blue" and imdb_rd.method_of("ppo_gt_s0") == "ppo_gt"
+    text = imdb_rd.reading(res)
+    assert "| sft | 0.450 |" in text and "peaks at N=4 (0.600)" in text
+    if HAS_MATPLOTLIB:
+        assert rd.write_plots(tmp_path, res) == list(rd.PLOTS)

@@ -303,6 +303,8 @@ def write_plots(out: Path, res: dict) -> list[str]:
     splits = list(res["splits"])  # eval, train here; IMDb's diagnostics have one split
     gold_name = res.get("gold_name", "gold reward")  # IMDb: the true reward
     outcome = res.get("outcome_labels", {"correct": "gold correct", "incorrect": "gold incorrect"})
+    split_labels = res.get("split_labels", SPLITS)
+    colors = {**COLORS, **res.get("colors", {})}  # IMDb: its runs' names, colored by method
 
     # 1. overlaid RM score distributions per policy (one row per split), gold rate beside
     fig, axes = plt.subplots(len(splits), 2, figsize=(10, 3.2 * len(splits)), squeeze=False,
@@ -311,15 +313,15 @@ def write_plots(out: Path, res: dict) -> list[str]:
         d = res["splits"][split]
         for p in policies:
             dist = d["policies"][p]["distribution"]
-            ax.stairs(dist["counts"], dist["edges"], color=COLORS.get(p, "black"), lw=1.6,
+            ax.stairs(dist["counts"], dist["edges"], color=colors.get(p, "black"), lw=1.6,
                       label=f"{p} (mean {dist['mean']:.2f})")
         ax.set_xlabel("reward-model score", fontsize=8)
         ax.set_ylabel("responses", fontsize=8)
-        ax.set_title(f"RM scores of each policy's samples, {SPLITS.get(split, split)} (n={res['n_prompts'][split]})",
+        ax.set_title(f"RM scores of each policy's samples, {split_labels.get(split, split)} (n={res['n_prompts'][split]})",
                      fontsize=9)
         ax.legend(fontsize=7)
         golds = [d["policies"][p]["rm_vs_gold"]["gold_mean"] for p in policies]
-        ax_gold.bar(range(len(policies)), golds, color=[COLORS.get(p, "black") for p in policies])
+        ax_gold.bar(range(len(policies)), golds, color=[colors.get(p, "black") for p in policies])
         ax_gold.set_xticks(range(len(policies)), policies, fontsize=7)
         ax_gold.set_ylim(0, 1.05)
         ax_gold.set_title(f"{gold_name} (same responses)", fontsize=9)
@@ -343,8 +345,8 @@ def write_plots(out: Path, res: dict) -> list[str]:
     for p in policies:
         v = samples[p]
         xs = [x + jitter.uniform(-0.3, 0.3) for x in v["length"]]
-        ax_p.scatter(xs, v["rm"], s=6, alpha=0.35, color=COLORS.get(p, "black"))
-        line(ax_p, res["splits"][splits[0]]["policies"][p]["length_bias"]["all"], v["length"], COLORS.get(p, "black"), p)
+        ax_p.scatter(xs, v["rm"], s=6, alpha=0.35, color=colors.get(p, "black"))
+        line(ax_p, res["splits"][splits[0]]["policies"][p]["length_bias"]["all"], v["length"], colors.get(p, "black"), p)
     ax_p.set_title("per policy (all responses)", fontsize=9)
     pooled = {k: [x for p in policies for x in samples[p][k]] for k in ("rm", "gold", "length")}
     for key, color in (("correct", "tab:green"), ("incorrect", "tab:red")):
@@ -359,7 +361,7 @@ def write_plots(out: Path, res: dict) -> list[str]:
         ax.set_ylabel("reward-model score", fontsize=8)
         if ax.get_legend_handles_labels()[0]:  # no line when the lengths are all equal
             ax.legend(fontsize=7)
-    fig.suptitle(f"RM score vs response length, {SPLITS.get(splits[0], splits[0])} (least-squares lines, slope ± s.e.)",
+    fig.suptitle(f"RM score vs response length, {split_labels.get(splits[0], splits[0])} (least-squares lines, slope ± s.e.)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(plots / "rm_length_bias.png", dpi=90)

@@ -120,7 +120,8 @@ KL_BUDGETS = (1.0, 3.0, 10.0)
 SECOND = ("judge2", "distinct_1", "distinct_2", "repeat_3")  # per-point columns beside the true reward
 DEGENERATE_REPEAT_3 = 0.2  # a point whose samples repeat >= 20% of their 3-grams is marked degenerate (x in the plot)
 OUTPUTS = {"data", "classifier", "judge2", "tokenizer", "sft", "prefs", "rm", "runs", "best_of_n", "plots", "logs", "report.md",
-           "results.json", "timings.json"}  # what the experiment writes in --out (all --force may delete)
+           "results.json", "timings.json",
+           "rm_diagnostics.json", "rm_diagnostics.md"}  # what it and its rm_diagnostics write in --out (all --force may delete)
 
 
 @dataclass(frozen=True)
