@@ -143,7 +143,10 @@ def test_cli_on_a_tiny_main_job_writes_json_plots_and_report(tmp_path):
     assert res["splits"]["eval"]["policies"]["sft"]["kl_to_sft"] == 0.0
     bon = res["overoptimization"]["best_of_n"]
     assert [p["n"] for p in bon] == [1, 2, 4, 8] and bon[0]["sqrt_kl"] == 0.0
-    assert res["overoptimization"]["ppo"]["gold"]  # the tiny PPO logs gold points every step
+    ppo = res["overoptimization"]["ppo"]  # the tiny PPO logs gold points (with its RM's score) every step
+    assert ppo["same_samples"] and ppo["gold"] and ppo["proxy"] == ppo["gold"]
+    assert ppo["gold"][0]["step"] == 0 and ppo["gold"][0]["sqrt_kl"] == 0.0  # the SFT point, taken here
+    assert [p["step"] for p in ppo["gold"][1:]] == [1]  # max_steps 2: a gold point after step 1 (not at the end)
     assert "| eval | sft |" in proc.stdout
     report.write_report(out)
     text = (out / "report.md").read_text()

@@ -61,7 +61,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 N_BINS = 20
 SPLITS = {"eval": "held-out prompts", "train": "training prompts"}
 PLOTS = {  # file name -> caption (the report links the ones present)
-    "rm_score_distributions.png": "Reward-model score distributions per policy, gold beside",
+    "rm_score_distributions.png": "Reward-model score distributions per policy, gold (IMDb: true) reward beside",
     "rm_length_bias.png": "Reward-model score against response length",
     "rm_overoptimization.png": "Over-optimization: proxy (RM) and gold reward against sqrt(KL)",
 }
@@ -322,7 +322,8 @@ def write_plots(out: Path, res: dict) -> list[str]:
         ax.legend(fontsize=7)
         golds = [d["policies"][p]["rm_vs_gold"]["gold_mean"] for p in policies]
         ax_gold.bar(range(len(policies)), golds, color=[colors.get(p, "black") for p in policies])
-        ax_gold.set_xticks(range(len(policies)), policies, fontsize=7)
+        ax_gold.set_xticks(range(len(policies)), policies, fontsize=7, rotation=45 if len(policies) > 5 else 0,
+                           ha="right" if len(policies) > 5 else "center")
         ax_gold.set_ylim(0, 1.05)
         ax_gold.set_title(f"{gold_name} (same responses)", fontsize=9)
     fig.tight_layout()
