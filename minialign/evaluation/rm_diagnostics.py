@@ -3,8 +3,10 @@
     python -m minialign.evaluation.rm_diagnostics --out out      # reads a main-job folder, writes out/rm_diagnostics.json,
                                                                  # out/rm_diagnostics.md (report.md includes it) and,
                                                                  # with matplotlib, out/plots/rm_*.png
+    python -m minialign.evaluation.rm_diagnostics --out out --ppo_runs out/ppo_long   # + more PPO runs' curves
 
-The main job runs it as its last stage (minialign.pipeline, stage rm_diagnostics) before the report.
+An optional stage of the pipeline runs it after the main job (python -m minialign.pipeline --stages rm_diagnostics).
+The IMDb experiment's folder has its own entry point on these functions (minialign.experiments.imdb.rm_diagnostics).
 
 For every policy stage present in OUT (sft, dpo, ppo, grpo, online_dpo, iterative_dpo) it samples one response per
 prompt at temperature 1 on the held-out prompts (data/rl_eval.jsonl, the first --n_eval) and on a random sample of
@@ -215,11 +217,13 @@ def policy_samples(policy, tok, prompts, reward_model, ref, max_new_tokens: int,
 def sft_anchor(run_dir: Path, out: Path, ref, tok, reward_model) -> dict | None:
     """The SFT model's point (step 0) of a PPO run's same-samples curve: gold_point with OUT's reward model on the
     run's held-out prompts, generation length and seed 0, as the run's own evaluation would have taken it. None
-    when the run's reward model is not OUT/rm (its scores would not be comparable) or it logged no gold points."""
+    when the run did not start from OUT/sft against OUT/rm (its step 0 would be another model, its scores another
+    RM's) or it logged no gold points."""
     cfg = read_json(Path(run_dir) / "config.json") or {}
     if not cfg.get("reward_model") or not cfg.get("eval_data") or not cfg.get("gold_eval_every"):
         return None
-    if Path(cfg["reward_model"]).resolve() != (Path(out) / "rm").resolve():
+    if any(Path(cfg.get(k) or "").resolve() != (Path(out) / stage).resolve()
+           for k, stage in (("reward_model", "rm"), ("init_from", "sft"))):
         return None
     prompts = load_eval_prompts(cfg["eval_data"], tok, cfg["gold_eval_prompts"], cfg["eval_max_new_tokens"],
                                 ref.cfg.max_seq_len)
