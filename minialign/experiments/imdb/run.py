@@ -35,6 +35,8 @@ the training scripts run as subprocesses, each command printed before it runs (a
   report      report.md (table of the best true reward within KL <= 1, 3, 10 nats; the classifier's accuracy;
               sampled continuations; wall times; this machine's fp32 matmul GFLOP/s), results.json and, with
               matplotlib, plots/reward_vs_kl.png
+Afterwards, python -m minialign.experiments.imdb.rm_diagnostics --out DIR adds what the learned RM does to each
+policy's samples, the true reward beside it (score distributions, length bias, best-of-N over-optimization).
 
 Prompt layout. The RL and preference scripts render every prompt through the ChatML template (minialign.data.
 chatml.render_prompt: <|im_start|>user\\n{x}<|im_end|>\\n<|im_start|>assistant\\n) and have no raw-text mode,
