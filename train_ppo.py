@@ -318,10 +318,10 @@ def main(argv=None):
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, {**metrics, "learning_rate": lr, **loop.skip_counts(stats)}, bar)
         if cfg.eval_data and cfg.gold_eval_every and (step + 1) % cfg.gold_eval_every == 0 and step + 1 < cfg.max_steps:
-            with runtime.gathered(pv, ref_model):  # --fsdp: rank 0 samples alone on the gathered weights
-                if eval_prompts:
+            with runtime.gathered(pv, ref_model, reward_model):  # --fsdp: rank 0 alone, on the gathered weights
+                if eval_prompts:  # + the RM's score of the same samples
                     log.log(step + 1, gold_point(policy, tok, eval_prompts[: cfg.gold_eval_prompts],
-                                                 cfg.eval_max_new_tokens, ref_model), bar)
+                                                 cfg.eval_max_new_tokens, ref_model, reward_model=reward_model), bar)
         if checkpoint.should_save(step + 1, start_step, cfg):
             checkpoint.save(cfg.out_dir, model=policy, optimizer=optimizer, scaler=scaler, step=step + 1, cfg=cfg,
                             tokenizer_path=tok_path, finished=step + 1 == cfg.max_steps, rt=rt,

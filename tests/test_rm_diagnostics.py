@@ -14,9 +14,9 @@ from conftest import run, tiny_config
 
 from minialign.data.batching import tokenize_prompts
 from minialign.data.formats import PromptRecord
-from minialign.evaluation import best_of_n, report
+from minialign.evaluation import best_of_n, evaluate, report
 from minialign.evaluation import rm_diagnostics as rd
-from minialign.evaluation.evaluate import gold_judge, reward_model_judge, sample_and_score
+from minialign.evaluation.evaluate import gold_judge, gold_point, reward_model_judge, sample_and_score
 from minialign.models.decoder import CausalLM, ScalarModel
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -142,7 +142,10 @@ def test_cli_on_a_tiny_main_job_writes_json_plots_and_report(tmp_path):
     assert res["splits"]["eval"]["policies"]["sft"]["kl_to_sft"] == 0.0
     bon = res["overoptimization"]["best_of_n"]
     assert [p["n"] for p in bon] == [1, 2, 4, 8] and bon[0]["sqrt_kl"] == 0.0
-    assert res["overoptimization"]["ppo"]["gold"]  # the tiny PPO logs gold points every step
+    ppo = res["overoptimization"]["ppo"]  # the tiny PPO logs gold points (with its RM's score) every step
+    assert ppo["same_samples"] and ppo["gold"] and ppo["proxy"] == ppo["gold"]
+    assert ppo["gold"][0]["step"] == 0 and ppo["gold"][0]["sqrt_kl"] == 0.0  # the SFT point, taken here
+    assert [p["step"] for p in ppo["gold"][1:]] == [1]  # max_steps 2: a gold point after step 1 (not at the end)
     assert "| eval | sft |" in proc.stdout
     report.write_report(out)
     text = (out / "report.md").read_text()
@@ -160,3 +163,85 @@ def test_best_of_256_kl_with_ties_is_finite():
     kl = best_of_n.best_of_n_kl_per_prompt(row, 256)
     p1 = 255 / 256  # q_1 = 1 - (1/256)^256 = 1 (in float64): KL = 1 * log(1 / p1)
     assert torch.isfinite(kl).all() and float(kl[0]) == pytest.approx(math.log(1 / p1))
+
+
+def test_gold_point_rm_score_is_the_mean_rm_score_of_its_own_samples(tok, monkeypatch):
+    """sampled/rm_score is reward_model_judge's mean over the very responses the gold score and KL are taken on:
+    one rollout per call (a second sampling, even with the same seed, is refused here), and it equals the RM
+    judged on that rollout; a point with a different seed (another set of samples) gives another RM mean."""
+    prompts, policy, other, rm = _tiny_setup(tok)
+    rollouts = []
+    sample = evaluate.sample_rollout
+
+    def recording_sample_rollout(*args, **kwargs):
+        rollouts.append(sample(*args, **kwargs))
+        return rollouts[-1]
+    monkeypatch.setattr(evaluate, "sample_rollout", recording_sample_rollout)
+    point = gold_point(other, tok, prompts, 10, policy, seed=3, reward_model=rm)
+    assert len(rollouts) == 1  # gold, RM and KL from one sampling
+    ro = rollouts[0]
+    assert point["sampled/rm_score"] == pytest.approx(float(torch.as_tensor(reward_model_judge(rm)(ro)).double().mean()),
+                                                      abs=1e-12)
+    assert point["sampled/gold_score"] == pytest.approx(float(np.mean(gold_judge(ro))))
+    assert point["sampled/mean_length"] == pytest.approx(float(ro.lengths.double().mean()))
+    s = sample_and_score(other, tok, prompts, {"rm": reward_model_judge(rm)}, policy, max_new_tokens=10, seed=3)
+    assert point["sampled/rm_score"] == pytest.approx(float(s.scores["rm"].mean()), abs=1e-12)
+    assert point["sampled/kl_to_ref"] == pytest.approx(float(s.kl.mean()), abs=1e-9)
+    other_seed = gold_point(other, tok, prompts, 10, policy, seed=4, reward_model=rm)["sampled/rm_score"]
+    assert other_seed != point["sampled/rm_score"]  # the test can tell two samplings apart
+    assert "sampled/rm_score" not in gold_point(other, tok, prompts, 10, policy, seed=3)
+
+
+def test_ppo_curve_reads_the_same_sample_rows_and_falls_back(tmp_path):
+    train_row = {"step": 10, "objective/scores": 1.5, "objective/kl": 4.0}
+    eval_rows = [{"step": 10, "sampled/gold_score": 0.7, "sampled/mean_length": 12.0, "sampled/kl_to_ref": 1.0,
+                  "sampled/rm_score": 0.5},
+                 {"step": 20, "sampled/gold_score": 0.6, "sampled/mean_length": 14.0, "sampled/kl_to_ref": 4.0,
+                  "sampled/rm_score": 2.0}]
+    final = {"step": 30, "sampled/gold_score": 0.5, "sampled/kl_to_ref": 9.0}  # the end-of-run eval: no rm_score
+    run_dir = tmp_path / "ppo_long"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [train_row, *eval_rows, final]))
+    (run_dir / "config.json").write_text(json.dumps({"kl_coef": 0.05, "seed": 1, "max_steps": 30}))
+    c = rd.ppo_points(run_dir)
+    assert c["same_samples"] and c["kl_coef"] == 0.05 and c["seed"] == 1
+    assert c["proxy"] is c["gold"]  # one list: proxy and gold of each point are the same responses
+    assert [(p["step"], p["sqrt_kl"], p["rm_score"], p["gold_score"]) for p in c["gold"]] == [
+        (10, 1.0, 0.5, 0.7), (20, 2.0, 2.0, 0.6)]  # sqrt(1) and sqrt(4); training and final rows left out
+    old = rd.ppo_curve([train_row, {k: v for k, v in eval_rows[0].items() if k != "sampled/rm_score"}])
+    assert not old["same_samples"]
+    assert old["proxy"] == [{"step": 10, "sqrt_kl": 2.0, "rm_score": 1.5}]
+    assert old["gold"] == [{"step": 10, "sqrt_kl": 1.0, "gold_score": 0.7}]
+    assert rd.ppo_curve([]) == {}
+    rows = rd.ppo_table({"overoptimization": {"ppo_runs": {str(run_dir): c}}})
+    assert rows[0].startswith("ppo_long (kl_coef 0.05, seed 1)") and "step 10 (0.700)" in rows[0]
+    assert "| 20 | 2.000 | 2.000 | 0.600 |" in rows
+
+
+def test_imdb_diagnostics_on_constructed_samples(tmp_path):
+    """IMDb: the true reward is continuous, held fixed within the bins < 0.5 and >= 0.5; the layout is the default
+    task's, so the same plots draw it; best-of-N points get sqrt(KL); run folders are colored by their method."""
+    from minialign.experiments.imdb import rm_diagnostics as imdb_rd
+
+    # within each true-reward bin the RM score rises 0.1 per token; the bins differ by length and level
+    samples = {"sft": {"rm": [0.0, 0.1, 0.2, 1.5, 1.6, 1.7], "gold": [0.1, 0.2, 0.3, 0.6, 0.7, 0.8],
+                       "length": [10, 11, 12, 20, 21, 22], "kl_to_sft": 0.0},
+               "dpo_b0.1_s0": {"rm": [0.5, 0.7, 2.0, 2.2], "gold": [0.4, 0.45, 0.5, 0.9],
+                               "length": [5, 7, 30, 32], "kl_to_sft": 1.5}}
+    bon = [{"n": 1, "kl": 0.0, "judge_score": 0.1, "gold_score": 0.5}, {"n": 4, "kl": 0.25, "judge_score": 0.9,
+                                                                         "gold_score": 0.6}]
+    res = imdb_rd.diagnostics(samples, bon, n_prompts=6)
+    sft = res["splits"]["test"]["policies"]["sft"]
+    assert sft["length_bias"]["correct"]["slope"] == pytest.approx(0.1) and sft["length_bias"]["correct"]["n"] == 3
+    assert sft["length_bias"]["incorrect"]["slope"] == pytest.approx(0.1)
+    assert sft["length_bias"]["all"]["slope"] > 0.1  # pooled over the bins the level difference adds to the slope
+    dpo = res["splits"]["test"]["policies"]["dpo_b0.1_s0"]
+    assert dpo["rm_vs_gold"]["n_correct"] == 2  # 0.5 counts in the upper bin
+    assert dpo["rm_vs_gold"]["auc"] == 1.0 and sft["rm_vs_gold"]["pearson_rm_true"] > 0.9
+    assert sum(sft["true_distribution"]["counts"]) == 6 and sft["true_distribution"]["edges"][-1] == 1.0
+    assert [p["sqrt_kl"] for p in res["overoptimization"]["best_of_n"]] == [0.0, 0.5]
+    assert res["colors"]["dpo_b0.1_s0"] == "tab:blue" and imdb_rd.method_of("ppo_gt_s0") == "ppo_gt"
+    text = imdb_rd.reading(res)
+    assert "| sft | 0.450 |" in text and "peaks at N=4 (0.600)" in text
+    if HAS_MATPLOTLIB:
+        assert rd.write_plots(tmp_path, res) == list(rd.PLOTS)

@@ -20,7 +20,8 @@ and the IMDb experiment: `sample_and_score` is the only place a policy is sample
 On top of it:
   evaluate_policy   the default task's report (eval.json of every stage): gold score sampled at temperature 1 and
                     greedy, per-kind rates (minialign.task.gold.summarize), lengths, EOS rate, KL to the reference;
-  gold_point        one point of a gold-vs-KL curve during training (the sampled half of evaluate_policy);
+  gold_point        one point of a gold-vs-KL curve during training (the sampled half of evaluate_policy; with a
+                    reward model also its mean score of the same responses);
   summarize         means and standard errors of any judge's scores and the KL (the IMDb frontier's points).
 
 CLI: python -m minialign.evaluation.evaluate --ckpt out/sft [--ref out/sft] [--data data/rl_eval.jsonl] [--n 600]
@@ -169,12 +170,19 @@ def evaluate_policy(model, tok: Tokenizer, prompts: list[dict], max_new_tokens: 
     return result
 
 
-def gold_point(model, tok: Tokenizer, prompts: list[dict], max_new_tokens: int, ref_model, seed: int = 0) -> dict:
+def gold_point(model, tok: Tokenizer, prompts: list[dict], max_new_tokens: int, ref_model, seed: int = 0,
+               reward_model=None) -> dict:
     """One point of a gold-vs-KL curve during training: the sampled half of evaluate_policy (same seed, same
-    estimator). The sampler has its own seeded generator, so the training run's random stream is untouched."""
-    samples = sample_and_score(model, tok, prompts, ref=ref_model, max_new_tokens=max_new_tokens, seed=seed)
+    estimator). The sampler has its own seeded generator, so the training run's random stream is untouched.
+
+    With a reward_model the point also has sampled/rm_score, the mean reward-model score (reward_model_judge) of
+    the very same responses, so proxy and gold of a point are one set of samples (rm_diagnostics' PPO curve)."""
+    judges = {"rm": reward_model_judge(reward_model)} if reward_model is not None else None
+    samples = sample_and_score(model, tok, prompts, judges, ref=ref_model, max_new_tokens=max_new_tokens, seed=seed)
     summary, _ = _gold_summary(samples, "sampled")
     point = {k: summary[k] for k in ("sampled/gold_score", "sampled/mean_length")}
+    if reward_model is not None:
+        point["sampled/rm_score"] = float(samples.scores["rm"].mean())
     if samples.kl is not None:
         point["sampled/kl_to_ref"] = float(samples.kl.mean())
     return point

@@ -35,6 +35,8 @@ the training scripts run as subprocesses, each command printed before it runs (a
   report      report.md (table of the best true reward within KL <= 1, 3, 10, 20 nats; the classifier's accuracy;
               sampled continuations; wall times; this machine's fp32 matmul GFLOP/s), results.json and, with
               matplotlib, plots/reward_vs_kl.png
+Afterwards, python -m minialign.experiments.imdb.rm_diagnostics --out DIR adds what the learned RM does to each
+policy's samples, the true reward beside it (score distributions, length bias, best-of-N over-optimization).
 
 Prompt layout. The RL and preference scripts render every prompt through the ChatML template (minialign.data.
 chatml.render_prompt: <|im_start|>user\\n{x}<|im_end|>\\n<|im_start|>assistant\\n) and have no raw-text mode,
@@ -121,7 +123,8 @@ KL_BUDGETS = (1.0, 3.0, 10.0, 20.0)  # the issue's buckets; the paper's figure s
 SECOND = ("judge2", "distinct_1", "distinct_2", "repeat_3")  # per-point columns beside the true reward
 DEGENERATE_REPEAT_3 = 0.2  # a point whose samples repeat >= 20% of their 3-grams is marked degenerate (x in the plot)
 OUTPUTS = {"data", "classifier", "judge2", "tokenizer", "sft", "prefs", "rm", "runs", "best_of_n", "plots", "logs", "report.md",
-           "results.json", "timings.json"}  # what the experiment writes in --out (all --force may delete)
+           "results.json", "timings.json",
+           "rm_diagnostics.json", "rm_diagnostics.md"}  # what it and its rm_diagnostics write in --out (all --force may delete)
 
 
 @dataclass(frozen=True)
