@@ -25,14 +25,17 @@ reward model's chosen vs rejected scores, the gold score per stage, and gold sco
     python -m minialign.pipeline --stages sft rm # only some stages (each needs the ones before it)
     python -m minialign.pipeline --seeds 1337 1 2 --out out_seeds   # the README's figures
 
+The main job ends with rm_diagnostics (python -m minialign.evaluation.rm_diagnostics: each policy's reward-model
+score distribution, RM vs gold, length bias, the best-of-N over-optimization curve) at its cheap size (the cpu
+preset: 200 held-out + 100 training prompts per policy, best-of-N to N = 64 on 32 prompts), into
+out/rm_diagnostics.json, out/plots/rm_*.png and the report; `python -m minialign.evaluation.rm_diagnostics --out
+out` afterwards redoes it at the module's size (200 + 200 prompts, N to 256).
+
 Optional stages, not in the main job (it stays within its time budget), run when named:
     python -m minialign.pipeline --stages online_dpo iterative_dpo best_of_n    # after sft and rm exist
   online_dpo     train_online_dpo.py --reward_funcs gold: DPO on the policy's own samples, judged by the rule
   iterative_dpo  the same with --rounds 3 --lr 2e-4: 3 rounds of (sample, judge, offline DPO against SFT)
   best_of_n      python -m minialign.evaluation.best_of_n with the reward model as the judge: gold vs exact KL, N <= 16
-  rm_diagnostics python -m minialign.evaluation.rm_diagnostics: each policy's reward-model score distribution, RM
-                 vs gold, length bias, the best-of-N over-optimization curve (N <= 256); ~70 s on 2 cores, into
-                 out/rm_diagnostics.json and the report (`--stages rm_diagnostics` after the main job)
 
 --seeds runs the whole pipeline once per seed (every stage gets --seed S) into OUT/seed_S/, sharing one
 tokenizer, and writes OUT/seeds.md: each number as the median [min, max] over the seeds, with this
@@ -56,8 +59,8 @@ from minialign.evaluation.report import OPTIONAL_STAGES, STAGES
 from minialign.experiments import stages
 
 DIAGNOSTICS = "rm_diagnostics"  # reads every stage folder present, writes OUT/rm_diagnostics.*
-EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n", DIAGNOSTICS)  # run only when named in --stages
-MAIN_JOB = STAGES
+EXTRA_STAGES = (*OPTIONAL_STAGES, "best_of_n")  # run only when named in --stages
+MAIN_JOB = (*STAGES, DIAGNOSTICS)  # the cpu preset draws its cheap part (below); the module's defaults do it all
 
 # Extra flags per stage, on top of the scripts' own defaults.
 #   cpu  : the main job, sized to finish within 10 minutes on a 2-core CPU with ~100 GFLOP/s fp32 matmul
@@ -74,7 +77,10 @@ PRESETS = {
     "cpu": {"sft": [], "rm": ["--max_steps", "160"],
             "dpo": ["--max_steps", "64", "--gold_eval_every", "16", "--gold_eval_prompts", "100"],
             "ppo": ["--max_steps", "32", "--gold_eval_every", "8", "--gold_eval_prompts", "100"],
-            "grpo": ["--max_steps", "64", "--gold_eval_every", "16", "--gold_eval_prompts", "100"]},
+            "grpo": ["--max_steps", "64", "--gold_eval_every", "16", "--gold_eval_prompts", "100"],
+            # the cheap part of the diagnostics: 200 held-out + 100 training prompts per policy, best-of-N to 64 on
+            # 32 prompts (`python -m minialign.evaluation.rm_diagnostics --out out` afterwards: 600 + 200, N to 256)
+            DIAGNOSTICS: ["--n_eval", "200", "--n_train", "100", "--bon_prompts", "32", "--bon_max_n", "64"]},
     "full": {"sft": [], "rm": [], "dpo": GOLD_CURVE, "ppo": ["--gold_eval_every", "20"], "grpo": GOLD_CURVE},
     "gpu": {
         "sft": ["--preset", "minimind-26m", "--lr", "1e-3", "--warmup_steps", "50", "--max_steps", "1500"],
