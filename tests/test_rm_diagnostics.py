@@ -245,3 +245,38 @@ def test_imdb_diagnostics_on_constructed_samples(tmp_path):
     assert "| sft | 0.450 |" in text and "peaks at N=4 (0.600)" in text
     if HAS_MATPLOTLIB:
         assert rd.write_plots(tmp_path, res) == list(rd.PLOTS)
+
+
+def test_imdb_train_split_and_ppo_curve_along_its_checkpoints(tmp_path):
+    """IMDb: a training-prefix split beside the test split, and PPO's over-optimization curve from the experiment's
+    frontier points (rm_score and the true reward of the same samples), from the SFT anchor, in step order; points
+    without rm_score (evaluated before the RM existed) are left out, and a run with none has no curve."""
+    import json
+
+    from minialign.experiments.imdb import rm_diagnostics as imdb_rd
+    run = tmp_path / "runs" / "ppo_s0" / "frontier"
+    run.mkdir(parents=True)
+    for step, kl, rm, reward in ((20, 4.0, 1.5, 0.55), (10, 1.0, 0.5, 0.62)):
+        (run / f"step_{step:05d}.json").write_text(json.dumps({"step": step, "kl": kl, "rm_score": rm, "reward": reward,
+                                                               "seed": 0, "method": "ppo"}))
+    (run / "step_00030.json").write_text(json.dumps({"step": 30, "kl": 9.0, "reward": 0.5, "seed": 0}))  # no RM
+    anchor = {"step": 0, "kl": 0.0, "sqrt_kl": 0.0, "rm_score": -1.0, "gold_score": 0.6}
+    curve = imdb_rd.frontier_curve(run.parent, anchor)
+    assert [(p["step"], p["sqrt_kl"], p["rm_score"], p["gold_score"]) for p in curve["proxy"]] == [
+        (0, 0.0, -1.0, 0.6), (10, 1.0, 0.5, 0.62), (20, 2.0, 1.5, 0.55)]
+    assert curve["gold"] is curve["proxy"] and curve["same_samples"] and curve["seed"] == 0
+    empty = tmp_path / "runs" / "dpo_b0.1_s0" / "frontier"
+    empty.mkdir(parents=True)
+    (empty / "step_00010.json").write_text(json.dumps({"step": 10, "kl": 1.0, "reward": 0.5}))
+    assert imdb_rd.frontier_curve(empty.parent, anchor) == {}
+
+    test = {"sft": {"rm": [0.0, 1.0, 2.0], "gold": [0.2, 0.6, 0.9], "length": [3, 4, 5], "kl_to_sft": 0.0}}
+    train = {"sft": {"rm": [2.0, 1.0, 0.0, 3.0], "gold": [0.9, 0.6, 0.2, 0.95], "length": [5, 4, 3, 6],
+                     "kl_to_sft": 0.0}}
+    res = imdb_rd.diagnostics(test, None, 3, train, 4, {str(run.parent): curve})
+    assert list(res["splits"]) == ["test", "train"] and res["n_prompts"] == {"test": 3, "train": 4}
+    assert res["splits"]["train"]["policies"]["sft"]["rm_vs_gold"]["n_correct"] == 3
+    text = imdb_rd.reading(res)
+    assert "Training prefixes (4" in text and "| 20 | 2.000 | 1.500 | 0.550 |" in text
+    if HAS_MATPLOTLIB:
+        assert "rm_overoptimization.png" in rd.write_plots(tmp_path, res)

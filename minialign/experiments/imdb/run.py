@@ -321,16 +321,28 @@ class Evaluator:
         self.prompts = load_rl_prompts(paths["eval"], self.tok, self.ref.cfg.max_seq_len - scale.max_new_tokens, [])
         self.reward_fn = classifier_reward(str(out / "classifier" / "classifier.pt"))
         self.judge2 = naive_bayes.load_naive_bayes(out / "judge2" / "naive_bayes.json")  # scores only, never trains
+        self.rm_dir, self.rm = out / "rm", None
+
+    def learned_rm(self):
+        """The learned reward model once its stage has finished (the prefs and SFT points come before it), else None."""
+        if self.rm is None and (checkpoint.run_state(self.rm_dir) or {}).get("finished"):
+            self.rm = load_reward_model(str(self.rm_dir), self.rt, "python -m minialign.experiments.imdb")
+        return self.rm
 
     def point(self, ckpt_dir: Path) -> dict:
+        """A checkpoint's frontier point: true reward, KL, the second judge and degeneracy, and (once it exists) the
+        learned RM's mean score of the same samples (rm_score: the proxy of the over-optimization curves)."""
         policy = frozen(checkpoint.load_model(ckpt_dir), self.rt)
         t0 = time.time()
         judges = {"reward": text_judge(self.reward_fn), "judge2": text_judge(self.judge2.score)}
+        if self.learned_rm() is not None:
+            judges["rm"] = reward_model_judge(self.rm)
         samples = sample_and_score(policy, self.tok, self.prompts, judges, self.ref,
                                    samples_per_prompt=self.scale.eval_samples, max_new_tokens=self.scale.max_new_tokens,
                                    seed=EVAL_SEED)
         second = summarize(samples, "judge2", n_examples=0)
-        return {**summarize(samples, "reward"), "judge2": second["reward"], "judge2_se": second["reward_se"],
+        rm = {"rm_score": float(samples.scores["rm"].double().mean())} if "rm" in samples.scores else {}
+        return {**summarize(samples, "reward"), "judge2": second["reward"], "judge2_se": second["reward_se"], **rm,
                 **degeneracy(samples.completions), "eval_seconds": round(time.time() - t0, 1)}
 
 
