@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from minialign.evaluation import best_of_n, report, rm_diagnostics
+from minialign.evaluation.rm_diagnostics import PLOTS as RM_PLOTS
 from minialign.pipeline import PRESETS, STAGES, stage_commands
 from minialign.training import checkpoint, config
 
@@ -19,6 +20,30 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread, immune t
 SCRIPTS = {"sft": "train_sft", "rm": "train_rm", "dpo": "train_dpo", "ppo": "train_ppo", "grpo": "train_grpo",
            "online_dpo": "train_online_dpo", "iterative_dpo": "train_online_dpo"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def check_rm_diagnostics(out, report_md: str):
+    """The main job's last stage, rm_diagnostics at the tiny preset's size (16 held-out + 16 training prompts per
+    policy, best-of-N to 8 on 4 prompts): every policy's samples on both splits, the best-of-N curve, PPO's
+    same-samples curve from the SFT point, and its section in the report."""
+    res = json.loads((out / "rm_diagnostics.json").read_text())
+    assert res["policies"] == ["sft", "dpo", "ppo", "grpo"] and res["n_prompts"] == {"eval": 16, "train": 16}
+    for split in ("eval", "train"):
+        for p in res["policies"]:
+            v, d = res["samples"][split][p], res["splits"][split]["policies"][p]
+            assert len(v["rm"]) == len(v["gold"]) == len(v["length"]) == res["n_prompts"][split]
+            assert sum(d["distribution"]["counts"]) == len(v["rm"])
+            assert d["rm_vs_gold"]["n_correct"] == sum(g > 0.5 for g in v["gold"])
+    # the training prompts are a sample of rl_train.jsonl, not the held-out ones: different samples
+    assert res["samples"]["train"]["sft"]["rm"] != res["samples"]["eval"]["sft"]["rm"]
+    assert res["splits"]["eval"]["policies"]["sft"]["kl_to_sft"] == 0.0
+    bon = res["overoptimization"]["best_of_n"]
+    assert [p["n"] for p in bon] == [1, 2, 4, 8] and bon[0]["sqrt_kl"] == 0.0
+    ppo = res["overoptimization"]["ppo"]  # the tiny PPO logs gold points (with its RM's score) every step
+    assert ppo["same_samples"] and ppo["gold"] and ppo["proxy"] == ppo["gold"]
+    assert ppo["gold"][0]["step"] == 0 and ppo["gold"][0]["sqrt_kl"] == 0.0  # the SFT point, taken there
+    assert [p["step"] for p in ppo["gold"][1:]] == [1]  # max_steps 2: a gold point after step 1 (not at the end)
+    assert "## Reward-model diagnostics" in report_md and "| train | ppo |" in report_md
 
 
 def test_pipeline_tiny(tmp_path):
@@ -55,7 +80,8 @@ def test_pipeline_tiny(tmp_path):
         rows = [json.loads(l) for l in (out / stage / "metrics.jsonl").read_text().splitlines()]
         gold_steps = [r["step"] for r in rows if "sampled/gold_score" in r and "sampled/kl_to_ref" in r]
         assert gold_steps[0] == 1 and len(gold_steps) >= 2, (stage, gold_steps)
-    plots = ["training_curves.png", "rm_scores.png", "gold_per_stage.png", "gold_vs_kl.png"]
+    check_rm_diagnostics(out, report_md)
+    plots = ["training_curves.png", "rm_scores.png", "gold_per_stage.png", "gold_vs_kl.png", *RM_PLOTS]
     if HAS_MATPLOTLIB:
         for name in plots:
             assert (out / "plots" / name).stat().st_size > 1000, name

@@ -1,20 +1,20 @@
 """Reward-model diagnostics (minialign.evaluation.rm_diagnostics): the least-squares fit against numpy and a
 hand-computed standard error, length bias with the gold outcome held fixed, the distributions of a tiny policy's
-samples against the judges' own scores, the best-of-N over-optimization points, and the CLI on a tiny main job."""
+samples against the judges' own scores, the best-of-N over-optimization points, the PPO curves (default task and
+IMDb). The CLI on a tiny main job: tests/test_pipeline.py."""
 
 import importlib.util
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import run, tiny_config
+from conftest import tiny_config
 
 from minialign.data.batching import tokenize_prompts
 from minialign.data.formats import PromptRecord
-from minialign.evaluation import best_of_n, evaluate, report
+from minialign.evaluation import best_of_n, evaluate
 from minialign.evaluation import rm_diagnostics as rd
 from minialign.evaluation.evaluate import gold_judge, gold_point, reward_model_judge, sample_and_score
 from minialign.models.decoder import CausalLM, ScalarModel
@@ -123,37 +123,8 @@ def test_overoptimization_points_are_best_of_n_with_sqrt_kl():
         assert p["sqrt_kl"] == pytest.approx(math.sqrt(best_of_n.best_of_n_kl(n)))
 
 
-def test_cli_on_a_tiny_main_job_writes_json_plots_and_report(tmp_path):
-    out = tmp_path / "out"
-    run([sys.executable, "-m", "minialign.pipeline", "--preset", "tiny", "--out", out, "--stages", "sft", "rm", "ppo",
-         "--jobs", "1"], timeout=300)
-    proc = run([sys.executable, "-m", "minialign.evaluation.rm_diagnostics", "--out", out, "--n_eval", "12",
-                "--n_train", "10", "--max_new_tokens", "12", "--bon_prompts", "3", "--bon_max_n", "8"], timeout=300)
-    res = json.loads((out / "rm_diagnostics.json").read_text())
-    assert res["policies"] == ["sft", "ppo"] and res["n_prompts"] == {"eval": 12, "train": 10}
-    for split in ("eval", "train"):
-        for p in ("sft", "ppo"):
-            v, d = res["samples"][split][p], res["splits"][split]["policies"][p]
-            assert len(v["rm"]) == len(v["gold"]) == len(v["length"]) == res["n_prompts"][split]
-            assert sum(d["distribution"]["counts"]) == len(v["rm"])
-            assert d["rm_vs_gold"]["n_correct"] == sum(g > 0.5 for g in v["gold"])
-    # the training prompts are a sample of rl_train.jsonl, not the held-out ones: different samples
-    assert res["samples"]["train"]["sft"]["rm"] != res["samples"]["eval"]["sft"]["rm"][:10]
-    assert res["splits"]["eval"]["policies"]["sft"]["kl_to_sft"] == 0.0
-    bon = res["overoptimization"]["best_of_n"]
-    assert [p["n"] for p in bon] == [1, 2, 4, 8] and bon[0]["sqrt_kl"] == 0.0
-    ppo = res["overoptimization"]["ppo"]  # the tiny PPO logs gold points (with its RM's score) every step
-    assert ppo["same_samples"] and ppo["gold"] and ppo["proxy"] == ppo["gold"]
-    assert ppo["gold"][0]["step"] == 0 and ppo["gold"][0]["sqrt_kl"] == 0.0  # the SFT point, taken here
-    assert [p["step"] for p in ppo["gold"][1:]] == [1]  # max_steps 2: a gold point after step 1 (not at the end)
-    assert "| eval | sft |" in proc.stdout
-    report.write_report(out)
-    text = (out / "report.md").read_text()
-    assert "## Reward-model diagnostics" in text and "| train | ppo |" in text
-    if HAS_MATPLOTLIB:
-        for name in rd.PLOTS:
-            assert (out / "plots" / name).stat().st_size > 1000, name
-            assert f"(plots/{name})" in text
+# The CLI on a real (tiny) main job's folder: tests/test_pipeline.py::test_pipeline_tiny, whose main job ends with
+# this stage (check_rm_diagnostics there).
 
 
 def test_best_of_256_kl_with_ties_is_finite():
