@@ -510,9 +510,15 @@ def main(argv=None):
     res = diagnose(out, eval_data=args.eval_data, train_data=args.train_data, n_eval=args.n_eval,
                    n_train=args.n_train, max_new_tokens=args.max_new_tokens, seed=args.seed,
                    bon_prompts=args.bon_prompts, bon_max_n=args.bon_max_n, ppo_runs=tuple(args.ppo_runs))
+    write_outputs(out, res, reading)
+
+
+def write_outputs(out: Path, res: dict, reading_fn) -> None:
+    """OUT/rm_diagnostics.json, the plots (with matplotlib), OUT/rm_diagnostics.md from reading_fn(res, plots)
+    (this module's `reading`, or the IMDb one's), and the reading printed."""
     checkpoint.write_json(res, out / "rm_diagnostics.json")
     plots = write_plots(out, res)
-    text = reading(res, plots)
+    text = reading_fn(res, plots)
     (out / "rm_diagnostics.md").write_text(text)
     print(text)
     print(f"wrote {out / 'rm_diagnostics.json'}" + (f" and {', '.join(str(out / 'plots' / p) for p in plots)}"

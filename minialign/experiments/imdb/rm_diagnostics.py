@@ -257,13 +257,7 @@ def main(argv=None):
     out = Path(args.out)
     res = diagnose(out, n_prompts=args.n_prompts, bon_max_n=args.bon_max_n, bon_prompts=args.bon_prompts,
                    n_train=args.n_train)
-    checkpoint.write_json(res, out / "rm_diagnostics.json")
-    plots = rd.write_plots(out, res)
-    text = reading(res, plots)
-    (out / "rm_diagnostics.md").write_text(text)
-    print(text)
-    print(f"wrote {out / 'rm_diagnostics.json'}" + (f" and {', '.join(str(out / 'plots' / p) for p in plots)}"
-                                                   if plots else " (no plots: pip install matplotlib)"))
+    rd.write_outputs(out, res, reading)
 
 
 if __name__ == "__main__":
